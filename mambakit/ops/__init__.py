@@ -1,5 +1,16 @@
 """Sequence-mixing ops. Each op has a plain-PyTorch reference (the spec and the CPU path)."""
 
+from .discretization import euler, exp_trapezoidal, expm1_over_x, zoh, zoh_matrix
+from .mamba3 import Mamba3State, mamba3
 from .scan import linear_scan
 
-__all__ = ["linear_scan"]
+__all__ = [
+    "Mamba3State",
+    "euler",
+    "exp_trapezoidal",
+    "expm1_over_x",
+    "linear_scan",
+    "mamba3",
+    "zoh",
+    "zoh_matrix",
+]

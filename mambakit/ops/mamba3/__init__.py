@@ -1,0 +1,5 @@
+"""Mamba-3: exponential-trapezoidal SSM with rotary phase, SISO and MIMO (MATH.md section 4)."""
+
+from .reference import Mamba3State, mamba3
+
+__all__ = ["Mamba3State", "mamba3"]
