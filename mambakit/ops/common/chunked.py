@@ -42,6 +42,28 @@ def segment_resets(segment: torch.Tensor) -> torch.Tensor:
     return resets
 
 
+# Up to this many chunks the states are passed with one decay-weighted matrix product (segsum over
+# chunks, O(c^2) but a single bmm); beyond it, by the O(c) parallel linear scan.
+MATRIX_PASS_MAX_CHUNKS = 128
+
+
+def pass_states(log_chunk_decay: torch.Tensor, chunk_states: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
+    """End state of every chunk: S_c = exp(log_chunk_decay_c) S_{c-1} + chunk_states_c, S_{-1} = initial.
+
+    Args: log_chunk_decay (b, c, h) (may be -inf where a segment starts), chunk_states
+    (b, c, h, p, n), initial_state (b, h, p, n). Returns (b, c, h, p, n).
+    """
+    b, c, h, p, n = chunk_states.shape
+    if c <= MATRIX_PASS_MAX_CHUNKS:
+        # Prepend the initial state as chunk "-1" so one segsum covers both terms.
+        log_decay = torch.cat([log_chunk_decay.new_zeros(b, 1, h), log_chunk_decay], dim=1)
+        weights = torch.exp(segsum(log_decay.transpose(1, 2)))[:, :, 1:, :]  # (b, h, c, c + 1)
+        states = torch.cat([initial_state[:, None], chunk_states], dim=1)  # (b, c + 1, h, p, n)
+        return torch.einsum("bhij,bjhpn->bihpn", weights, states)
+    decay = torch.exp(log_chunk_decay)[..., None, None].expand_as(chunk_states)
+    return linear_scan(decay.contiguous(), chunk_states, initial_state, dim=1, method="chunked")
+
+
 def recurrent_state_space(q, k, v, log_decay, key_weight, diag_weight=None, initial_state=None, segment=None):
     """Token-by-token form of the recurrence above: the definition, O(l) Python steps.
 
@@ -110,7 +132,9 @@ def chunked_state_space(
     log_decay, key_weight = chunks(log_decay), chunks(key_weight)  # (b, c, Q, h)
     log_decay_h = log_decay.permute(0, 1, 3, 2)  # (b, c, h, Q)
     decay_within = torch.exp(segsum(log_decay_h))  # (b, c, h, Q_i, Q_j)
-    decay_from_start = torch.exp(torch.cumsum(log_decay_h, dim=-1))  # (b, c, h, Q): prod_{m<=i}
+    log_from_start = torch.cumsum(log_decay_h, dim=-1)  # (b, c, h, Q): log prod_{m<=i} decay_m
+    log_chunk_decay = log_from_start[..., -1]  # (b, c, h)
+    decay_from_start = torch.exp(log_from_start)
     if segment is not None:
         seg = chunks(segment)  # (b, c, Q)
         same = seg[:, :, :, None] == seg[:, :, None, :]  # (b, c, Q_i, Q_j)
@@ -118,6 +142,7 @@ def chunked_state_space(
         seg_before = torch.cat([seg[:, :1, :1], seg[:, :-1, -1:]], dim=1)  # segment of token s0 - 1
         from_start_valid = seg == seg_before  # (b, c, Q)
         decay_from_start = decay_from_start * from_start_valid[:, :, None]
+        log_chunk_decay = log_chunk_decay.masked_fill(~from_start_valid[:, :, -1:], float("-inf"))
 
     # (a) intra-chunk outputs: the quadratic (attention-like) form.
     weight = key_weight.permute(0, 1, 3, 2)  # (b, c, h, Q_j)
@@ -133,16 +158,9 @@ def chunked_state_space(
     chunk_states = torch.einsum("bchj,bcjh,bcjhrp,bcjhrn->bchpn", decay_to_end, key_weight, v, k)
 
     # (c) pass states across chunks: S_end_c = decay_c S_end_{c-1} + chunk_state_c.
-    chunk_decay = decay_from_start[..., -1]  # (b, c, h)
     if initial_state is None:
         initial_state = chunk_states.new_zeros(b, h, p, n)
-    ends = linear_scan(
-        chunk_decay[..., None, None].expand_as(chunk_states).contiguous(),
-        chunk_states,
-        initial_state,
-        dim=1,
-        method="chunked",
-    )
+    ends = pass_states(log_chunk_decay, chunk_states, initial_state)
     incoming = torch.cat([initial_state[:, None], ends[:, :-1]], dim=1)  # (b, c, h, p, n)
 
     # (d) contribution of each chunk's incoming state.
