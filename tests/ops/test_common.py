@@ -63,6 +63,15 @@ def test_chunked_equals_recurrent(dims, chunk_size, segments, matrix_pass, monke
     assert_close(s, s_ref, 1e-12, "final state")
 
 
+def test_reused_segment_id_does_not_reconnect():
+    args = make(1, 10, 2, 1, 3, 2, seed=6)
+    args["segment"] = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0, 0]])
+    y_ref, s_ref = core.recurrent_state_space(**args)
+    y, s = core.chunked_state_space(**args, chunk_size=10)
+    assert_close(y, y_ref, 1e-12, "y")
+    assert_close(s, s_ref, 1e-12, "final state")
+
+
 def test_segment_reset_forgets_the_past():
     args = make(1, 12, 2, 1, 3, 2, seed=5)
     args["segment"] = torch.tensor([[0] * 5 + [1] * 7])

@@ -112,6 +112,9 @@ def chunked_state_space(
     b, l, h, R, n = q.shape
     p = v.shape[-1]
     Q = chunk_size
+    if segment is not None:
+        # Renumber to "changes so far" so that a reused id (0, 0, 1, 1, 0) never reconnects.
+        segment = segment_resets(segment).long().cumsum(dim=1)
     n_chunks = -(-l // Q)
     pad = n_chunks * Q - l
     if pad:

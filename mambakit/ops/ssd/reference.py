@@ -67,7 +67,8 @@ def _canonical_segments(seq_idx):
     when a user reuses an id later in the row (e.g. 0, 0, 1, 1, 0, 0).
     """
     changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    return torch.cat([torch.zeros_like(changes[:, :1]), changes.cumsum(dim=1)], dim=1)
+    first = torch.zeros(seq_idx.shape[0], 1, dtype=torch.long, device=seq_idx.device)
+    return torch.cat([first, changes.cumsum(dim=1)], dim=1)
 
 
 def _heads_from_groups(t, h):
