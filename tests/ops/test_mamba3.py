@@ -253,6 +253,13 @@ def test_bad_input(mutate, error, match):
         mamba3(**args)
 
 
+def test_device_mismatch():
+    args = make_inputs(b=1, l=5, h=2, p=3, n=8, r=1, g=1, n_angles=2, seed=63, dtype=torch.float32)
+    args["D"] = args["D"].to("meta")
+    with pytest.raises(ValueError, match="D: expected device cpu"):
+        mamba3(**args)
+
+
 def test_mimo_requires_its_parameters():
     args = make_inputs(b=1, l=3, h=2, p=3, n=8, r=2, g=1, n_angles=2, seed=62)
     args.pop("mimo_o")

@@ -209,6 +209,10 @@ def mamba3(
         y (b, l, h, p) in x's dtype, or (y, Mamba3State) with state tensors in the compute dtype
         (float32, or float64 if any input is float64).
 
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: wrong shapes, devices, sizes, a missing MIMO parameter or an unknown option.
+
     Example:
         >>> b, l, h, p, n = 1, 10, 2, 4, 8
         >>> y = mamba3(torch.randn(b, l, h, p), torch.rand(b, l, h), -torch.rand(b, l, h),
