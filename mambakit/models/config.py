@@ -1,0 +1,84 @@
+"""Model configuration, field for field the official ``mamba_ssm`` ``MambaConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SSM_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
+
+
+@dataclass
+class MambaConfig:
+    """A language model: embedding -> n_layer blocks (norm -> mixer -> residual [-> norm -> MLP])
+    -> final norm -> LM head.
+
+    Attributes (official names and defaults):
+        d_model: hidden size.
+        d_intermediate: GatedMLP hidden size after each mixer; 0 = no MLP.
+        n_layer: number of blocks.
+        vocab_size: tokens; padded up to a multiple of ``pad_vocab_size_multiple``.
+        ssm_cfg: keyword arguments of the mixer, with ``"layer"`` in ``"Mamba1" | "Mamba2" |
+            "Mamba3"`` (default ``"Mamba1"``).
+        attn_layer_idx: blocks whose mixer is causal multi-head attention instead (hybrids).
+        attn_cfg: keyword arguments of :class:`mambakit.layers.MHA` for those blocks.
+        rms_norm: RMSNorm (True) or LayerNorm (False) for the block and final norms.
+        residual_in_fp32: keep the residual stream in float32.
+        fused_add_norm: accepted for compatibility; the add + norm gives the same result either way.
+        pad_vocab_size_multiple: pad the vocabulary (and embedding) to a multiple of this.
+        tie_embeddings: the LM head shares the embedding matrix.
+        norm_epsilon: epsilon of the block and final norms (the official ``MixerModel`` argument;
+            1e-5 there too).
+    """
+
+    d_model: int = 2560
+    d_intermediate: int = 0
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=dict)
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
+            raise ValueError(f"d_intermediate: expected an int >= 0, got {self.d_intermediate!r}")
+        if not isinstance(self.ssm_cfg, dict):
+            raise TypeError(f"ssm_cfg: expected a dict, got {type(self.ssm_cfg).__name__}")
+        layer = self.ssm_cfg.get("layer", "Mamba1")
+        if layer not in SSM_LAYERS:
+            raise ValueError(f"ssm_cfg['layer']: expected one of {SSM_LAYERS}, got {layer!r}")
+        if not isinstance(self.attn_cfg, dict):
+            raise TypeError(f"attn_cfg: expected a dict, got {type(self.attn_cfg).__name__}")
+        bad = [i for i in self.attn_layer_idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"attn_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MambaConfig":
+        """Build from a dict (e.g. a config.json); unknown keys are an error, missing keys take
+        their defaults."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config: expected a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
