@@ -38,6 +38,15 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def _json_number(value) -> float:
+    """A number from config.json; transformers writes infinities as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise CheckpointError(f"config.json: expected a number, got {value!r}")
+
+
 def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
     """transformers config.json -> (MambaConfig, per-layer attribute overrides)."""
     kind = hf.get("model_type")
@@ -69,7 +78,7 @@ def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
             headdim=head_dim, ngroups=hf.get("n_groups", 1), bias=hf.get("use_bias", False),
             conv_bias=hf.get("use_conv_bias", True), chunk_size=hf.get("chunk_size", 256),
             dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
-            dt_init_floor=hf.get("time_step_floor", 1e-4), dt_limit=tuple(float(v) for v in limit),
+            dt_init_floor=hf.get("time_step_floor", 1e-4), dt_limit=tuple(_json_number(v) for v in limit),
         )
         # The gated norm inside each mixer uses the checkpoint's epsilon (official: 1e-5 fixed).
         return MambaConfig(**common, ssm_cfg=ssm_cfg), {"mixer.norm.eps": hf.get("layer_norm_epsilon", 1e-5)}
@@ -217,6 +226,8 @@ def load_pretrained(path, device=None, dtype: torch.dtype | None = None) -> Mamb
     model.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
     model.eval()
     model.tokenizer = load_tokenizer(directory)
+    if isinstance(raw.get("eos_token_id"), int) and model.tokenizer.vocab_size > 256:
+        model.tokenizer.eos_token_id = raw["eos_token_id"]  # the checkpoint's own vocabulary
     return model
 
 
