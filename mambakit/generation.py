@@ -36,7 +36,8 @@ def _prompts(input_ids, vocab_size: int, device) -> tuple[list[torch.Tensor], bo
             raise ValueError(f"input_ids: expected an int tensor of shape (b, l) with l >= 1, got {input_ids.dtype} {tuple(input_ids.shape)}")
         prompts = list(input_ids.to(device=device, dtype=torch.int64))
         as_tensor = True
-    elif isinstance(input_ids, Sequence) and len(input_ids) > 0 and all(isinstance(p, Sequence) for p in input_ids):
+    elif (isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)) and len(input_ids) > 0
+          and all(isinstance(p, Sequence) and not isinstance(p, (str, bytes)) for p in input_ids)):
         if any(len(p) == 0 for p in input_ids):
             raise ValueError("input_ids: every prompt needs at least one token")
         if not all(isinstance(t, int) and not isinstance(t, bool) for p in input_ids for t in p):
