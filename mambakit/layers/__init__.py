@@ -1,0 +1,11 @@
+"""Modules built on the ops: norms, the Mamba mixers, attention, MLP and the residual block."""
+
+from .attention import MHA
+from .block import Block
+from .mamba1 import Mamba1
+from .mamba2 import Mamba2
+from .mamba3 import Mamba3
+from .mlp import GatedMLP
+from .norm import RMSNorm, RMSNormGated
+
+__all__ = ["MHA", "Block", "GatedMLP", "Mamba1", "Mamba2", "Mamba3", "RMSNorm", "RMSNormGated"]

@@ -1,0 +1,259 @@
+"""Mamba-1 mixer (MATH.md section 2): in_proj -> causal conv -> selective scan -> out_proj.
+
+Parameter names, shapes and initialisation follow the official ``mamba_ssm`` ``Mamba`` module
+(``mamba_ssm/modules/mamba_simple.py``), so state dicts load without renaming.
+
+The helpers at the top (input check, cache lookup, in-place state write) are shared by the three
+mixers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.conv1d import causal_conv1d
+from ..ops.selective_scan import selective_scan
+
+# ----------------------------------------------------------------------------------------------
+# Shared by the mixers
+# ----------------------------------------------------------------------------------------------
+
+
+def check_hidden_states(hidden_states, d_model: int) -> tuple[int, int]:
+    """Reject anything but a (b, l, d_model) float tensor with l >= 1; return (b, l)."""
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states: expected a float tensor, got {hidden_states.dtype}")
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model or hidden_states.shape[1] == 0:
+        raise ValueError(
+            f"hidden_states: expected shape (b, l, d_model) with d_model = {d_model} and l >= 1, "
+            f"got {tuple(hidden_states.shape)}"
+        )
+    return hidden_states.shape[0], hidden_states.shape[1]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of recurrent (SSM) states: float32, or float64 for a float64 model (the ops' rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cached_states(module: nn.Module, inference_params, batch: int) -> tuple[torch.Tensor, ...]:
+    """This layer's state tensors in ``inference_params`` (allocated on first use), cut to ``batch`` rows.
+
+    The rows are views of the stored tensors, so writing into them updates the cache in place.
+    """
+    if module.layer_idx is None:
+        raise ValueError("layer_idx: the layer needs a layer_idx to use an inference cache, got None")
+    states = inference_params.states.get(module.layer_idx)
+    if states is None:
+        states = module.allocate_inference_cache(inference_params.max_batch_size, inference_params.max_seqlen)
+        inference_params.states[module.layer_idx] = states
+    if batch > states[0].shape[0]:
+        raise ValueError(
+            f"hidden_states: batch {batch} exceeds the {states[0].shape[0]} rows of the inference cache"
+        )
+    return tuple(t[:batch] for t in states)
+
+
+@torch.no_grad()
+def write_states(states: tuple[torch.Tensor, ...], finals) -> None:
+    """Copy the final states into the cache tensors in place (their storage never changes, which is
+    what CUDA-graph capture needs); the copies are detached, so decoding never grows a graph."""
+    for stored, final in zip(states, finals):
+        stored.copy_(final)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Parameters such as A_log in float32, or float64 when they are float64 (as the official
+    ``A_log.float()``, without rounding a float64 model)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None, dtype=None):
+    """Bias b with softplus(b) log-uniform in [dt_min, dt_max], floored at dt_init_floor."""
+    dt = torch.exp(
+        torch.rand(n, device=device, dtype=dtype) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=dt_init_floor)
+    # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt.
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixer
+# ----------------------------------------------------------------------------------------------
+
+
+class Mamba1(nn.Module):
+    """Mamba-1 mixer: (b, l, d_model) -> (b, l, d_model).
+
+    Args (defaults of the official ``Mamba``):
+        d_model: model width.
+        d_state: SSM state size n, default 16.
+        d_conv: causal conv width, default 4.
+        expand: d_inner = expand * d_model, default 2.
+        dt_rank: rank of the dt projection, "auto" (default) = ceil(d_model / 16).
+        dt_min, dt_max: range of softplus(dt bias) at init, default 1e-3 and 0.1.
+        dt_init: "random" (default; dt_proj.weight uniform in +-dt_rank^-0.5 * dt_scale) or
+            "constant" (all equal to that bound).
+        dt_scale: default 1.0. dt_init_floor: lower bound of the initial dt, default 1e-4.
+        conv_bias: bias on the conv, default True. bias: biases on in_proj/out_proj, default False.
+        use_fast_path: accepted for signature compatibility, ignored.
+        layer_idx: key of this layer in an :class:`~mambakit.cache.InferenceCache`.
+        device, dtype: factory arguments (A_log and D stay float32, as in the official module).
+
+    Parameters: in_proj (2 d_inner, d_model), conv1d (d_inner, 1, d_conv), x_proj
+    (dt_rank + 2 n, d_inner), dt_proj (d_inner, dt_rank) + bias (d_inner,), A_log (d_inner, n),
+    D (d_inner,), out_proj (d_model, d_inner).
+
+    Example:
+        >>> layer = Mamba1(32)
+        >>> layer(torch.randn(2, 10, 32)).shape
+        torch.Size([2, 10, 32])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank="auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        if not isinstance(self.dt_rank, int) or self.dt_rank <= 0 or self.d_inner <= 0:
+            raise ValueError(
+                f"dt_rank, expand: expected a positive dt_rank (or 'auto') and expand * d_model >= 1, "
+                f"got dt_rank={dt_rank!r}, expand={expand!r}"
+            )
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.activation = "silu"
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias, **factory
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        # dt_proj keeps the variance of dt at init; its bias puts softplus(dt) in [dt_min, dt_max].
+        bound = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(bound)
+            else:
+                self.dt_proj.weight.uniform_(-bound, bound)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, **factory))
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real: A[c, j] = -(j + 1), stored as its log in float32.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
+        """hidden_states (b, l, d_model) -> (b, l, d_model).
+
+        With an :class:`~mambakit.cache.InferenceCache`, the layer starts from zero states when
+        ``seqlen_offset == 0`` and from the cached ones otherwise (any number of tokens), and
+        writes its final states back into the cache in place.
+        """
+        b, _ = check_hidden_states(hidden_states, self.d_model)
+        if inference_params is None:
+            return self._mix(hidden_states)
+        states = cached_states(self, inference_params, b)
+        return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0)
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decode token (b, 1, d_model) from the given states, which are updated in place.
+
+        Returns (out (b, 1, d_model), conv_state, ssm_state); the same computation as
+        :meth:`forward` with a cache.
+        """
+        _, l = check_hidden_states(hidden_states, self.d_model)
+        if l != 1:
+            raise ValueError(f"hidden_states: step takes one token, shape (b, 1, d_model), got l = {l}")
+        out = self._mix(hidden_states, (conv_state, ssm_state), resume=True)
+        return out, conv_state, ssm_state
+
+    def _mix(self, hidden_states, states=None, resume=False):
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 d_inner, l)
+        x, z = xz.chunk(2, dim=1)
+        conv_state, ssm_state = states if states is not None else (None, None)
+        keep = states is not None
+        conv = causal_conv1d(
+            x,
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            activation=self.activation,
+            initial_state=conv_state if resume else None,
+            return_final_state=keep,
+        )
+        x, conv_final = conv if keep else (conv, None)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias goes in the scan
+        A = -torch.exp(at_least_fp32(self.A_log))
+        scan = selective_scan(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=at_least_fp32(self.D),
+            z=z,
+            delta_bias=at_least_fp32(self.dt_proj.bias),
+            delta_softplus=True,
+            initial_state=ssm_state if resume else None,
+            return_final_state=keep,
+        )
+        y, ssm_final = scan if keep else (scan, None)
+        if keep:
+            write_states(states, (conv_final, ssm_final))
+        return self.out_proj(y.transpose(1, 2))
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """Zero states (conv_state (b, d_inner, d_conv - 1) in ``dtype`` or the conv weight's dtype,
+        ssm_state (b, d_inner, d_state) float32, float64 for a float64 model)."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(
+            batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype(dtype or self.dt_proj.weight.dtype)
+        )
+        return conv_state, ssm_state
