@@ -50,6 +50,12 @@ def _json_number(value) -> float:
 def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
     """transformers config.json -> (MambaConfig, per-layer attribute overrides)."""
     kind = hf.get("model_type")
+    if kind not in ("mamba", "mamba2"):
+        raise CheckpointError(f"config.json: model_type {kind!r} is not supported (expected 'mamba' or 'mamba2')")
+    required = ["hidden_size", "num_hidden_layers", "vocab_size"] + (["num_heads"] if kind == "mamba2" else [])
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise CheckpointError(f"config.json: missing {missing} for model_type {kind!r}")
     common = dict(
         d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], d_intermediate=0,
         rms_norm=True, residual_in_fp32=hf.get("residual_in_fp32", True), fused_add_norm=False,
@@ -66,7 +72,7 @@ def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
             dt_init_floor=hf.get("time_step_floor", 1e-4),
         )
         return MambaConfig(**common, ssm_cfg=ssm_cfg), {}
-    if kind == "mamba2":
+    else:
         d_inner = int(hf.get("expand", 2) * hf["hidden_size"])
         heads, head_dim = hf["num_heads"], hf.get("head_dim", 64)
         if heads * head_dim != d_inner:
@@ -82,7 +88,6 @@ def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
         )
         # The gated norm inside each mixer uses the checkpoint's epsilon (official: 1e-5 fixed).
         return MambaConfig(**common, ssm_cfg=ssm_cfg), {"mixer.norm.eps": hf.get("layer_norm_epsilon", 1e-5)}
-    raise CheckpointError(f"config.json: model_type {kind!r} is not supported (expected 'mamba' or 'mamba2')")
 
 
 def _config_to_hf(config: MambaConfig, model: MambaLM) -> dict:

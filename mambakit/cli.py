@@ -27,7 +27,7 @@ def _generate(args) -> None:
             break
         sys.stdout.write(decode(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(decode(None) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

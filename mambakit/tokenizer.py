@@ -19,9 +19,16 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def stream_decoder(self):
-        """A function token_id -> text so far completed (holds back partial UTF-8 sequences)."""
+        """A function token_id -> newly completed text; partial UTF-8 sequences are held back until
+        complete, and ``token_id=None`` flushes what is left."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda token_id: decoder.decode(bytes([int(token_id)])) if 0 <= int(token_id) < 256 else ""
+
+        def push(token_id) -> str:
+            if token_id is None:
+                return decoder.decode(b"", final=True)
+            return decoder.decode(bytes([int(token_id)])) if 0 <= int(token_id) < 256 else ""
+
+        return push
 
 
 class HFTokenizer:
@@ -46,9 +53,10 @@ class HFTokenizer:
 
         def push(token_id) -> str:
             nonlocal emitted
-            ids.append(int(token_id))
+            if token_id is not None:
+                ids.append(int(token_id))
             text = self._tok.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            if token_id is not None and text.endswith("\ufffd"):  # incomplete character: wait for more
                 return ""
             new, emitted = text[len(emitted):], text
             return new
