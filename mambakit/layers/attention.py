@@ -14,8 +14,9 @@ from ..ops.conv1d import causal_conv1d
 
 def rotary_tables(positions: torch.Tensor, dim: int, base: float, dtype: torch.dtype):
     """cos, sin of shape (*positions.shape, dim // 2) for rotary embeddings of width ``dim``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    exact = torch.float64 if dtype == torch.float64 else torch.float32  # angles grow with position
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=exact) / dim))
+    angles = positions.to(exact)[..., None] * inv_freq
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
