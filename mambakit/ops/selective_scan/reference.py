@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .._checks import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     compute_dtype,
     expect_choice,
     expect_same_device,
@@ -42,7 +43,7 @@ ALGORITHMS = ("chunked", "recurrent")
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def selective_scan(
+def selective_scan_reference(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -55,6 +56,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     algorithm: str = "chunked",
+    seq_idx: torch.Tensor | None = None,
 ):
     """Mamba-1 selective scan (S6) with a diagonal real or complex A (MATH.md section 2).
 
@@ -83,6 +85,9 @@ def selective_scan(
         return_final_state: also return the last state h_{l-1}; default False.
         algorithm: ``"chunked"`` (default; a parallel linear scan over time, no Python loop over
             tokens) or ``"recurrent"`` (a token loop, the readable definition).
+        seq_idx: (b, l) int32/int64 ids of packed sequences; the state resets to zero wherever the
+            id changes between consecutive tokens (initial_state applies to each row's first
+            sequence only); default None.
 
     Returns:
         y (b, d, l) in u's dtype; with ``return_final_state``, the pair (y, h_last) with
@@ -99,7 +104,8 @@ def selective_scan(
         >>> y.shape, h.shape
         (torch.Size([2, 8, 32]), torch.Size([2, 8, 4]))
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, algorithm)
+    validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx)
+    expect_choice("algorithm", algorithm, ALGORITHMS)
     d = u.shape[1]
     real_dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if any(t is not None and t.dtype == torch.complex128 for t in (A, B, C, initial_state)):
@@ -118,8 +124,10 @@ def selective_scan(
     C_c = _to_state(C, A.is_complex(), real_dtype, state_dtype)
     h0 = None if initial_state is None else initial_state.to(state_dtype)
 
+    # keep[t] = 0 where a new packed sequence starts: the decay into it is zero.
+    keep = None if seq_idx is None else _keep_mask(seq_idx).to(real_dtype)
     scan = _chunked if algorithm == "chunked" else _recurrent
-    y, h_last = scan(u_c, Delta, A_c, B_c, C_c, h0, d)
+    y, h_last = scan(u_c, Delta, A_c, B_c, C_c, h0, d, keep)
 
     if D is not None:
         y = y + D.to(real_dtype)[:, None] * u_c
@@ -129,19 +137,27 @@ def selective_scan(
     return (y, h_last) if return_final_state else y
 
 
-def _recurrent(u, Delta, A, B, C, h0, d):
+def _keep_mask(seq_idx):
+    """(b, l) -> (b, l) bool, False where seq_idx differs from the previous token's."""
+    keep = torch.ones_like(seq_idx, dtype=torch.bool)
+    keep[:, 1:] = seq_idx[:, 1:] == seq_idx[:, :-1]
+    return keep
+
+
+def _recurrent(u, Delta, A, B, C, h0, d, keep=None):
     """One step per token: the definition. Returns (y (b, d, l) real, h_last (b, d, n))."""
     bsz, _, l = u.shape
     h = torch.zeros(bsz, d, A.shape[1], dtype=A.dtype, device=u.device) if h0 is None else h0
     ys = []
     for t in range(l):
         dt = Delta[:, :, t, None]                                        # (b, d, 1)
-        h = torch.exp(dt * A) * h + dt * _at(B, t, d) * u[:, :, t, None]  # (b, d, n)
+        decay = torch.exp(dt * A) if keep is None else torch.exp(dt * A) * keep[:, t, None, None]
+        h = decay * h + dt * _at(B, t, d) * u[:, :, t, None]             # (b, d, n)
         ys.append(_inner(_at(C, t, d), h, dim=-1))                       # (b, d)
     return torch.stack(ys, dim=-1), h
 
 
-def _chunked(u, Delta, A, B, C, h0, d):
+def _chunked(u, Delta, A, B, C, h0, d, keep=None):
     """The recurrence over all tokens at once as a linear scan along l, block by block of
     channels (never a loop over time). Returns (y (b, d, l) real, h_last (b, d, n))."""
     bsz, _, l = u.shape
@@ -151,6 +167,8 @@ def _chunked(u, Delta, A, B, C, h0, d):
     for lo, hi in _channel_blocks(d, per_channel, B, C):
         dt = Delta[:, lo:hi, None, :]                                            # (b, k, 1, l)
         decay = torch.exp(dt * A[lo:hi, :, None])                                # (b, k, n, l)
+        if keep is not None:
+            decay = decay * keep[:, None, None, :]
         drive = (dt * u[:, lo:hi, None, :]) * _channel_block(B, d, lo, hi)        # (b, k, n, l)
         h = linear_scan(decay, drive, None if h0 is None else h0[:, lo:hi], dim=-1, method="chunked")
         ys.append(_inner(_channel_block(C, d, lo, hi), h, dim=2))               # (b, k, l)
@@ -206,8 +224,8 @@ def _complex_of(real_dtype):
     return torch.complex128 if real_dtype == torch.float64 else torch.complex64
 
 
-def _validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, algorithm):
-    """Every check of :func:`selective_scan`, before any compute."""
+def validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx):
+    """Every input check of :func:`selective_scan`, before any compute."""
     expect_tensor("u", u, ndim=3)
     bsz, d, l = u.shape
     if l == 0:
@@ -242,8 +260,11 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
             raise ValueError(
                 f"initial_state: expected a {kind} tensor like A ({A.dtype}), got {initial_state.dtype}"
             )
-    expect_choice("algorithm", algorithm, ALGORITHMS)
-    expect_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES)
+        expect_shape("seq_idx", seq_idx, (bsz, l), "(b, l)")
+    expect_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                       seq_idx=seq_idx)
 
 
 def _validate_projection(name, X, bsz, d, n, l, complex_a):

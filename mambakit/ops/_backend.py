@@ -1,0 +1,44 @@
+"""Which implementation runs an op: the PyTorch reference or the Triton kernels.
+
+Auto: Triton for CUDA tensors (when Triton imports), the reference otherwise. Override per call
+with ``backend="reference" | "triton"`` or for the process with ``MAMBAKIT_BACKEND``. Triton on
+CPU tensors needs its interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """-> "reference" or "triton"; raises ValueError when the requested backend cannot run."""
+    choice = backend if backend is not None else os.environ.get("MAMBAKIT_BACKEND", "auto")
+    if choice not in BACKENDS:
+        source = "backend" if backend is not None else "MAMBAKIT_BACKEND"
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError("backend: 'triton' requested but the triton package is not installed")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
+    return choice
