@@ -1,4 +1,4 @@
-"""Command line: `mambakit demo`, `mambakit generate`."""
+"""Command line: `mambakit demo | generate | train | task`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,58 @@ def _generate(args) -> None:
     sys.stdout.write(decode(None) + "\n")
 
 
+def _add_train(commands) -> None:
+    from .training.config import LAYERS, PRESETS, TrainConfig
+
+    d = TrainConfig()
+    p = commands.add_parser(
+        "train", help="train a Mamba language model (default: bytes of the Python standard library, a few minutes on CPU)",
+        description="Train a Mamba language model. With no options: a ~0.5M-parameter byte-level Mamba-2 on the Python "
+                    "standard library's source, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node N -m "
+                    "mambakit train ...` it trains data-parallel (FSDP2 or DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default=d.preset,
+                   help="model size: tiny (tests), small (CPU), or the Mamba paper's 130m/370m/790m/1.4b")
+    p.add_argument("--layer", choices=list(LAYERS), default=d.layer, help="sequence mixer of every block")
+    p.add_argument("--data", default=d.data, help="text file, directory of text files, or .bin of uint16 token ids "
+                   "(default: the Python standard library's *.py files as bytes)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="directory with a tokenizer.json for text data "
+                   "(default: bytes, vocabulary 256)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per optimizer step, over all GPUs and accumulation steps (global batch)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate after warmup")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear warmup")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay of matrices (embeddings, norms, biases, A_log, D, dt_bias exempt)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (the schedule's length)")
+    p.add_argument("--stop-at", type=int, default=d.stop_at,
+                   help="stop with a checkpoint after this step, keeping the --max-steps schedule (resume later)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate and checkpoint every N steps")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out sequences per evaluation")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="write a metrics.jsonl record every N steps")
+    p.add_argument("--out", default=d.out, help="output directory: model, training_state/, metrics.jsonl, loss_curve.png")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and the batch order")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default=d.device, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dist", choices=["fsdp", "ddp"], default=d.dist, help="data parallelism under torchrun")
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens to sample at the end (0 = none)")
+    p.add_argument("--sample-prompt", default=d.sample_prompt, help="text the final sample continues")
+
+
+def _train(args) -> None:
+    import dataclasses
+
+    from .training import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mambakit", description="The Mamba family of sequence models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--eos-token-id", type=int, default=None, help="stop at this token (default: the tokenizer's)")
     gen.add_argument("--seed", type=int, default=None, help="random seed for repeatable sampling")
     gen.add_argument("--device", default=None, help="torch device (default cpu)")
+    _add_train(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -54,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(seed=args.seed)
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "train":
+        _train(args)
 
 
 if __name__ == "__main__":

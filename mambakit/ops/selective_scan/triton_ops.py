@@ -74,7 +74,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     bsz, d, length = u.shape
     n = A.shape[1]
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)  # (distinct from the other empties)
     # Reductions over channels, batch or time are accumulated atomically in fp32.
     dA = torch.zeros(A.shape, device=u.device, dtype=F32)
     dB = torch.zeros(B.shape, device=u.device, dtype=F32)
@@ -97,24 +97,23 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
         N=_state_rows(n), BLOCK_L=BLOCK_L,
     )
-    empty = u.new_empty(0)
+    def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
+        return u.new_empty(0)
+
     return [
         du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-        dD.to(D.dtype) if D is not None else empty, dz,
-        dbias.to(delta_bias.dtype) if delta_bias is not None else empty,
-        dh0.to(h0.dtype) if h0 is not None else empty,
+        dD.to(D.dtype) if D is not None else empty(), dz,
+        dbias.to(delta_bias.dtype) if delta_bias is not None else empty(),
+        dh0.to(h0.dtype) if h0 is not None else empty(),
     ]
 
 
 @selective_scan_bwd.register_fake
 def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, delta_softplus):
-    empty = u.new_empty(0)
-    return [
-        torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-        torch.empty_like(D) if D is not None else empty, torch.empty_like(z) if z is not None else empty,
-        torch.empty_like(delta_bias) if delta_bias is not None else empty,
-        torch.empty_like(h0) if h0 is not None else empty,
-    ]
+    def like(t):
+        return torch.empty_like(t) if t is not None else u.new_empty(0)
+
+    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):

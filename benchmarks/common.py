@@ -1,0 +1,58 @@
+"""Shared benchmark plumbing: median CUDA-event timing, environment record, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def time_ms(fn, grad_to_none=None, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+    """Median wall time of ``fn`` in milliseconds, measured with CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(records: list[dict], stem: Path, columns: list[str]) -> None:
+    """``stem``.json (the records) and ``stem``.md (a table of ``columns``)."""
+    atomic_write(stem.with_suffix(".json"), json.dumps(records, indent=2) + "\n")
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in records:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    if records:
+        env = records[0]
+        lines += ["", f"GPU: {env['gpu']}; versions: {env['versions']}; date: {env['date']}",
+                  f"Command: `{env['command']}`"]
+    atomic_write(stem.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -1,0 +1,93 @@
+"""Set up the peers a benchmark compares against, in the same process, on the GPU machine.
+
+The official ``mamba-ssm`` comes as its PyPI source archive (carried in ``.whl/``). Its Triton
+parts need no build; its Mamba-1 CUDA extension is compiled here for the local GPU only (the
+archive's own setup builds a dozen architectures). Nothing of the peer is imported at run time of
+the library: only benchmarks and optional tests use this module.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+
+ARCHIVE_GLOB = ".whl/mamba_ssm-*.tar.gz"
+
+
+def official_source(root: str | os.PathLike = ".", dest: str = "/tmp/mamba_ssm_src") -> Path | None:
+    """Unpack the official source archive once; return its top folder, or None if not carried."""
+    archives = sorted(glob.glob(str(Path(root) / ARCHIVE_GLOB)))
+    if not archives:
+        return None
+    dest_path = Path(dest)
+    if not dest_path.exists():
+        with tarfile.open(archives[-1]) as tar:
+            tar.extractall(dest_path, filter="data")
+    return next(dest_path.iterdir())
+
+
+def _register_package(src: Path) -> None:
+    """Make ``mamba_ssm`` importable without running its __init__ (which pulls TileLang/CuTe)."""
+    if "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = [str(src / "mamba_ssm")]
+        sys.modules["mamba_ssm"] = package
+
+
+def official_selective_scan(src: Path):
+    """Build (for this GPU only) and import the official CUDA selective scan; -> selective_scan_fn."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    csrc = src / "csrc" / "selective_scan"
+    sources = [str(csrc / "selective_scan.cpp")] + sorted(str(p) for p in csrc.glob("selective_scan_*.cu"))
+    start = time.time()
+    module = load(
+        name="selective_scan_cuda",
+        sources=sources,
+        extra_include_paths=[str(csrc)],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=[
+            "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+            "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math", "-lineinfo",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        ],
+        build_directory=_build_dir("selective_scan_cuda"),
+        verbose=False,
+    )
+    print(f"[peers] built the official selective_scan_cuda for sm_{arch} in {time.time() - start:.0f} s", flush=True)
+    sys.modules["selective_scan_cuda"] = module
+    _register_package(src)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn
+
+
+def official_triton_only(src: Path) -> None:
+    """Import path for the official Triton ops (SSD, Mamba-3 SISO) without the CUDA extension."""
+    if "selective_scan_cuda" not in sys.modules:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    _register_package(src)
+
+
+def _build_dir(name: str) -> str:
+    path = Path("/tmp/torch_ext") / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def mambapy_available() -> bool:
+    try:
+        import mambapy.pscan  # noqa: F401
+    except ImportError:
+        return False
+    return True

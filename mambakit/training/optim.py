@@ -1,0 +1,42 @@
+"""AdamW with the usual weight-decay exemptions, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Whether a parameter is exempt from weight decay: vectors (norm weights, biases, D, dt_bias),
+    anything a layer marks ``_no_weight_decay`` (A_log, D, dt_bias, as the official layers do),
+    biases of any shape (Mamba-3's B_bias/C_bias) and the (tied) embedding."""
+    return (param.ndim < 2 or getattr(param, "_no_weight_decay", False) or name.endswith("bias")
+            or name.startswith("backbone.embedding."))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, exempt: set[str]) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters in two groups, decayed and not.
+
+    ``exempt``: names for which :func:`no_decay` held, taken before any wrapping (FSDP replaces
+    parameters and their marks).
+    """
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if name in exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) as a fraction of ``cfg.lr``: linear warmup
+    to 1 over ``warmup_steps``, then a cosine from 1 to ``min_lr / lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr / cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
