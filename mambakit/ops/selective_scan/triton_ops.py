@@ -11,10 +11,13 @@ from torch import Tensor
 
 from . import triton_kernels as kernels
 
-# Tokens per tile. The backward restarts each tile from the state the forward stored at its end,
-# so both passes must use the same tile; 64 keeps the (BLOCK_D, N, 64) tiles in registers.
-BLOCK_L = 64
 F32 = torch.float32
+
+
+def block_l(length: int) -> int:
+    """Tokens per tile, a function of the length alone: the backward restarts each tile from the
+    state the forward stored at its end, so both passes must cut the same tiles."""
+    return min(1024, max(16, triton.next_power_of_2(length)))
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
@@ -26,21 +29,23 @@ def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
     return True, True, d // X.shape[1]
 
 
-def _state_rows(n: int) -> int:
+def _padded(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
 @torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
-                       seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, tile states (b, d, n_tiles, n) fp32 or empty)."""
+                       seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, tile states (b, d, n_tiles, n) fp32
+    and the output before the z gate (b, d, l), the last two empty unless ``save_states``)."""
     bsz, d, length = u.shape
     n = A.shape[1]
-    n_tiles = triton.cdiv(length, BLOCK_L)
+    n_tiles = triton.cdiv(length, block_l(length))
     y = torch.empty_like(u)
     last = torch.empty(bsz, d, n, device=u.device, dtype=F32)
     states = torch.empty(bsz, d, n_tiles, n, device=u.device, dtype=F32) if save_states else last.new_empty(0)
+    y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
 
@@ -48,28 +53,30 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         return (triton.cdiv(d, meta["BLOCK_D"]), bsz)
 
     kernels.selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, y, last, states,
-        d, length, n, b_pg, c_pg,
+        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states,
+        d, length, b_pg, c_pg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=_state_rows(n), BLOCK_L=BLOCK_L,
+        N=n, NP=_padded(n), BLOCK_L=block_l(length),
     )
-    return y, last, states
+    return y, last, states, y_pre
 
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
     bsz, d, length = u.shape
     n = A.shape[1]
-    states_shape = (bsz, d, triton.cdiv(length, BLOCK_L), n) if save_states else (0,)
-    return torch.empty_like(u), u.new_empty(bsz, d, n, dtype=F32), u.new_empty(states_shape, dtype=F32)
+    states_shape = (bsz, d, triton.cdiv(length, block_l(length)), n) if save_states else (0,)
+    y_pre_shape = u.shape if save_states and z is not None else (0,)
+    return (torch.empty_like(u), u.new_empty(bsz, d, n, dtype=F32), u.new_empty(states_shape, dtype=F32),
+            u.new_empty(y_pre_shape))
 
 
 @torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
-                       seq_idx: Optional[Tensor], states: Tensor, delta_softplus: bool) -> list[Tensor]:
+                       seq_idx: Optional[Tensor], states: Tensor, y_pre: Tensor, delta_softplus: bool) -> list[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty."""
     bsz, d, length = u.shape
     n = A.shape[1]
@@ -89,13 +96,13 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         return (triton.cdiv(d, meta["BLOCK_D"]), bsz)
 
     kernels.selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, dy, dlast,
+        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
-        d, length, n, b_pg, c_pg,
+        d, length, b_pg, c_pg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=_state_rows(n), BLOCK_L=BLOCK_L,
+        N=n, NP=_padded(n), BLOCK_L=block_l(length),
     )
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return u.new_empty(0)
@@ -109,7 +116,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
 
 
 @selective_scan_bwd.register_fake
-def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, delta_softplus):
+def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre, delta_softplus):
     def like(t):
         return torch.empty_like(t) if t is not None else u.new_empty(0)
 
@@ -118,16 +125,16 @@ def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, delta
 
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, output[2])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, output[2], output[3])
     ctx.delta_softplus = delta_softplus
 
 
-def _backward(ctx, dy, dlast, _dstates):
-    u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states = ctx.saved_tensors
+def _backward(ctx, dy, dlast, _dstates, _dy_pre):
+    u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre = ctx.saved_tensors
     if states.numel() == 0:
         raise RuntimeError("selective_scan: the forward ran without saving tile states (no input required grad)")
     grads = selective_scan_bwd(dy.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
-                               z, delta_bias, h0, seq_idx, states, ctx.delta_softplus)
+                               z, delta_bias, h0, seq_idx, states, y_pre, ctx.delta_softplus)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None, dh0 if h0 is not None else None, None, None, None)
@@ -144,6 +151,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, last, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), c(initial_state),
+    y, last, _, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), c(initial_state),
                                     c(seq_idx), delta_softplus, save_states)
     return (y, last) if return_final_state else y
