@@ -119,12 +119,11 @@ def selective_scan_fwd_kernel(
     o_l = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
-    o_state = (i_b * dim + o_d[:, None]) * N + o_n[None, :]  # (BLOCK_D, NP) into (b, d, n)
-    if HAS_H0:
-        h = tl.load(p_h0 + o_state, mask=m_dn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     n_tiles = tl.cdiv(length, BLOCK_L)
+    # The state carried between tiles goes through memory: the thread holding a tile's last token
+    # stores it into the tile-state buffer, and after a barrier every thread loads it. This avoids
+    # a cross-thread reduction per state entry and tile (and the backward reuses the buffer).
+    o_tile_state = (i_b * dim + o_d) * n_tiles * N  # (BLOCK_D,) start of each channel's (n_tiles, n)
     for i_t in range(0, n_tiles):
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
@@ -135,21 +134,24 @@ def selective_scan_fwd_kernel(
         drive = delta * u
         reset = _resets(p_seq, i_b, o_t, m_t, length, HAS_SEQ)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        h_end = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
         for i_n in range(0, N):
+            if i_t > 0:
+                h_n = tl.load(p_states + o_tile_state + (i_t - 1) * N + i_n, mask=m_d, other=0.0)
+            elif HAS_H0:
+                h_n = tl.load(p_h0 + (i_b * dim + o_d) * N + i_n, mask=m_d, other=0.0).to(tl.float32)
+            else:
+                h_n = tl.zeros((BLOCK_D,), dtype=tl.float32)
             A_n = tl.load(p_A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634
             a = tl.exp2(delta * A_n[:, None])
             # Padding is the identity map; a new packed sequence forgets the state.
             a = tl.where(m_t[None, :], tl.where(reset[None, :], 0.0, a), 1.0)
             b = drive * _row(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, N, length, b_per_group, B_VARIABLE, B_GROUPED)
             a_scan, b_scan = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
-            hs = a_scan * _pick(h, o_n, i_n)[:, None] + b_scan  # (BLOCK_D, BLOCK_L)
+            hs = a_scan * h_n[:, None] + b_scan  # (BLOCK_D, BLOCK_L)
             y += hs * _row(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, N, length, c_per_group, C_VARIABLE, C_GROUPED)
-            last = tl.sum(tl.where((o_l == BLOCK_L - 1)[None, :], hs, 0.0), axis=1)
-            h_end = tl.where((o_n == i_n)[None, :], last[:, None], h_end)
-        h = h_end
-        if SAVE_STATES:
-            tl.store(p_states + ((i_b * dim + o_d[:, None]) * n_tiles + i_t) * N + o_n[None, :], h, mask=m_dn)
+            tl.store(p_states + o_tile_state[:, None] + i_t * N + i_n + 0 * o_l[None, :], hs,
+                     mask=m_d[:, None] & (o_l == BLOCK_L - 1)[None, :])
+        tl.debug_barrier()
         if HAS_D:
             y += tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] * u
         if HAS_Z:
@@ -158,18 +160,19 @@ def selective_scan_fwd_kernel(
             zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
             y = y * zv * tl.sigmoid(zv)
         tl.store(p_y + offs, y.to(p_y.dtype.element_ty), mask=m)
-    tl.store(p_last + o_state, h, mask=m_dn)
+    h = tl.load(p_states + o_tile_state[:, None] + (n_tiles - 1) * N + o_n[None, :], mask=m_dn, other=0.0)
+    tl.store(p_last + (i_b * dim + o_d[:, None]) * N + o_n[None, :], h, mask=m_dn)
 
 
 @triton.autotune(configs=_configs(), key=["N", "HAS_Z", "B_VARIABLE", "C_VARIABLE", "B_GROUPED", "C_GROUPED"],
-                 reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
+                 reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"], restore_value=["p_gcarry"])
 @triton.jit
 def selective_scan_bwd_kernel(
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq, p_states, p_ypre, p_dy, p_dlast,
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq, p_states, p_ypre, p_dy, p_gcarry,
     p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0,
     dim, length, b_per_group, c_per_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -180,31 +183,24 @@ def selective_scan_bwd_kernel(
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
     o_state = (i_b * dim + o_d[:, None]) * N + o_n[None, :]
-    # g_carry[:, i]: total gradient of state entry i just after the current tile (at the end of
-    # the sequence: the final state's own gradient).
-    if HAS_DLAST:
-        g_carry = tl.load(p_dlast + o_state, mask=m_dn, other=0.0).to(tl.float32)
-    else:
-        g_carry = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     dA_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     dB_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)  # time-invariant B only
     dC_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)  # time-invariant C only
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     n_tiles = tl.cdiv(length, BLOCK_L)
+    o_tile_state = (i_b * dim + o_d) * n_tiles * N
+    # g_carry (b, d, 2, n), double-buffered by tile parity: the total gradient of each state entry
+    # just after the current tile (the final state's own gradient at the end of the sequence, put
+    # in slot 0 by the launcher). Read from one slot, written to the other, a barrier per tile.
+    o_carry = (i_b * dim + o_d) * 2 * N
     for i_rev in range(0, n_tiles):
         i_t = n_tiles - 1 - i_rev
+        read_slot = i_rev % 2
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
         offs = (i_b * dim + o_d[:, None]) * length + o_t[None, :]
-        if i_t > 0:
-            h_start = tl.load(p_states + ((i_b * dim + o_d[:, None]) * n_tiles + i_t - 1) * N + o_n[None, :],
-                              mask=m_dn, other=0.0)
-        elif HAS_H0:
-            h_start = tl.load(p_h0 + o_state, mask=m_dn, other=0.0).to(tl.float32)
-        else:
-            h_start = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
         u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
         delta, delta_raw = _delta(p_delta, p_bias, offs, o_d, m, m_d, HAS_BIAS, SOFTPLUS)
         drive = delta * u
@@ -227,8 +223,13 @@ def selective_scan_bwd_kernel(
         reset_next = _resets(p_seq, i_b, o_next, o_next < length, length, HAS_SEQ)
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        g_start = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
         for i_n in range(0, N):
+            if i_t > 0:
+                h_n = tl.load(p_states + o_tile_state + (i_t - 1) * N + i_n, mask=m_d, other=0.0)
+            elif HAS_H0:
+                h_n = tl.load(p_h0 + (i_b * dim + o_d) * N + i_n, mask=m_d, other=0.0).to(tl.float32)
+            else:
+                h_n = tl.zeros((BLOCK_D,), dtype=tl.float32)
             A_nat = tl.load(p_A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32)
             A_n = A_nat * 1.4426950408889634
             a = tl.exp2(delta * A_n[:, None])
@@ -237,13 +238,14 @@ def selective_scan_bwd_kernel(
             C_n = _row(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, N, length, c_per_group, C_VARIABLE, C_GROUPED)
             b = tl.where(m_t[None, :], drive * B_n, 0.0)
             a_scan, b_scan = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
-            hs = a_scan * _pick(h_start, o_n, i_n)[:, None] + b_scan  # recomputed states
+            hs = a_scan * h_n[:, None] + b_scan  # recomputed states
             a_next = tl.exp2(delta_next * A_n[:, None])
             a_next = tl.where((o_next < length)[None, :], tl.where(reset_next[None, :], 0.0, a_next), 1.0)
             ga, gb = tl.associative_scan((a_next, C_n * dy), axis=1, combine_fn=_combine, reverse=True)
-            g = gb + ga * _pick(g_carry, o_n, i_n)[:, None]  # dL/dh_t
-            first = tl.sum(tl.where((o_l == 0)[None, :], g, 0.0), axis=1)
-            g_start = tl.where((o_n == i_n)[None, :], first[:, None], g_start)
+            g_after = tl.load(p_gcarry + o_carry + read_slot * N + i_n, mask=m_d, other=0.0)
+            g = gb + ga * g_after[:, None]  # dL/dh_t
+            tl.store(p_gcarry + o_carry[:, None] + (1 - read_slot) * N + i_n + 0 * o_l[None, :], g,
+                     mask=m_d[:, None] & (o_l == 0)[None, :])
 
             d_logdecay = tl.where(m, g * (hs - b), 0.0)  # dL/d(Delta A) = g_t a_t h_{t-1}
             ddelta += g * B_n * u + d_logdecay * A_nat[:, None]
@@ -260,7 +262,7 @@ def selective_scan_bwd_kernel(
                 _add_row(p_dC, h_dy, i_b, i_n, o_d, o_t, m_d, m_t, dim, N, length, c_per_group, C_GROUPED)
             else:
                 dC_acc = tl.where((o_n == i_n)[None, :], dC_acc + tl.sum(h_dy, axis=1)[:, None], dC_acc)
-        g_carry = g_start
+        tl.debug_barrier()
         du = du * delta
         if HAS_D:
             D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -279,7 +281,8 @@ def selective_scan_bwd_kernel(
         offs0 = (i_b * dim + o_d[:, None]) * length + tl.zeros((1, 1), dtype=tl.int32)  # token 0, (BLOCK_D, 1)
         delta0, _ = _delta(p_delta, p_bias, offs0, o_d, m_d[:, None], m_d, HAS_BIAS, SOFTPLUS)
         A_all = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
-        tl.store(p_dh0 + o_state, tl.exp2(delta0 * A_all * 1.4426950408889634) * g_carry, mask=m_dn)
+        g0 = tl.load(p_gcarry + o_carry[:, None] + (n_tiles % 2) * N + o_n[None, :], mask=m_dn, other=0.0)
+        tl.store(p_dh0 + o_state, tl.exp2(delta0 * A_all * 1.4426950408889634) * g0, mask=m_dn)
     o_param = o_d[:, None] * N + o_n[None, :]
     tl.atomic_add(p_dA + o_param, dA_acc, mask=m_dn)
     if not B_VARIABLE:

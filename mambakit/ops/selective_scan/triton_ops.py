@@ -37,14 +37,15 @@ def _padded(n: int) -> int:
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, tile states (b, d, n_tiles, n) fp32
-    and the output before the z gate (b, d, l), the last two empty unless ``save_states``)."""
+    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, tile-end states (b, d, n_tiles, n)
+    fp32, and the output before the z gate (b, d, l), empty unless ``save_states`` and z)."""
     bsz, d, length = u.shape
     n = A.shape[1]
     n_tiles = triton.cdiv(length, block_l(length))
     y = torch.empty_like(u)
     last = torch.empty(bsz, d, n, device=u.device, dtype=F32)
-    states = torch.empty(bsz, d, n_tiles, n, device=u.device, dtype=F32) if save_states else last.new_empty(0)
+    # The kernel carries the state between tiles through this buffer, so it always exists.
+    states = torch.empty(bsz, d, n_tiles, n, device=u.device, dtype=F32)
     y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
@@ -67,7 +68,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
     bsz, d, length = u.shape
     n = A.shape[1]
-    states_shape = (bsz, d, triton.cdiv(length, block_l(length)), n) if save_states else (0,)
+    states_shape = (bsz, d, triton.cdiv(length, block_l(length)), n)
     y_pre_shape = u.shape if save_states and z is not None else (0,)
     return (torch.empty_like(u), u.new_empty(bsz, d, n, dtype=F32), u.new_empty(states_shape, dtype=F32),
             u.new_empty(y_pre_shape))
@@ -89,6 +90,11 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     dD = torch.zeros(d if D is not None else 1, device=u.device, dtype=F32)
     dbias = torch.zeros(d if delta_bias is not None else 1, device=u.device, dtype=F32)
     dh0 = torch.empty(bsz, d, n, device=u.device, dtype=F32) if h0 is not None else u.new_empty(0, dtype=F32)
+    # The kernel passes the state gradient between tiles through this (b, d, 2, n) buffer; slot 0
+    # starts as the final state's gradient.
+    g_carry = torch.zeros(bsz, d, 2, n, device=u.device, dtype=F32)
+    if dlast is not None:
+        g_carry[:, :, 0] = dlast
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
 
@@ -96,11 +102,11 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         return (triton.cdiv(d, meta["BLOCK_D"]), bsz)
 
     kernels.selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
+        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, g_carry,
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
         d, length, b_pg, c_pg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
+        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
         N=n, NP=_padded(n), BLOCK_L=block_l(length),
     )
@@ -131,8 +137,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dlast, _dstates, _dy_pre):
     u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre = ctx.saved_tensors
-    if states.numel() == 0:
-        raise RuntimeError("selective_scan: the forward ran without saving tile states (no input required grad)")
+    if z is not None and y_pre.numel() == 0:
+        raise RuntimeError("selective_scan: the forward ran without saving for backward (no input required grad)")
     grads = selective_scan_bwd(dy.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
                                z, delta_bias, h0, seq_idx, states, y_pre, ctx.delta_softplus)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
