@@ -241,12 +241,15 @@ def load_pretrained(path, device=None, dtype: torch.dtype | None = None) -> Mamb
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Run ``write(temp_path)`` then rename onto ``path`` (same directory, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -273,13 +276,13 @@ def save_pretrained(model: MambaLM, path, format: str = "hf") -> None:
             state.pop("lm_head.weight")
         from safetensors.torch import save_file
 
-        _atomic_write(directory / SAFETENSORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / SAFETENSORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         stale = directory / BIN
     else:
         config = model.config.to_dict()
-        _atomic_write(directory / BIN, lambda tmp: torch.save(state, tmp))
+        atomic_write(directory / BIN, lambda tmp: torch.save(state, tmp))
         stale = directory / SAFETENSORS
     if stale.exists():  # a leftover of the other format would shadow or confuse the new weights
         stale.unlink()
     text = json.dumps(config, indent=2) + "\n"
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text))

@@ -30,6 +30,15 @@ def _generate(args) -> None:
     sys.stdout.write(decode(None) + "\n")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help strings, except where there is no value to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_train(commands) -> None:
     from .training.config import LAYERS, PRESETS, TrainConfig
 
@@ -39,7 +48,7 @@ def _add_train(commands) -> None:
         description="Train a Mamba language model. With no options: a ~0.5M-parameter byte-level Mamba-2 on the Python "
                     "standard library's source, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node N -m "
                     "mambakit train ...` it trains data-parallel (FSDP2 or DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Defaults)
     p.add_argument("--preset", choices=list(PRESETS), default=d.preset,
                    help="model size: tiny (tests), small (CPU), or the Mamba paper's 130m/370m/790m/1.4b")
     p.add_argument("--layer", choices=list(LAYERS), default=d.layer, help="sequence mixer of every block")
@@ -82,6 +91,25 @@ def _train(args) -> None:
     train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+def _add_task(commands) -> None:
+    from .training.config import LAYERS
+    from .training.tasks import TASKS
+
+    p = commands.add_parser(
+        "task", help="train and evaluate a small model on a synthetic task from the Mamba papers",
+        description="Synthetic tasks: selective copying, induction heads (with length extrapolation from 256), "
+                    "multi-query associative recall. Prints an accuracy table; writes results.json and accuracy.png.",
+        formatter_class=_Defaults)
+    p.add_argument("name", choices=list(TASKS), help="the task")
+    p.add_argument("--layer", choices=list(LAYERS), default="mamba2", help="sequence mixer")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's CPU budget)")
+    p.add_argument("--max-test-len", type=int, default=1 << 14,
+                   help="induction heads: longest test length, a power of two (2**20 is practical on a GPU)")
+    p.add_argument("--out", default=None, help="output directory (default runs/task-NAME)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model and the data")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mambakit", description="The Mamba family of sequence models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=None, help="random seed for repeatable sampling")
     gen.add_argument("--device", default=None, help="torch device (default cpu)")
     _add_train(commands)
+    _add_task(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -109,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         _generate(args)
     elif args.command == "train":
         _train(args)
+    elif args.command == "task":
+        from .training.tasks import run_task
+
+        run_task(args.name, layer=args.layer, out=args.out or f"runs/task-{args.name}", steps=args.steps,
+                 max_test_len=args.max_test_len, seed=args.seed, device=args.device)
 
 
 if __name__ == "__main__":

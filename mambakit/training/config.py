@@ -128,7 +128,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    max_steps: int = 500
+    max_steps: int = 600
     stop_at: int | None = None
     eval_every: int = 100
     eval_windows: int = 128

@@ -13,9 +13,10 @@ from .config import TrainConfig
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Whether a parameter is exempt from weight decay: vectors (norm weights, biases, D, dt_bias),
     anything a layer marks ``_no_weight_decay`` (A_log, D, dt_bias, as the official layers do),
-    biases of any shape (Mamba-3's B_bias/C_bias) and the (tied) embedding."""
+    biases of any shape (Mamba-3's B_bias/C_bias), Mamba-3's MIMO mixing weights (per-head scales
+    initialised at 1 or 1/r, like D) and the (tied) embedding."""
     return (param.ndim < 2 or getattr(param, "_no_weight_decay", False) or name.endswith("bias")
-            or name.startswith("backbone.embedding."))
+            or name.rsplit(".", 1)[-1].startswith("mimo_") or name.startswith("backbone.embedding."))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, exempt: set[str]) -> torch.optim.AdamW:

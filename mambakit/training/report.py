@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoints import _atomic_write
+from ..checkpoints import atomic_write
 
 METRICS = "metrics.jsonl"
 PLOT = "loss_curve.png"
@@ -22,10 +22,19 @@ class MetricsLog:
             if self.path.exists():
                 self.path.unlink()
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = []
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # a record cut short by the interruption
+                        break
+                    raise ValueError(f"{self.path}: line {i + 1} is not JSON") from None
+                if record["step"] <= resume_step:
+                    kept.append(line)
             text = "".join(line + "\n" for line in kept)
-            _atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -62,6 +71,6 @@ def plot_losses(out: Path, baseline_nats: float | None = None, title: str = "") 
     ax.legend()
     fig.tight_layout()
     path = Path(out) / PLOT
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import BIN, CheckpointError, _atomic_write, read_state_dict
+from ..checkpoints import BIN, CheckpointError, atomic_write, read_state_dict
 from ..models import MambaConfig, MambaLM
 
 STATE_DIR = "training_state"
@@ -77,11 +77,9 @@ def save_checkpoint(out: Path, step: int, config: MambaConfig, model_state: dict
             os.fsync(f.fileno())
     sizes = {name: (tmp / name).stat().st_size for name in _FILES}
     (tmp / MARKER).write_text(json.dumps({"files": sizes}, indent=2) + "\n")
-    if final.exists():  # the same step saved again (e.g. a resumed run that stops where it began)
-        shutil.rmtree(final)
     os.replace(tmp, final)
     for name in (BIN, "config.json"):  # weights before config, as save_pretrained does
-        _atomic_write(out / name, lambda t, src=final / name: _link_or_copy(src, Path(t)))
+        atomic_write(out / name, lambda t, src=final / name: _link_or_copy(src, Path(t)))
     for old in step_dirs(out):
         if old != final:
             shutil.rmtree(old)

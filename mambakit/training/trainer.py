@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoints import CheckpointError, _atomic_write
+from ..checkpoints import CheckpointError, atomic_write
 from ..models import MambaLM
 from . import distributed
 from .config import TRAJECTORY_FIELDS, TrainConfig, model_config
@@ -76,13 +76,15 @@ def train(cfg: TrainConfig) -> dict:
     seconds). Writes everything into ``cfg.out`` (see :mod:`.state` for the layout)."""
     started = time.perf_counter()
     env = distributed.setup(cfg.device)
-    if env.device.type == "cpu":
-        # The first steps of a fresh model produce subnormal floats (tiny gradients, their
-        # squares in AdamW, decays near zero in the scans); x86 arithmetic on them is ~10x slower.
-        torch.set_flush_denormal(True)
+    # The first steps of a fresh model produce subnormal floats (tiny gradients, their squares in
+    # AdamW, decays near zero in the scans); x86 arithmetic on them made those steps ~10x slower.
+    # Flushed to zero while training on CPU, back to torch's default afterwards.
+    flush = env.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         return _train(cfg, env, started)
     finally:
+        if flush:
+            torch.set_flush_denormal(False)
         distributed.teardown(env)
 
 
@@ -122,7 +124,7 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.tokenizer is not None and not (out / "tokenizer.json").exists():
-            _atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(Path(cfg.tokenizer) / "tokenizer.json", tmp))
+            atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(Path(cfg.tokenizer) / "tokenizer.json", tmp))
     log = MetricsLog(out, start_step if checkpoint is not None else None) if env.is_main else None
     forward = torch.compile(wrapped) if cfg.compile else wrapped
 
@@ -198,7 +200,7 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
         if summary["eval_bpb"] is not None:
             _log(env, f"held-out {summary['eval_bpb']:.3f} bits/byte vs unigram baseline {baseline_bpb:.3f}")
         _log(env, f"wrote {out}/ (model, {plot.name}, metrics.jsonl) in {summary['seconds']:.0f} s")
-        _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
         if cfg.sample_tokens and start_step < stop:
             _sample(out, cfg, corpus)
     return summary
