@@ -141,3 +141,20 @@ def test_numerical_stress_long_bf16():
     with torch.no_grad():
         ref = selective_scan(**prefix, backend="reference")
     assert_close(y[..., :8192], ref, 2e-2, "y")
+
+
+@pytest.mark.parametrize("features", FEATURES[:5])
+def test_decode_step_kernel(features, monkeypatch):
+    """One token without gradients goes through the one-step kernel (not the tiled scan)."""
+    from mambakit.ops.selective_scan import triton_ops
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tiled scan ran for a decode step")
+
+    kw = make_case(3, 40, 1, 5, seed=21, **features)
+    with torch.no_grad():
+        ref = selective_scan(**kw, return_final_state=True, backend="reference")
+        monkeypatch.setattr(triton_ops, "selective_scan_fwd", fail)
+        got = selective_scan(**kw, return_final_state=True, backend="triton")
+    assert_close(got[0], ref[0], 1e-5, "y")
+    assert_close(got[1], ref[1], 1e-5, "state")

@@ -293,3 +293,60 @@ def selective_scan_bwd_kernel(
         tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d)
     if HAS_BIAS:
         tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d)
+
+
+@triton.jit
+def selective_scan_step_kernel(
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_y, p_last,
+    dim, b_per_group, c_per_group,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
+    B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One decode token (l = 1): h = exp(Delta A) h + Delta B u, y = <C, h> + D u, gated by z.
+
+    No scan and no tiles over time: one (BLOCK_D, N) state update per program.
+    """
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, NP)
+    m_d = o_d < dim
+    m_dn = m_d[:, None] & (o_n < N)[None, :]
+    o_tok = i_b * dim + o_d  # (BLOCK_D,) into (b, d, 1)
+    o_state = o_tok[:, None] * N + o_n[None, :]
+    u = tl.load(p_u + o_tok, mask=m_d, other=0.0).to(tl.float32)
+    delta = tl.load(p_delta + o_tok, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        delta += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        delta = _softplus(delta)
+    A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    Bv = _step_projection(p_B, i_b, o_d, o_n, m_d, m_dn, dim, b_per_group, N, B_VARIABLE, B_GROUPED)
+    Cv = _step_projection(p_C, i_b, o_d, o_n, m_d, m_dn, dim, c_per_group, N, C_VARIABLE, C_GROUPED)
+    if HAS_H0:
+        h = tl.load(p_h0 + o_state, mask=m_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    h = tl.exp2(delta[:, None] * A * 1.4426950408889634) * h + (delta * u)[:, None] * Bv
+    y = tl.sum(h * Cv, axis=1)
+    if HAS_D:
+        y += tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32) * u
+    if HAS_Z:
+        zv = tl.load(p_z + o_tok, mask=m_d, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(p_y + o_tok, y.to(p_y.dtype.element_ty), mask=m_d)
+    tl.store(p_last + o_state, h, mask=m_dn)
+
+
+@triton.jit
+def _step_projection(p_X, i_b, o_d, o_n, m_d, m_dn, dim, per_group, N: tl.constexpr,
+                     VARIABLE: tl.constexpr, GROUPED: tl.constexpr):
+    """B or C at the single token as a (BLOCK_D, NP) or (1, NP) fp32 tile."""
+    if not VARIABLE:
+        X = tl.load(p_X + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    elif GROUPED:
+        o_g = o_d // per_group
+        X = tl.load(p_X + (i_b * (dim // per_group) + o_g[:, None]) * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    else:
+        X = tl.load(p_X + i_b * N + o_n, mask=o_n < N, other=0.0).to(tl.float32)[None, :]
+    return X

@@ -149,14 +149,47 @@ def _backward(ctx, dy, dlast, _dstates, _dy_pre):
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("mambakit::selective_scan_step", mutates_args=())
+def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
+                        delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """One decode token, u (b, d, 1) -> (y (b, d, 1), new state (b, d, n) fp32); no gradient."""
+    bsz, d, _ = u.shape
+    n = A.shape[1]
+    y = torch.empty_like(u)
+    last = torch.empty(bsz, d, n, device=u.device, dtype=F32)
+    b_var, b_grp, b_pg = _layout(B, d)
+    c_var, c_grp, c_pg = _layout(C, d)
+    block_d = 32
+    kernels.selective_scan_step_kernel[(triton.cdiv(d, block_d), bsz)](
+        u, delta, A, B, C, D, z, delta_bias, h0, y, last, d, b_pg, c_pg,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=h0 is not None, B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
+        N=n, NP=_padded(n), BLOCK_D=block_d,
+    )
+    return y, last
+
+
+@selective_scan_step.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=F32)
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_final_state=False, seq_idx=None):
-    """Triton path of :func:`mambakit.ops.selective_scan` (real A; inputs already validated)."""
+    """Triton path of :func:`mambakit.ops.selective_scan` (real A; inputs already validated).
+
+    A single token without gradients (decoding) takes the one-step kernel; everything else the
+    tiled scan."""
     def c(t):
         return None if t is None else t.contiguous()
 
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if u.shape[2] == 1 and not save_states:
+        y, last = selective_scan_step(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
+                                      c(initial_state), delta_softplus)
+        return (y, last) if return_final_state else y
     y, last, _, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), c(initial_state),
                                     c(seq_idx), delta_softplus, save_states)
     return (y, last) if return_final_state else y
