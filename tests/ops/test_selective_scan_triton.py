@@ -151,7 +151,7 @@ def test_decode_step_kernel(features, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the tiled scan ran for a decode step")
 
-    kw = make_case(3, 40, 1, 5, seed=21, **features)
+    kw = make_case(3, 48, 1, 5, seed=21, **features)
     with torch.no_grad():
         ref = selective_scan(**kw, return_final_state=True, backend="reference")
         monkeypatch.setattr(triton_ops, "selective_scan_fwd", fail)
