@@ -35,7 +35,7 @@ def _activate(y, activation):
     return y if activation is None else F.silu(y)
 
 
-def _canonical_segments(seq_idx):
+def canonical_segments(seq_idx):
     """seq_idx (b, l) -> (b, l) int64 ids counting the changes so far (0, 0, 1, 1, 2, ...).
 
     A new sequence starts wherever seq_idx changes between consecutive tokens; counting the
@@ -45,6 +45,18 @@ def _canonical_segments(seq_idx):
     changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
     first = torch.zeros(seq_idx.shape[0], 1, dtype=torch.long, device=seq_idx.device)
     return torch.cat([first, changes.cumsum(dim=1)], dim=1)
+
+
+def final_conv_state(padded, segment, l):
+    """The last w - 1 entries of ``padded`` = cat([initial_state, x], -1) (b, d, w - 1 + l); with
+    canonical segments (b, l), entries of an earlier sequence than the last token's are zeroed."""
+    final = padded[..., l:]
+    if segment is None:
+        return final
+    w1 = final.shape[-1]
+    seg_padded = torch.cat([segment.new_zeros(segment.shape[0], w1), segment], dim=-1)
+    keep = seg_padded[:, l:] == segment[:, -1:]  # (b, w - 1)
+    return final * keep[:, None, :].to(final.dtype)
 
 
 def _expect_bool(name, value):
@@ -66,7 +78,28 @@ def _expect_weight(weight, d):
 # ----------------------------------------------------------------------------------------------
 
 
-def causal_conv1d(
+def validate_conv(x, weight, bias, activation, initial_state, return_final_state, seq_idx) -> None:
+    """Every input check of :func:`causal_conv1d`, before any compute."""
+    expect_tensor("x", x, ndim=3)
+    b, d, l = x.shape
+    if l == 0:
+        raise ValueError("x: expected a sequence length l >= 1, got 0 (shape (b, d, l))")
+    w = _expect_weight(weight, d)
+    if bias is not None:
+        expect_tensor("bias", bias, ndim=1)
+        expect_shape("bias", bias, (d,), "(d,)")
+    expect_choice("activation", activation, ACTIVATIONS)
+    if initial_state is not None:
+        expect_tensor("initial_state", initial_state, ndim=3)
+        expect_shape("initial_state", initial_state, (b, d, w - 1), "(b, d, w - 1)")
+    _expect_bool("return_final_state", return_final_state)
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES)
+        expect_shape("seq_idx", seq_idx, (b, l), "(b, l)")
+    expect_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx)
+
+
+def causal_conv1d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -107,7 +140,7 @@ def causal_conv1d(
     Example:
         >>> b, d, l, w = 2, 8, 10, 4
         >>> x, weight, bias = torch.randn(b, d, l), torch.randn(d, w), torch.randn(d)
-        >>> y, state = causal_conv1d(x, weight, bias, activation="silu", return_final_state=True)
+        >>> y, state = causal_conv1d_reference(x, weight, bias, activation="silu", return_final_state=True)
         >>> y.shape, state.shape
         (torch.Size([2, 8, 10]), torch.Size([2, 8, 3]))
         >>> torch.allclose(state, x[..., -3:])
@@ -117,24 +150,9 @@ def causal_conv1d(
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices or option values.
     """
-    expect_tensor("x", x, ndim=3)
+    validate_conv(x, weight, bias, activation, initial_state, return_final_state, seq_idx)
     b, d, l = x.shape
-    if l == 0:
-        raise ValueError("x: expected a sequence length l >= 1, got 0 (shape (b, d, l))")
-    w = _expect_weight(weight, d)
-    if bias is not None:
-        expect_tensor("bias", bias, ndim=1)
-        expect_shape("bias", bias, (d,), "(d,)")
-    expect_choice("activation", activation, ACTIVATIONS)
-    if initial_state is not None:
-        expect_tensor("initial_state", initial_state, ndim=3)
-        expect_shape("initial_state", initial_state, (b, d, w - 1), "(b, d, w - 1)")
-    _expect_bool("return_final_state", return_final_state)
-    if seq_idx is not None:
-        expect_tensor("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES)
-        expect_shape("seq_idx", seq_idx, (b, l), "(b, l)")
-    expect_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx)
-
+    w = weight.shape[1]
     cdtype = compute_dtype(x, weight, bias, initial_state)
     xc, wc = x.to(cdtype), weight.to(cdtype)
     bc = None if bias is None else bias.to(cdtype)
@@ -148,9 +166,9 @@ def causal_conv1d(
         # A grouped conv with one group per channel is the depthwise conv; the left padding is
         # the state, so the "valid" output has exactly l columns.
         y = F.conv1d(padded, wc[:, None, :], bc, groups=d)  # (b, d, l)
-        final = padded[..., l:]
+        final = final_conv_state(padded, None, l)
     else:
-        segment = _canonical_segments(seq_idx)  # (b, l)
+        segment = canonical_segments(seq_idx)  # (b, l)
         # The state positions belong to the first sequence (id 0).
         seg_padded = torch.cat([segment.new_zeros(b, w - 1), segment], dim=-1)  # (b, w - 1 + l)
         windows = padded.unfold(-1, w, 1)  # (b, d, l, w): windows[..., t, k] = x_{t-(w-1)+k}
@@ -159,8 +177,7 @@ def causal_conv1d(
         y = torch.einsum("bdlw,blw,dw->bdl", windows, seen.to(cdtype), wc)
         if bc is not None:
             y = y + bc[:, None]
-        keep = seg_padded[:, l:] == segment[:, -1:]  # (b, w - 1)
-        final = padded[..., l:] * keep[:, None, :].to(cdtype)
+        final = final_conv_state(padded, segment, l)
 
     y = _activate(y, activation).to(x.dtype)
     return (y, final.to(x.dtype)) if return_final_state else y
@@ -171,14 +188,28 @@ def causal_conv1d(
 # ----------------------------------------------------------------------------------------------
 
 
-def causal_conv1d_update(
+def validate_update(x, conv_state, weight, bias, activation) -> None:
+    """Every input check of :func:`causal_conv1d_update`, before any compute."""
+    expect_tensor("x", x, ndim=2)
+    b, d = x.shape
+    w = _expect_weight(weight, d)
+    expect_tensor("conv_state", conv_state, ndim=3)
+    expect_shape("conv_state", conv_state, (b, d, w - 1), "(b, d, w - 1)")
+    if bias is not None:
+        expect_tensor("bias", bias, ndim=1)
+        expect_shape("bias", bias, (d,), "(d,)")
+    expect_choice("activation", activation, ACTIVATIONS)
+    expect_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
+
+
+def causal_conv1d_update_reference(
     x: torch.Tensor,
     conv_state: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
 ) -> torch.Tensor:
-    """One decode step of :func:`causal_conv1d`; updates ``conv_state`` in place.
+    """One decode step of :func:`causal_conv1d_reference`; updates ``conv_state`` in place.
 
     The window is ``cat([conv_state, x[..., None]], -1)`` (b, d, w); the output is
     ``act(bias + sum_k weight[:, k] * window[..., k])`` and the state becomes ``window[..., 1:]``
@@ -201,8 +232,8 @@ def causal_conv1d_update(
         >>> b, d, l, w = 2, 8, 5, 4
         >>> x, weight = torch.randn(b, d, l), torch.randn(d, w)
         >>> state = torch.zeros(b, d, w - 1)
-        >>> ys = torch.stack([causal_conv1d_update(x[..., t], state, weight) for t in range(l)], -1)
-        >>> torch.allclose(ys, causal_conv1d(x, weight), atol=1e-6)
+        >>> ys = torch.stack([causal_conv1d_update_reference(x[..., t], state, weight) for t in range(l)], -1)
+        >>> torch.allclose(ys, causal_conv1d_reference(x, weight), atol=1e-6)
         True
         >>> torch.equal(state, x[..., -3:])
         True
@@ -211,17 +242,7 @@ def causal_conv1d_update(
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices or option values.
     """
-    expect_tensor("x", x, ndim=2)
-    b, d = x.shape
-    w = _expect_weight(weight, d)
-    expect_tensor("conv_state", conv_state, ndim=3)
-    expect_shape("conv_state", conv_state, (b, d, w - 1), "(b, d, w - 1)")
-    if bias is not None:
-        expect_tensor("bias", bias, ndim=1)
-        expect_shape("bias", bias, (d,), "(d,)")
-    expect_choice("activation", activation, ACTIVATIONS)
-    expect_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
-
+    validate_update(x, conv_state, weight, bias, activation)
     cdtype = compute_dtype(x, conv_state, weight, bias)
     window = torch.cat([conv_state.to(cdtype), x.to(cdtype)[..., None]], dim=-1)  # (b, d, w)
     y = (window * weight.to(cdtype)).sum(dim=-1)  # (b, d)
