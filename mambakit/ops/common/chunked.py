@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..scan import linear_scan
+from .segments import canonical_segments, segment_resets
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -33,13 +34,6 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     summed = torch.cumsum(x_rows.masked_fill(~strictly_lower, 0), dim=-2)
     lower = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     return summed.masked_fill(~lower, float("-inf"))
-
-
-def segment_resets(segment: torch.Tensor) -> torch.Tensor:
-    """(b, l) segment ids -> (b, l) bool, True where a new segment starts (never at t = 0)."""
-    resets = torch.zeros_like(segment, dtype=torch.bool)
-    resets[:, 1:] = segment[:, 1:] != segment[:, :-1]
-    return resets
 
 
 # Up to this many chunks the states are passed with one decay-weighted matrix product (segsum over
@@ -114,7 +108,7 @@ def chunked_state_space(
     Q = chunk_size
     if segment is not None:
         # Renumber to "changes so far" so that a reused id (0, 0, 1, 1, 0) never reconnects.
-        segment = segment_resets(segment).long().cumsum(dim=1)
+        segment = canonical_segments(segment)
     n_chunks = -(-l // Q)
     pad = n_chunks * Q - l
     if pad:

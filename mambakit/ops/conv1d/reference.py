@@ -27,24 +27,13 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
+from ..common.segments import canonical_segments
 
 ACTIVATIONS = (None, "silu", "swish")  # "swish" is the official alias of "silu"
 
 
 def _activate(y, activation):
     return y if activation is None else F.silu(y)
-
-
-def canonical_segments(seq_idx):
-    """seq_idx (b, l) -> (b, l) int64 ids counting the changes so far (0, 0, 1, 1, 2, ...).
-
-    A new sequence starts wherever seq_idx changes between consecutive tokens; counting the
-    changes makes "same id" mean "same packed sequence" even when a row reuses an id later
-    (0, 0, 1, 1, 0, 0 is three sequences), and puts the first sequence of every row at id 0.
-    """
-    changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    first = torch.zeros(seq_idx.shape[0], 1, dtype=torch.long, device=seq_idx.device)
-    return torch.cat([first, changes.cumsum(dim=1)], dim=1)
 
 
 def final_conv_state(padded, segment, l):

@@ -10,7 +10,7 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
-from .reference import canonical_segments
+from ..common.segments import canonical_segments
 
 BLOCK_D, BLOCK_L = 16, 128
 

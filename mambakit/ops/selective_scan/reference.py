@@ -31,6 +31,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
+from ..common.segments import segment_resets
 from ..scan import linear_scan
 
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -99,8 +100,8 @@ def selective_scan_reference(
         >>> u, delta = torch.randn(b, d, l), torch.rand(b, d, l)
         >>> A = -torch.arange(1, n + 1.0).repeat(d, 1)
         >>> B, C = torch.randn(b, n, l), torch.randn(b, n, l)
-        >>> y, h = selective_scan(u, delta, A, B, C, D=torch.ones(d), delta_softplus=True,
-        ...                       return_final_state=True)
+        >>> y, h = selective_scan_reference(u, delta, A, B, C, D=torch.ones(d), delta_softplus=True,
+        ...                                 return_final_state=True)
         >>> y.shape, h.shape
         (torch.Size([2, 8, 32]), torch.Size([2, 8, 4]))
     """
@@ -125,7 +126,7 @@ def selective_scan_reference(
     h0 = None if initial_state is None else initial_state.to(state_dtype)
 
     # keep[t] = 0 where a new packed sequence starts: the decay into it is zero.
-    keep = None if seq_idx is None else _keep_mask(seq_idx).to(real_dtype)
+    keep = None if seq_idx is None else (~segment_resets(seq_idx)).to(real_dtype)
     scan = _chunked if algorithm == "chunked" else _recurrent
     y, h_last = scan(u_c, Delta, A_c, B_c, C_c, h0, d, keep)
 
@@ -135,13 +136,6 @@ def selective_scan_reference(
         y = y * F.silu(z.to(real_dtype))
     y = y.to(u.dtype)
     return (y, h_last) if return_final_state else y
-
-
-def _keep_mask(seq_idx):
-    """(b, l) -> (b, l) bool, False where seq_idx differs from the previous token's."""
-    keep = torch.ones_like(seq_idx, dtype=torch.bool)
-    keep[:, 1:] = seq_idx[:, 1:] == seq_idx[:, :-1]
-    return keep
 
 
 def _recurrent(u, Delta, A, B, C, h0, d, keep=None):

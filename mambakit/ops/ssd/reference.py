@@ -34,7 +34,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
-from ..common import chunked_state_space
+from ..common import canonical_segments, chunked_state_space
 
 ALGORITHMS = ("chunked", "quadratic", "recurrent")
 _DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -57,18 +57,6 @@ def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
     if tuple(dt_limit) != _DEFAULT_DT_LIMIT:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
-
-
-def _canonical_segments(seq_idx):
-    """seq_idx (b, l) -> (b, l) int64 ids that count the changes so far (0, 0, 1, 1, 2, ...).
-
-    The state resets wherever seq_idx changes between consecutive tokens. Counting the changes
-    makes the ids non-decreasing, so "same id" and "no reset in between" mean the same thing even
-    when a user reuses an id later in the row (e.g. 0, 0, 1, 1, 0, 0).
-    """
-    changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    first = torch.zeros(seq_idx.shape[0], 1, dtype=torch.long, device=seq_idx.device)
-    return torch.cat([first, changes.cumsum(dim=1)], dim=1)
 
 
 def _heads_from_groups(t, h):
@@ -310,7 +298,7 @@ def ssd(
 
     xc = up(x)
     dtc = _discretize_dt(up(dt), up(dt_bias), dt_softplus, dt_limit)
-    segment = None if seq_idx is None else _canonical_segments(seq_idx)
+    segment = None if seq_idx is None else canonical_segments(seq_idx)
     run = _RUN[algorithm]
     extra = {"chunk_size": chunk_size} if algorithm == "chunked" else {}
     y, final = run(xc, dtc, up(A), up(B), up(C), up(initial_states), segment, **extra)
