@@ -7,21 +7,20 @@ CPU tensors needs its interpreter (``TRITON_INTERPRET=1``, how CI runs the kerne
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
+# Looked up once, without importing triton (a CPU-only install never pays for it), and a plain
+# constant so that torch.compile traces the dispatch without guards on a cached call.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-@functools.lru_cache(maxsize=None)
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
