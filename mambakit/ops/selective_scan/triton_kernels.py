@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 
-def _configs():
+def _configs(backward: bool = False):
     # BLOCK_L is fixed by the launcher (the backward restarts from the forward's tile states); the
     # channel block and warps trade registers against parallelism. The interpreter (CI on CPU)
     # has nothing to tune and no device to time: one config.
@@ -29,6 +29,10 @@ def _configs():
         return [triton.Config({"BLOCK_D": 2}, num_warps=4)]
     # Each thread should own many consecutive tokens (the scan is then mostly sequential in
     # registers): with 1024-token tiles, 2-4 warps give 8-16 tokens per thread and channel.
+    if backward:
+        # The backward keeps ~2x the live tiles of the forward: more warps per token tile keep it
+        # under 255 registers (v4 with 4 warps spilled 1.1 KB of stack per thread).
+        return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ((1, 8), (2, 8), (1, 16), (2, 16))]
     return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ((1, 2), (1, 4), (2, 4), (4, 4), (2, 8), (4, 8))]
 
 
@@ -164,7 +168,7 @@ def selective_scan_fwd_kernel(
     tl.store(p_last + (i_b * dim + o_d[:, None]) * N + o_n[None, :], h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["N", "HAS_Z", "B_VARIABLE", "C_VARIABLE", "B_GROUPED", "C_GROUPED"],
+@triton.autotune(configs=_configs(backward=True), key=["N", "HAS_Z", "B_VARIABLE", "C_VARIABLE", "B_GROUPED", "C_GROUPED"],
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"], restore_value=["p_gcarry"])
 @triton.jit
 def selective_scan_bwd_kernel(
