@@ -30,9 +30,9 @@ def _configs(backward: bool = False):
     # Each thread should own many consecutive tokens (the scan is then mostly sequential in
     # registers): with 1024-token tiles, 2-4 warps give 8-16 tokens per thread and channel.
     if backward:
-        # The backward keeps ~2x the live tiles of the forward: more warps per token tile keep it
-        # under 255 registers (v4 with 4 warps spilled 1.1 KB of stack per thread).
-        return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ((1, 8), (2, 8), (1, 16), (2, 16))]
+        # The backward keeps ~2x the live tiles of the forward; with 4 warps it spills (255
+        # registers, 1.1 KB of stack per thread), yet 8-16 warps measured slower (NOTES.md, v5).
+        return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ((1, 4), (2, 4), (1, 8), (2, 8))]
     return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ((1, 2), (1, 4), (2, 4), (4, 4), (2, 8), (4, 8))]
 
 
