@@ -114,7 +114,8 @@ def _add_forecast(commands) -> None:
     from .forecasting import MODELS
 
     p = commands.add_parser(
-        "forecast", help="train and test a long-horizon forecaster (S-Mamba, Bi-Mamba+, DLinear, LSTM) on a CSV",
+        "forecast",
+        help="train and test a long-horizon forecaster (S-Mamba, Bi-Mamba+, ms-Mamba, SOR-Mamba, DLinear, LSTM)",
         description="Long-horizon forecasting on a CSV of the standard format (a 'date' column, then one column per "
                     "variable) with the ETT protocol: train/val/test = rows [0, 8640), [8640 - L, 11520), "
                     "[11520 - L, 14400), standardised with training statistics. Trains with early stopping on "

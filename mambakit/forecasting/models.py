@@ -1,0 +1,244 @@
+"""Forecasting models as documented configurations of the shared blocks.
+
+Every model maps x (b, L, n) (look-back window, n variables) and optional calendar features
+x_time (b, L, f) to a forecast (b, H, n). ``MODELS`` names them for the CLI; ``PAPER_CONFIGS``
+holds the published ETTh1 hyper-parameters (model part) of each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers.mamba1 import Mamba1
+from .blocks import BiMambaLayer, MambaPlus, MultiScaleMamba, RevIN, check_series, patchify, positive_ints
+
+
+class _Forecaster(nn.Module):
+    """Common constructor checks and the input check of every model."""
+
+    n_time_features = 0  # calendar features the model reads from x_time (S-Mamba only)
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int):
+        super().__init__()
+        positive_ints(n_vars=n_vars, lookback=lookback, horizon=horizon)
+        self.n_vars, self.lookback, self.horizon = n_vars, lookback, horizon
+
+    def _check(self, x, x_time) -> None:
+        check_series(x, self.n_vars, self.lookback)
+        if self.n_time_features:
+            if not isinstance(x_time, torch.Tensor) or tuple(x_time.shape) != (x.shape[0], self.lookback,
+                                                                             self.n_time_features):
+                raise ValueError(f"x_time: expected shape (b, lookback, f) = ({x.shape[0]}, {self.lookback}, "
+                                 f"{self.n_time_features}), got {getattr(x_time, 'shape', x_time)}")
+
+
+class SMamba(_Forecaster):
+    """S-Mamba (Wang et al., "Is Mamba effective for time series forecasting?", 2024).
+
+    Variate tokens: each variable's look-back (after instance normalisation) is one token,
+    Linear(L -> D); calendar features, when ``n_time_features > 0``, are extra tokens (as the
+    official code does). ``n_layers`` x :class:`BiMambaLayer` (``branch_norm=False``: x + Mamba_f(x)
+    + flip(Mamba_b(flip(x))) across the variate tokens, LN, FFN, LN), a final LN, Linear(D -> H).
+    Mixers: ``Mamba1(D, d_state, d_conv, expand)``.
+
+    Defaults are the paper's ETTh1 settings: d_model 256, d_state 2, d_ff 256, 2 layers,
+    d_conv 2, expand 1, dropout 0.1, GELU.
+
+    ms-Mamba is this model with ``scales`` given: every mixer becomes a
+    :class:`~mambakit.forecasting.blocks.MultiScaleMamba` with those step-size factors.
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 256, d_state: int = 2,
+                 d_ff: int = 256, n_layers: int = 2, d_conv: int = 2, expand: int = 1, dropout: float = 0.1,
+                 n_time_features: int = 0, scales: tuple[float, ...] | None = None):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
+        if isinstance(n_time_features, bool) or not isinstance(n_time_features, int) or n_time_features < 0:
+            raise ValueError(f"n_time_features: expected an int >= 0, got {n_time_features!r}")
+        self.n_time_features = n_time_features
+        self.norm = RevIN(n_vars, affine=False)
+        self.embed = nn.Linear(lookback, d_model)
+        self.dropout = nn.Dropout(dropout)
+        mamba = dict(d_state=d_state, d_conv=d_conv, expand=expand)
+        make_mixer = (lambda: Mamba1(d_model, **mamba)) if scales is None else (
+            lambda: MultiScaleMamba(d_model, scales, **mamba))
+        self.layers = nn.ModuleList(BiMambaLayer(d_model, make_mixer, d_ff, dropout) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, horizon)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n), x_time (b, L, n_time_features) when n_time_features > 0 -> (b, H, n)."""
+        self._check(x, x_time)
+        x, stats = self.norm.normalize(x)
+        if self.n_time_features:
+            x = torch.cat([x, x_time.to(x.dtype)], dim=-1)
+        tokens = self.dropout(self.embed(x.transpose(1, 2)))  # (b, n + f, L) -> (b, n + f, D)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        y = self.head(self.final_norm(tokens))[:, : self.n_vars].transpose(1, 2)  # (b, H, n)
+        return self.norm.denormalize(y, stats)
+
+
+class BiMambaPlus(_Forecaster):
+    """Bi-Mamba+ (Liang et al., "Bi-Mamba+: Bidirectional Mamba for time series forecasting", 2024).
+
+    RevIN; each series cut into patches (``patch_len``, ``stride``, end padded by ``stride``),
+    Linear(patch_len -> D); ``n_layers`` x :class:`BiMambaLayer` with :class:`MambaPlus` mixers
+    and ``branch_norm=True``; flatten the patch tokens and Linear(P * D -> H) per variable.
+
+    Tokenisation (chosen by :func:`~mambakit.forecasting.blocks.sra_decider` on the training
+    split, or given): ``channel_mixing=False`` runs each variable's patch sequence alone
+    (b * n sequences of P tokens); ``True`` concatenates the variables' patch sequences into one
+    sequence of n * P tokens, so the SSM carries information across variables.
+
+    Defaults are the paper's ETTh1 settings: 1 layer, patch 4, stride 2, d_model 64, d_ff 128,
+    d_state 8, dropout 0.2; d_conv 4 and expand 2 are the Mamba defaults (not given in the paper).
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 64, d_state: int = 8,
+                 d_ff: int = 128, n_layers: int = 1, patch_len: int = 4, stride: int = 2, d_conv: int = 4,
+                 expand: int = 2, dropout: float = 0.2, channel_mixing: bool = False):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers, patch_len=patch_len, stride=stride)
+        if patch_len > lookback:
+            raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
+        self.patch_len, self.stride, self.channel_mixing = patch_len, stride, bool(channel_mixing)
+        self.n_patches = (lookback - patch_len) // stride + 2
+        self.revin = RevIN(n_vars, affine=True)
+        self.embed = nn.Linear(patch_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            BiMambaLayer(d_model, lambda: MambaPlus(d_model, d_state=d_state, d_conv=d_conv, expand=expand), d_ff,
+                         dropout, branch_norm=True)
+            for _ in range(n_layers))
+        self.head = nn.Linear(self.n_patches * d_model, horizon)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        b, n = x.shape[0], self.n_vars
+        x, stats = self.revin.normalize(x)
+        tokens = self.dropout(self.embed(patchify(x.transpose(1, 2), self.patch_len, self.stride)))  # (b, n, P, D)
+        tokens = tokens.reshape(b, n * self.n_patches, -1) if self.channel_mixing else tokens.flatten(0, 1)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        y = self.head(tokens.reshape(b, n, -1)).transpose(1, 2)  # (b, n, P * D) -> (b, H, n)
+        return self.revin.denormalize(y, stats)
+
+
+class SORMamba(_Forecaster):
+    """SOR-Mamba (Lee et al., "Sequential order-robust Mamba for time series forecasting", 2025).
+
+    Variate tokens as S-Mamba (instance norm, Linear(L -> D)), but ``n_layers`` unidirectional
+    layers (x = LN(x + Mamba(x)), LN(x + FFN(x))) whose Mamba has no convolution across tokens
+    (``d_conv=1``: a per-channel scale, since channel order carries no meaning), a final LN and
+    Linear(D -> H). :meth:`regularizer` is the order-robustness term
+    ``reg_weight * mean((f(X) - reverse(f(reverse_channels(X))))^2)``, f the token encoder, which
+    the trainer adds to the loss.
+
+    Defaults: d_model 256, d_state 2, d_ff 256, 2 layers, dropout 0.1 (S-Mamba's ETTh1 sizes),
+    reg_weight 0.1 (our choice).
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 256, d_state: int = 2,
+                 d_ff: int = 256, n_layers: int = 2, expand: int = 1, dropout: float = 0.1, reg_weight: float = 0.1):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
+        if not reg_weight >= 0:
+            raise ValueError(f"reg_weight: expected a number >= 0, got {reg_weight!r}")
+        self.reg_weight = reg_weight
+        self.norm = RevIN(n_vars, affine=False)
+        self.embed = nn.Linear(lookback, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            BiMambaLayer(d_model, lambda: Mamba1(d_model, d_state=d_state, d_conv=1, expand=expand), d_ff, dropout,
+                         bidirectional=False)
+            for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, horizon)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """normalised x (b, L, n) -> tokens (b, n, D)."""
+        tokens = self.dropout(self.embed(x.transpose(1, 2)))
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return self.final_norm(tokens)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        x, stats = self.norm.normalize(x)
+        return self.norm.denormalize(self.head(self._encode(x)).transpose(1, 2), stats)
+
+    def regularizer(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted order-robustness term (a scalar) for the window x (b, L, n)."""
+        self._check(x, x_time)
+        x, _ = self.norm.normalize(x)
+        return self.reg_weight * (self._encode(x) - self._encode(x.flip(-1)).flip(1)).square().mean()
+
+
+class DLinear(_Forecaster):
+    """DLinear (Zeng et al., AAAI 2023): a moving average (``kernel``, replicate-padded) splits
+    each series into trend and remainder; one Linear(L -> H) each, shared by the variables,
+    outputs summed. Default kernel 25."""
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, kernel: int = 25):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(kernel=kernel)
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel: expected an odd int, got {kernel}")
+        self.kernel = kernel
+        self.trend, self.seasonal = nn.Linear(lookback, horizon), nn.Linear(lookback, horizon)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        s = x.transpose(1, 2)  # (b, n, L)
+        pad = (self.kernel - 1) // 2
+        trend = F.avg_pool1d(F.pad(s, (pad, pad), mode="replicate"), self.kernel, stride=1)
+        return (self.trend(trend) + self.seasonal(s - trend)).transpose(1, 2)
+
+
+class LSTMForecaster(_Forecaster):
+    """LSTM baseline: instance normalisation, an LSTM over the L time steps (all n variables as
+    input), Linear(hidden -> H * n) on the last hidden state. Defaults: hidden 128, 2 layers."""
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, hidden: int = 128, n_layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(hidden=hidden, n_layers=n_layers)
+        self.norm = RevIN(n_vars, affine=False)
+        self.lstm = nn.LSTM(n_vars, hidden, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0)
+        self.head = nn.Linear(hidden, horizon * n_vars)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        x, stats = self.norm.normalize(x)
+        out, _ = self.lstm(x)  # (b, L, hidden)
+        y = self.head(out[:, -1]).view(x.shape[0], self.horizon, self.n_vars)
+        return self.norm.denormalize(y, stats)
+
+
+MODELS = {"s-mamba": SMamba, "bi-mamba+": BiMambaPlus, "ms-mamba": SMamba, "sor-mamba": SORMamba,
+          "dlinear": DLinear, "lstm": LSTMForecaster}
+
+# Published ETTh1 (L = 96) settings, model part; training settings are in train.PAPER_TRAINING.
+PAPER_CONFIGS = {
+    "s-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2, n_time_features=4),
+    "bi-mamba+": dict(d_model=64, d_state=8, d_ff=128, n_layers=1, patch_len=4, stride=2, dropout=0.2),
+    # ms-Mamba and SOR-Mamba: S-Mamba's ETTh1 sizes (their papers' exact settings are not encoded here)
+    "ms-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2, n_time_features=4, scales=(1.0, 2.0, 4.0)),
+    "sor-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
+    "dlinear": dict(kernel=25),
+    "lstm": dict(hidden=128, n_layers=2),
+}
+
+
+def build_model(name: str, n_vars: int, lookback: int, horizon: int, **overrides) -> _Forecaster:
+    """The model ``name`` (a key of MODELS) with its PAPER_CONFIGS settings, updated by ``overrides``."""
+    if name not in MODELS:
+        raise ValueError(f"name: expected one of {tuple(MODELS)}, got {name!r}")
+    return MODELS[name](n_vars, lookback, horizon, **{**PAPER_CONFIGS[name], **overrides})

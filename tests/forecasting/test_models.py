@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from mambakit.forecasting import ForecastConfig, run_forecast
+from mambakit.forecasting.blocks import BiMambaLayer, MambaPlus, MultiScaleMamba, RevIN, patchify, sra_decider
+from mambakit.forecasting.data import ett_splits, read_csv
+from mambakit.forecasting.models import MODELS, build_model
+from mambakit.layers import Mamba1
+from mambakit.ops.conv1d import causal_conv1d
+
+from .conftest import BORDERS
+
+SMALL = {
+    "s-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
+    "bi-mamba+": dict(d_model=16, d_state=4, d_ff=32, patch_len=8, stride=4, dropout=0.0),
+    "ms-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1, scales=(1.0, 4.0)),
+    "sor-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
+    "dlinear": dict(),
+    "lstm": dict(hidden=32, n_layers=1),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("n_vars, lookback, horizon", [(3, 48, 24), (1, 17, 5)], ids=["3x48->24", "1x17->5"])
+def test_shapes(name, n_vars, lookback, horizon):
+    g = torch.Generator().manual_seed(hash((name, n_vars)) % 1000)
+    overrides = dict(SMALL[name])
+    if name == "bi-mamba+":
+        overrides.update(patch_len=4, stride=2)
+    model = build_model(name, n_vars, lookback, horizon, **overrides)
+    x = torch.randn(2, lookback, n_vars, generator=g)
+    x_time = torch.rand(2, lookback, 4, generator=g) - 0.5
+    y = model(x, x_time)
+    assert y.shape == (2, horizon, n_vars) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rejects_bad_inputs(name):
+    model = build_model(name, 3, 24, 8, **SMALL[name])
+    with pytest.raises(TypeError, match="x"):
+        model([[0.0]])
+    with pytest.raises(TypeError, match="x"):
+        model(torch.zeros(2, 24, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_vars"):
+        model(torch.zeros(2, 24, 4))
+    with pytest.raises(ValueError, match="lookback"):
+        model(torch.zeros(2, 23, 3))
+    with pytest.raises(ValueError, match="horizon"):
+        build_model(name, 3, 24, 0)
+
+
+def test_smamba_needs_time_features_when_configured():
+    model = build_model("s-mamba", 3, 24, 8, **SMALL["s-mamba"], n_time_features=4)
+    with pytest.raises(ValueError, match="x_time"):
+        model(torch.zeros(2, 24, 3))
+    with pytest.raises(ValueError, match="n_time_features"):
+        build_model("s-mamba", 3, 24, 8, n_time_features=-1)
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="name"):
+        build_model("transformer", 3, 24, 8)
+
+
+def test_revin_round_trip():
+    g = torch.Generator().manual_seed(21)
+    revin = RevIN(4)
+    with torch.no_grad():
+        revin.weight.uniform_(0.5, 2.0, generator=g)
+        revin.bias.normal_(generator=g)
+    x = 3 + 5 * torch.randn(2, 30, 4, generator=g)
+    z, stats = revin.normalize(x)
+    torch.testing.assert_close(revin.denormalize(z, stats), x, atol=1e-4, rtol=1e-4)
+
+
+def test_mamba_plus_equals_mamba1_without_skip():
+    torch.manual_seed(31)
+    plus, base = MambaPlus(16, d_state=4), Mamba1(16, d_state=4)
+    base.load_state_dict(plus.state_dict())
+    with torch.no_grad():
+        plus.D.zero_()
+        base.D.zero_()
+    x = torch.randn(2, 11, 16)
+    torch.testing.assert_close(plus(x), base(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_plus_forget_gate_on_skip():
+    # z = 0: silu(z) = 0 removes the SSM path, 1 - sigmoid(z) = 1/2 keeps half of D * x'.
+    torch.manual_seed(32)
+    plus = MambaPlus(8, d_state=4)
+    with torch.no_grad():
+        plus.in_proj.weight[plus.d_inner:].zero_()
+        plus.D.uniform_(0.5, 1.5)
+    h = torch.randn(2, 9, 8)
+    xc = causal_conv1d(plus.in_proj(h)[..., : plus.d_inner].transpose(1, 2), plus.conv1d.weight[:, 0],
+                       plus.conv1d.bias, activation="silu")
+    expected = plus.out_proj((0.5 * plus.D[:, None] * xc).transpose(1, 2))
+    torch.testing.assert_close(plus(h), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inference_params"):
+        plus(h, inference_params=object())
+
+
+@pytest.mark.parametrize("branch_norm", [False, True], ids=["s-mamba", "bi-mamba+"])
+def test_bidirectional_layer_sees_both_directions(branch_norm):
+    torch.manual_seed(33)
+    layer = BiMambaLayer(8, lambda: Mamba1(8, d_state=4), 16, dropout=0.0, branch_norm=branch_norm)
+    x = torch.randn(1, 6, 8, requires_grad=True)
+    out = layer(x) * torch.randn(8)  # a plain sum of a LayerNorm output has zero gradient
+    first = torch.autograd.grad(out[0, 0].sum(), x, retain_graph=True)[0]
+    last = torch.autograd.grad(out[0, -1].sum(), x)[0]
+    assert first[0, -1].abs().sum() > 0  # token 0 depends on the last token (backward branch)
+    assert last[0, 0].abs().sum() > 0  # and the last on the first (forward branch)
+
+
+def test_patchify_pads_and_views():
+    x = torch.arange(10.0).view(1, 1, 10)
+    p = patchify(x, 4, 2)
+    assert p.shape == (1, 1, (10 - 4) // 2 + 2, 4)
+    torch.testing.assert_close(p[0, 0, 0], torch.tensor([0.0, 1, 2, 3]))
+    torch.testing.assert_close(p[0, 0, -1], torch.tensor([8.0, 9, 9, 9]))
+    torch.testing.assert_close(patchify(x, 3, 2)[0, 0, -1], torch.tensor([8.0, 9, 9]))
+
+
+def test_sra_decider():
+    g = torch.Generator().manual_seed(41)
+    base = torch.randn(500, 1, generator=g).cumsum(0)
+    related = base + 0.1 * torch.randn(500, 4, generator=g)
+    assert sra_decider(related) is True
+    assert sra_decider(torch.randn(500, 4, generator=g)) is False
+    with pytest.raises(ValueError, match="train"):
+        sra_decider(torch.randn(50, 1, generator=g))
+    with pytest.raises(ValueError, match="threshold"):
+        sra_decider(related, threshold=1.5)
+
+
+@pytest.mark.parametrize("name, lr", [("s-mamba", 3e-3), ("bi-mamba+", 3e-3), ("ms-mamba", 3e-3), ("sor-mamba", 3e-3),
+                                      ("dlinear", 1e-2), ("lstm", 1e-2)])
+def test_learns_periodic_signal(periodic_csv, tmp_path, name, lr):
+    r = run_forecast(ForecastConfig(data=str(periodic_csv), model=name, lookback=48, horizon=24, epochs=6,
+                                    lr=lr, batch_size=16, borders=BORDERS, out=str(tmp_path / "run"), seed=1,
+                                    progress=False, model_overrides=SMALL[name]))
+    splits = ett_splits(read_csv(periodic_csv), 48, BORDERS)
+    mean_baseline = float(splits.test[48:].square().mean())  # predicting the training mean (0 after standardising)
+    assert r["mse"] < 0.25 * mean_baseline, (r["mse"], mean_baseline)
+    assert (tmp_path / "run" / "results.json").exists() and (tmp_path / "run" / "forecast.png").exists()
+
+
+def test_multiscale_mamba_scales_step_sizes():
+    torch.manual_seed(51)
+    mixer = MultiScaleMamba(8, scales=(1.0, 10.0), d_state=4)
+    for m, s in zip(mixer.mixers, (1.0, 10.0)):
+        dt = torch.nn.functional.softplus(m.dt_proj.bias)
+        assert dt.min() >= 1e-3 * s * 0.999 and dt.max() <= 0.1 * s * 1.001
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(mixer(x), (mixer.mixers[0](x) + mixer.mixers[1](x)) / 2)
+    with pytest.raises(ValueError, match="scales"):
+        MultiScaleMamba(8, scales=(1.0, -2.0))
+
+
+def test_sor_mamba_regularizer():
+    torch.manual_seed(52)
+    g = torch.Generator().manual_seed(52)
+    model = build_model("sor-mamba", 3, 24, 8, **SMALL["sor-mamba"], dropout=0.0)
+    assert not any(isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1 for m in model.modules())
+    x = torch.randn(4, 24, 3, generator=g)
+    assert model.regularizer(x) > 0  # a unidirectional scan depends on the channel order
+    single = build_model("sor-mamba", 1, 24, 8, **SMALL["sor-mamba"], dropout=0.0)
+    assert single.regularizer(torch.randn(4, 24, 1, generator=g)) == 0  # one channel: reversing is identity
+    with pytest.raises(ValueError, match="reg_weight"):
+        build_model("sor-mamba", 3, 24, 8, reg_weight=-1.0)
