@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..ops.conv1d import causal_conv1d
 from ..ops.ssd import ssd
-from .mamba1 import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
 
 

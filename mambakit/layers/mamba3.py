@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.mamba3 import mamba3
-from .mamba1 import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoints import CheckpointError, atomic_write
+from ..checkpoints import atomic_write
 from ..models import MambaLM
 from . import distributed
 from .config import TRAJECTORY_FIELDS, TrainConfig, model_config

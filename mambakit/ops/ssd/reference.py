@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
     compute_dtype,
     expect_choice,
