@@ -170,7 +170,7 @@ def _expect_dt_limit(dt_limit):
         raise ValueError(f"dt_limit: expected lo <= hi, got {dt_limit!r}")
 
 
-def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+def validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
               seq_idx, return_final_states, algorithm):
     expect_tensor("x", x, ndim=4)
     b, l, h, p = x.shape
@@ -221,7 +221,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, 
 _RUN = {"chunked": ssd_chunked, "quadratic": ssd_quadratic, "recurrent": ssd_recurrent}
 
 
-def ssd(
+def ssd_reference(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -279,8 +279,8 @@ def ssd(
         >>> x, z = torch.randn(b, l, h, p), torch.randn(b, l, h, p)
         >>> dt, B, C = torch.randn(b, l, h), torch.randn(b, l, g, n), torch.randn(b, l, g, n)
         >>> A, D, dt_bias = -torch.rand(h) - 0.5, torch.ones(h), torch.zeros(h)
-        >>> y, last = ssd(x, dt, A, B, C, chunk_size=32, D=D, z=z, dt_bias=dt_bias,
-        ...               dt_softplus=True, return_final_states=True)
+        >>> y, last = ssd_reference(x, dt, A, B, C, chunk_size=32, D=D, z=z, dt_bias=dt_bias,
+        ...                         dt_softplus=True, return_final_states=True)
         >>> y.shape, last.shape
         (torch.Size([2, 100, 4, 16]), torch.Size([2, 4, 16, 32]))
 
@@ -288,7 +288,7 @@ def ssd(
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices, sizes or option values.
     """
-    _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+    validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
               seq_idx, return_final_states, algorithm)
     cdtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
 

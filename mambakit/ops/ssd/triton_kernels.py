@@ -1,0 +1,474 @@
+"""Triton kernels of the Mamba-2 SSD scan (MATH.md section 3), forward and backward.
+
+Notation, per batch row and head: tokens are cut into chunks of T; within chunk c, ``a_t = dt_t A``,
+``cum_t`` is the cumulative sum of a from the chunk's first token through t, and ``S_c`` the
+(p, n) state entering the chunk. With ``M[t, s] = exp(cum_t - cum_s) dt_s`` for s <= t (zero
+across a packed-sequence boundary):
+
+    y_t     = exp(cum_t) S_c C_t + sum_{s<=t} (C_t . B_s) M[t, s] x_s          (+ D x_t, * silu(z_t))
+    S_{c+1} = exp(cum_last) S_c + sum_s exp(cum_last - cum_s) dt_s x_s B_s^T
+
+Forward, two kernels:
+- ``ssd_fwd_state_kernel``: one program per (batch, head, block of p, block of n) walks the whole
+  sequence in blocks of BLOCK_T tokens, carrying the state in registers (chunk states and the state
+  passing between chunks in one pass); stores S_c at each chunk start, the final state, and the
+  discretized dt and the in-chunk cumsum of dt A for the other kernels.
+- ``ssd_fwd_output_kernel``: one program per (batch, head, chunk, block of rows, block of p), the
+  equation for y_t above.
+
+Backward, four kernels:
+- ``ssd_bwd_state_kernel``: the reverse walk, carrying dL/dS; stores the gradient of each chunk's
+  end state and of the initial state, and the gradients at the output (dy through the gate, dz, D).
+- ``ssd_bwd_dx_kernel``: per (batch, group, chunk, block of source tokens s), looping over the
+  group's heads: dx, dB (summed over the heads in registers), and the parts of dL/dcum at s.
+- ``ssd_bwd_dc_kernel``: per (batch, group, chunk, block of target tokens t): dC and the parts of
+  dL/dcum at t.
+- ``ssd_bwd_dt_kernel``: per (batch, head, chunk): dL/da from dL/dcum (a reverse cumsum), then
+  through dt = clamp(softplus(dt + dt_bias)) to the raw dt, dA and d dt_bias.
+
+Layouts (all contiguous): x, z, y (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); states
+(b, n_chunks, h, p, n) float32; dt and cumsum scratch (b, h, l) float32; seg (b, l) int64
+canonical segment ids (0, 0, 1, 1, ...: equal ids <=> same packed sequence).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (how CI runs the kernels on CPU) multiplies bfloat16 matrices wrongly
+# (triton 3.9); there the operands of every product are widened to float32 first, which gives the
+# same result as the GPU's exact half-precision products with float32 accumulation.
+_WIDEN_PRODUCTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    if _WIDEN_PRODUCTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
+    v = raw
+    if HAS_BIAS:
+        v = v + bias
+    if SOFTPLUS:
+        # torch's softplus with threshold 20: the identity above it.
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    return v
+
+
+@triton.jit
+def ssd_fwd_state_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, h0_ptr, seg_ptr,
+    states_ptr, final_ptr, dtp_ptr, cum_ptr,
+    length, n_chunks, dt_lo, dt_hi,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
+    gi = hi // (H // G)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + hi).to(tl.float32)
+    bias = tl.load(bias_ptr + hi).to(tl.float32) if HAS_BIAS else 0.0
+    if HAS_H0:
+        S = tl.load(h0_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    writes_dt = (pid_p == 0) & (pid_n == 0)
+    chunk_cum = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32), 0)
+    if HAS_SEQ:
+        seg_prev = tl.load(seg_ptr + bi * length)
+    for t0 in range(0, length, BLOCK_T):
+        chunk_cum = tl.where(t0 % CHUNK == 0, 0.0, chunk_cum)
+        if t0 % CHUNK == 0:
+            tl.store(states_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs, S, mask=mask_pn)
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < length
+        rows = bi * length + offs_t
+        raw = tl.load(dt_ptr + rows * H + hi, mask=mask_t, other=0.0).to(tl.float32)
+        dt = tl.where(mask_t, _discretize(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, CLAMP), 0.0)
+        a = dt * A
+        local = tl.cumsum(a, 0)
+        total = tl.sum(a, 0)
+        if writes_dt:
+            scratch = (bi * H + hi) * length + offs_t
+            tl.store(dtp_ptr + scratch, dt, mask=mask_t)
+            tl.store(cum_ptr + scratch, chunk_cum + local, mask=mask_t)
+        chunk_cum += total
+        weight = tl.exp(total - local) * dt  # decay from each token to the end of the block
+        carry = tl.exp(total)
+        if HAS_SEQ:
+            seg = tl.load(seg_ptr + rows, mask=mask_t, other=-1)
+            seg_last = tl.max(seg, 0)
+            weight = tl.where(seg == seg_last, weight, 0.0)
+            carry = tl.where(seg_last == seg_prev, carry, 0.0)
+            seg_prev = seg_last
+        xs = tl.load(x_ptr + (rows[:, None] * H + hi) * P + offs_p[None, :],
+                     mask=mask_t[:, None] & (offs_p[None, :] < P), other=0.0)
+        Bs = tl.load(B_ptr + (rows[:, None] * G + gi) * N + offs_n[None, :],
+                     mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
+        xw = (xs.to(tl.float32) * weight[:, None]).to(xs.dtype)
+        S = S * carry + _dot(tl.trans(xw), Bs, PREC)
+    tl.store(final_ptr + (bi * H + hi) * P * N + pn_offs, S, mask=mask_pn)
+
+
+@triton.jit
+def ssd_fwd_output_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
+    length, n_chunks,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
+    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_cm, pid_p, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_cm // (CHUNK // BLOCK_M)
+    chunk_start = c * CHUNK
+    t_start = chunk_start + (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M
+    if t_start >= length:
+        return
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
+    gi = hi // (H // G)
+    offs_t = t_start + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < length
+    rows_t = bi * length + offs_t
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    scratch = (bi * H + hi) * length
+    cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
+    Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
+                 other=0.0)
+
+    # The state entering the chunk, read out through C and decayed to each row.
+    S = tl.load(states_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[None, :] * N + offs_n[:, None],
+                mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+    decay_in = tl.exp(cum_t)
+    if HAS_SEQ:
+        seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
+        seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
+        decay_in = tl.where(seg_t == seg_in, decay_in, 0.0)
+    acc = _dot(Ct.to(tl.float32), S, PREC) * decay_in[:, None]
+
+    # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
+    for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):
+        offs_s = s0 + tl.arange(0, BLOCK_K)
+        mask_s = offs_s < length
+        rows_s = bi * length + offs_s
+        Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
+                     mask=mask_s[:, None] & mask_n[None, :], other=0.0)
+        xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
+                     mask=mask_s[:, None] & mask_p[None, :], other=0.0)
+        cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+        dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+        keep = (offs_s[None, :] <= offs_t[:, None]) & mask_s[None, :]
+        if HAS_SEQ:
+            seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-2)
+            keep = keep & (seg_t[:, None] == seg_s[None, :])
+        mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
+        CB = _dot(Ct, tl.trans(Bs), PREC)
+        acc += _dot((CB * mix).to(xs.dtype), xs, PREC)
+
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    tp = (rows_t[:, None] * H + hi) * P + offs_p[None, :]
+    if HAS_D:
+        xt = tl.load(x_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+        if D_PER_P:
+            Dv = tl.load(D_ptr + hi * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            acc += xt * Dv[None, :]
+        else:
+            acc += xt * tl.load(D_ptr + hi).to(tl.float32)
+    if HAS_Z:
+        if SAVE_PRE:
+            tl.store(ypre_ptr + tp, acc.to(ypre_ptr.dtype.element_ty), mask=mask_tp)
+        zt = tl.load(z_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(y_ptr + tp, acc.to(y_ptr.dtype.element_ty), mask=mask_tp)
+
+
+@triton.jit
+def ssd_bwd_state_kernel(
+    dout_ptr, x_ptr, A_ptr, C_ptr, z_ptr, ypre_ptr, seg_ptr, dtp_ptr, dlast_ptr,
+    dstates_ptr, dh0_ptr, dy_ptr, dz_ptr, dD_ptr,
+    length, n_chunks,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
+    gi = hi // (H // G)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    mask_pn = mask_p[:, None] & (offs_n[None, :] < N)
+    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + hi).to(tl.float32)
+    if HAS_DLAST:
+        dS = tl.load(dlast_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    writes_dy = pid_n == 0
+    dD = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    n_blocks = tl.cdiv(length, BLOCK_T)
+    for i in range(n_blocks):
+        t0 = (n_blocks - 1 - i) * BLOCK_T
+        if ((t0 + BLOCK_T) % CHUNK == 0) | (t0 + BLOCK_T >= length):
+            # dS is now the gradient of the state leaving this block's chunk.
+            tl.store(dstates_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs, dS, mask=mask_pn)
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < length
+        rows = bi * length + offs_t
+        dt = tl.load(dtp_ptr + (bi * H + hi) * length + offs_t, mask=mask_t, other=0.0)
+        a = dt * A
+        decay_in = tl.exp(tl.cumsum(a, 0))  # from the block's start through t
+        carry = tl.exp(tl.sum(a, 0))
+        if HAS_SEQ:
+            seg = tl.load(seg_ptr + rows, mask=mask_t, other=-1)
+            seg_in = tl.load(seg_ptr + bi * length + tl.maximum(t0 - 1, 0))
+            decay_in = tl.where(seg == seg_in, decay_in, 0.0)
+            carry = tl.where(tl.max(seg, 0) == seg_in, carry, 0.0)
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        tp = (rows[:, None] * H + hi) * P + offs_p[None, :]
+        dout = tl.load(dout_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(zt)
+            dy = dout * zt * gate
+        else:
+            dy = dout
+        if writes_dy:
+            if HAS_Z:
+                ypre = tl.load(ypre_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+                dz = dout * ypre * gate * (1.0 + zt * (1.0 - gate))
+                tl.store(dz_ptr + tp, dz.to(dz_ptr.dtype.element_ty), mask=mask_tp)
+                tl.store(dy_ptr + tp, dy.to(dy_ptr.dtype.element_ty), mask=mask_tp)  # else dy is dout
+            if HAS_D:
+                xt = tl.load(x_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+                dD += tl.sum(dy * xt, 0)
+        Ct = tl.load(C_ptr + (rows[:, None] * G + gi) * N + offs_n[None, :],
+                     mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
+        dyw = (dy * decay_in[:, None]).to(Ct.dtype)
+        dS = dS * carry + _dot(tl.trans(dyw), Ct, PREC)
+    if HAS_H0:
+        tl.store(dh0_ptr + (bi * H + hi) * P * N + pn_offs, dS, mask=mask_pn)
+    if HAS_D and writes_dy:
+        tl.atomic_add(dD_ptr + hi * P + offs_p, dD, mask=mask_p)
+
+
+@triton.jit
+def ssd_bwd_dx_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
+    dx_ptr, dB_ptr, ddt_direct_ptr, dcum_src_ptr, chunk_const_ptr,
+    length, n_chunks,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_cs, pid_bg = tl.program_id(0), tl.program_id(1)
+    c = pid_cs // (CHUNK // BLOCK_S)
+    chunk_start = c * CHUNK
+    s_start = chunk_start + (pid_cs % (CHUNK // BLOCK_S)) * BLOCK_S
+    if s_start >= length:
+        return
+    chunk_end = tl.minimum(chunk_start + CHUNK, length)
+    bi = (pid_bg // G).to(tl.int64)
+    gi = pid_bg % G
+    offs_s = s_start + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < length
+    rows_s = bi * length + offs_s
+    offs_p = tl.arange(0, PP)
+    mask_p = offs_p < P
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    mask_sn = mask_s[:, None] & mask_n[None, :]
+    mask_sp = mask_s[:, None] & mask_p[None, :]
+    Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :], mask=mask_sn, other=0.0)
+    out_ok = mask_s
+    if HAS_SEQ:
+        seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-1)
+        seg_out = tl.load(seg_ptr + bi * length + chunk_end - 1)
+        out_ok = out_ok & (seg_s == seg_out)
+    dB = tl.zeros((BLOCK_S, NP), dtype=tl.float32)
+    for j in range(H // G):
+        hi = gi * (H // G) + j
+        scratch = (bi * H + hi) * length
+        dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+        cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+        cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
+        sp = (rows_s[:, None] * H + hi) * P + offs_p[None, :]
+        xs = tl.load(x_ptr + sp, mask=mask_sp, other=0.0)
+        # Through the chunk's end state: dS_end (p, n) is the gradient of the state leaving the chunk.
+        dS = tl.load(dstates_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                     mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        to_end = tl.where(out_ok, tl.exp(tl.where(out_ok, cum_last - cum_s, 0.0)), 0.0)
+        dxw = _dot(Bs.to(tl.float32), tl.trans(dS), PREC) * to_end[:, None]
+        dB += _dot(xs.to(tl.float32), dS, PREC) * (to_end * dt_s)[:, None]
+        through_end = dt_s * tl.sum(xs.to(tl.float32) * dxw, 1)
+        # Through the outputs of this chunk's later tokens.
+        dcum_src = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for t0 in range(s_start, chunk_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < length
+            rows_t = bi * length + offs_t
+            Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :],
+                         mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+            dyt = tl.load(dy_ptr + (rows_t[:, None] * H + hi) * P + offs_p[None, :],
+                          mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+            cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
+            keep = (offs_t[None, :] >= offs_s[:, None]) & mask_t[None, :]
+            if HAS_SEQ:
+                seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-2)
+                keep = keep & (seg_s[:, None] == seg_t[None, :])
+            decay = tl.where(keep, tl.exp(tl.where(keep, cum_t[None, :] - cum_s[:, None], 0.0)), 0.0)  # [s, t]
+            BC = _dot(Bs, tl.trans(Ct), PREC)
+            XDY = _dot(xs, tl.trans(dyt), PREC) * decay
+            dxw += _dot((BC * decay).to(dyt.dtype), dyt, PREC)
+            dB += _dot((XDY * dt_s[:, None]).to(Ct.dtype), Ct, PREC)
+            # (the diagonal s = t adds to dL/dcum at s and t alike and cancels: left out exactly)
+            dcum_src += tl.sum(tl.where(offs_t[None, :] > offs_s[:, None], BC * XDY, 0.0), 1)
+        dcum_src = dcum_src * dt_s + through_end
+        dx = dxw * dt_s[:, None]
+        if HAS_D:
+            dys = tl.load(dy_ptr + sp, mask=mask_sp, other=0.0).to(tl.float32)
+            if D_PER_P:
+                dx += dys * tl.load(D_ptr + hi * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+            else:
+                dx += dys * tl.load(D_ptr + hi).to(tl.float32)
+        tl.store(dx_ptr + sp, dx.to(dx_ptr.dtype.element_ty), mask=mask_sp)
+        tl.store(ddt_direct_ptr + scratch + offs_s, tl.sum(xs.to(tl.float32) * dxw, 1), mask=mask_s)
+        tl.store(dcum_src_ptr + scratch + offs_s, dcum_src, mask=mask_s)
+        tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.sum(through_end, 0))
+    tl.store(dB_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
+
+
+@triton.jit
+def ssd_bwd_dc_kernel(
+    x_ptr, B_ptr, C_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
+    dC_ptr, dcum_dst_ptr, chunk_const_ptr,
+    length, n_chunks,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
+    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_ct, pid_bg = tl.program_id(0), tl.program_id(1)
+    c = pid_ct // (CHUNK // BLOCK_T)
+    chunk_start = c * CHUNK
+    first_block = pid_ct % (CHUNK // BLOCK_T) == 0
+    t_start = chunk_start + (pid_ct % (CHUNK // BLOCK_T)) * BLOCK_T
+    if t_start >= length:
+        return
+    chunk_end = tl.minimum(chunk_start + CHUNK, length)
+    bi = (pid_bg // G).to(tl.int64)
+    gi = pid_bg % G
+    offs_t = t_start + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < length
+    rows_t = bi * length + offs_t
+    offs_p = tl.arange(0, PP)
+    mask_p = offs_p < P
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    mask_tn = mask_t[:, None] & mask_n[None, :]
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], mask=mask_tn, other=0.0)
+    in_ok = mask_t
+    carry_ok = True
+    if HAS_SEQ:
+        seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
+        seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
+        in_ok = in_ok & (seg_t == seg_in)
+        carry_ok = tl.load(seg_ptr + bi * length + chunk_end - 1) == seg_in
+    dC = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    for j in range(H // G):
+        hi = gi * (H // G) + j
+        scratch = (bi * H + hi) * length
+        cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
+        dyt = tl.load(dy_ptr + (rows_t[:, None] * H + hi) * P + offs_p[None, :],
+                      mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        state_offs = ((bi * n_chunks + c) * H + hi) * P * N + offs_p[:, None] * N + offs_n[None, :]
+        S = tl.load(states_ptr + state_offs, mask=mask_pn, other=0.0)
+        # Through the state entering the chunk.
+        decay_in = tl.where(in_ok, tl.exp(tl.where(in_ok, cum_t, 0.0)), 0.0)
+        dC_in = _dot(dyt.to(tl.float32), S, PREC) * decay_in[:, None]
+        dcum_dst = tl.sum(Ct.to(tl.float32) * dC_in, 1)
+        dC += dC_in
+        for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_T, length), BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask_s = offs_s < length
+            rows_s = bi * length + offs_s
+            Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
+                         mask=mask_s[:, None] & mask_n[None, :], other=0.0)
+            xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
+                         mask=mask_s[:, None] & mask_p[None, :], other=0.0)
+            cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+            dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
+            keep = (offs_s[None, :] <= offs_t[:, None]) & mask_s[None, :]
+            if HAS_SEQ:
+                seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-2)
+                keep = keep & (seg_t[:, None] == seg_s[None, :])
+            mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
+            DYX = _dot(dyt, tl.trans(xs), PREC) * mix
+            CB = _dot(Ct, tl.trans(Bs), PREC)
+            dC += _dot(DYX.to(Bs.dtype), Bs, PREC)
+            dcum_dst += tl.sum(tl.where(offs_s[None, :] < offs_t[:, None], DYX * CB, 0.0), 1)
+        tl.store(dcum_dst_ptr + scratch + offs_t, dcum_dst, mask=mask_t)
+        if first_block & carry_ok:
+            # d/dcum_last of <dS_end, exp(cum_last) S_in>: the decay carried across the whole chunk.
+            dS = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)
+            cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
+            tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS * S, 1), 0))
+    tl.store(dC_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
+
+
+@triton.jit
+def ssd_bwd_dt_kernel(
+    dt_ptr, A_ptr, bias_ptr, dtp_ptr, ddt_direct_ptr, dcum_src_ptr, dcum_dst_ptr, chunk_const_ptr,
+    ddt_ptr, dA_ptr, dbias_ptr,
+    length, n_chunks, dt_lo, dt_hi,
+    H: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    c, pid_bh = tl.program_id(0), tl.program_id(1)
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < length
+    scratch = (bi * H + hi) * length + offs
+    dcum = tl.load(dcum_dst_ptr + scratch, mask=mask, other=0.0) - tl.load(dcum_src_ptr + scratch, mask=mask, other=0.0)
+    # da_r = sum over t >= r in the chunk of dL/dcum_t, plus what the chunk's last token collects.
+    da = tl.cumsum(dcum, 0, reverse=True) + tl.load(chunk_const_ptr + (bi * H + hi) * n_chunks + c)
+    da = tl.where(mask, da, 0.0)
+    A = tl.load(A_ptr + hi).to(tl.float32)
+    dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
+    ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
+    tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0))
+    v = tl.load(dt_ptr + (bi * length + offs) * H + hi, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hi).to(tl.float32)
+    if CLAMP:
+        sp = v
+        if SOFTPLUS:
+            sp = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+        ddt = tl.where((sp >= dt_lo) & (sp <= dt_hi), ddt, 0.0)
+    if SOFTPLUS:
+        ddt = tl.where(v > 20.0, ddt, ddt * tl.sigmoid(v))
+    ddt = tl.where(mask, ddt, 0.0)
+    tl.store(ddt_ptr + (bi * length + offs) * H + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + hi, tl.sum(ddt, 0))

@@ -1,0 +1,190 @@
+"""Launchers of the Triton SSD kernels, registered as PyTorch custom ops (``torch.compile`` traces
+through them without graph breaks) with their autograd formula."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..common import canonical_segments
+from . import triton_kernels as kernels
+
+F32 = torch.float32
+MAX_CHUNK = 256
+
+
+def kernel_chunk(chunk_size: int) -> int:
+    """The chunk the kernels use: the largest power of two <= chunk_size, within [16, 256].
+
+    The chunk only decides where the kernels hand the state from one block of tokens to the next
+    (the result is the same up to rounding); it must be a power of two for Triton's blocks."""
+    return min(MAX_CHUNK, max(16, 1 << (chunk_size.bit_length() - 1)))
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(x: Tensor) -> str:
+    """fp32 inputs: exact fp32 products (as the reference); half inputs: the fp32 state products in tf32."""
+    return "ieee" if x.dtype == F32 else "tf32"
+
+
+def _state_blocks(p: int, n: int) -> tuple[int, int]:
+    return min(64, _pow2(p)), min(64, _pow2(n))
+
+
+@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+            dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
+            dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
+    (b, n_chunks, h, p, n) fp32, dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
+    before the z gate (b, l, h, p), empty unless ``save`` and z)."""
+    bsz, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    n_chunks = triton.cdiv(length, chunk)
+    states = x.new_empty(bsz, n_chunks, h, p, n, dtype=F32)
+    final = x.new_empty(bsz, h, p, n, dtype=F32)
+    dtp = x.new_empty(bsz, h, length, dtype=F32)
+    cum = x.new_empty(bsz, h, length, dtype=F32)
+    y = torch.empty_like(x)
+    y_pre = torch.empty_like(x) if save and z is not None else x.new_empty(0)
+    prec = _precision(x)
+    block_p, block_n = _state_blocks(p, n)
+    kernels.ssd_fwd_state_kernel[(triton.cdiv(p, block_p), triton.cdiv(n, block_n), bsz * h)](
+        x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
+        H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, BLOCK_T=min(64, chunk),
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, num_warps=4,
+    )
+    block_m = min(64, chunk)
+    block_p = min(64, _pow2(p))
+    kernels.ssd_fwd_output_kernel[(n_chunks * (chunk // block_m), triton.cdiv(p, block_p), bsz * h)](
+        x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks,
+        H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+        HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk,
+        BLOCK_M=block_m, BLOCK_K=min(64, chunk), BLOCK_P=block_p, PREC=prec, num_warps=4,
+    )
+    return y, final, states, dtp, cum, y_pre
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save):
+    bsz, length, h, p = x.shape
+    n = B.shape[3]
+    n_chunks = triton.cdiv(length, chunk)
+    y_pre_shape = x.shape if save and z is not None else (0,)
+    return (torch.empty_like(x), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=F32),
+            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
+
+
+@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
+def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+            D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
+            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, dt_softplus: bool,
+            dt_lo: float, dt_hi: float, clamp: bool, chunk: int) -> list[Tensor]:
+    """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty."""
+    bsz, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    n_chunks = states.shape[1]
+    dev = x.device
+    prec = _precision(x)
+    dstates = torch.empty_like(states)
+    dh0 = torch.empty(bsz, h, p, n, device=dev, dtype=F32) if h0 is not None else x.new_empty(0, dtype=F32)
+    dy = torch.empty_like(x) if z is not None else dout  # dL/d(SSD output before D and the gate)
+    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
+    dD = torch.zeros(h, p, device=dev, dtype=F32)
+    block_p, block_n = _state_blocks(p, n)
+    kernels.ssd_bwd_state_kernel[(triton.cdiv(p, block_p), triton.cdiv(n, block_n), bsz * h)](
+        dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
+        H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, BLOCK_T=min(64, chunk),
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, num_warps=4,
+    )
+    dx = torch.empty_like(x)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
+    dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
+    chunk_const = torch.zeros(bsz, h, n_chunks, device=dev, dtype=F32)
+    block = min(64, chunk)
+    common = dict(H=h, G=g, P=p, N=n, PP=_pow2(p), NP=_pow2(n), HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec)
+    grid = (n_chunks * (chunk // block), bsz * g)
+    kernels.ssd_bwd_dx_kernel[grid](
+        x, B, C, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, BLOCK_S=block, BLOCK_T=block,
+        num_warps=4, **common,
+    )
+    kernels.ssd_bwd_dc_kernel[grid](
+        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
+        BLOCK_T=block, BLOCK_S=block, num_warps=4, **common,
+    )
+    ddt = torch.empty_like(dt)
+    dA = torch.zeros(h, device=dev, dtype=F32)
+    dbias = torch.zeros(h if dt_bias is not None else 1, device=dev, dtype=F32)
+    kernels.ssd_bwd_dt_kernel[(n_chunks, bsz * h)](
+        dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
+        dt_lo, dt_hi, H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, CHUNK=chunk,
+        num_warps=4,
+    )
+
+    def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
+        return x.new_empty(0)
+
+    if D is not None:
+        dD = (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
+    return [
+        dx, ddt, dA.to(A.dtype), dB, dC, dD if D is not None else empty(), dz,
+        dbias.to(dt_bias.dtype) if dt_bias is not None else empty(),
+        dh0.to(h0.dtype) if h0 is not None else empty(),
+    ]
+
+
+@ssd_bwd.register_fake
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi,
+      clamp, chunk):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return [like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(h0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, output[2], output[3], output[4], output[5])
+    ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk)
+
+
+def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre = ctx.saved_tensors
+    if z is not None and y_pre.numel() == 0:
+        raise RuntimeError("ssd: the forward ran without saving for backward (no input required grad)")
+    grads = ssd_bwd(dy.contiguous(), None if dfinal is None else dfinal.contiguous(), x, dt, A, B, C, D, z, dt_bias,
+                    h0, seg, states, dtp, cum, y_pre, *ctx.options)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = grads
+    return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if dt_bias is not None else None, dh0 if h0 is not None else None,
+            None, None, None, None, None, None, None)
+
+
+ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False):
+    """Triton path of :func:`mambakit.ops.ssd` (inputs already validated)."""
+    def c(t):
+        return None if t is None else t.contiguous()
+
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    clamp = (lo, hi) != (0.0, float("inf"))
+    seg = None if seq_idx is None else canonical_segments(seq_idx)
+    y, final, *_ = ssd_fwd(c(x), c(dt), c(A), c(B), c(C), c(D), c(z), c(dt_bias), c(initial_states), seg,
+                           dt_softplus, lo, hi, clamp, kernel_chunk(chunk_size), save)
+    return (y, final) if return_final_states else y
