@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.conv1d import causal_conv1d
-from ..ops.ssd import ssd
+from ..ops.conv1d import causal_conv1d, causal_conv1d_update
+from ..ops.ssd import ssd, ssd_step
 from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
 
@@ -155,13 +155,38 @@ class Mamba2(nn.Module):
         """One decode token (b, 1, d_model) from the given states, which are updated in place.
 
         Returns (out (b, 1, d_model), conv_state, ssm_state); the same computation as
-        :meth:`forward` with a cache.
+        :meth:`forward` with a cache, through the one-token ops ``causal_conv1d_update`` and
+        ``ssd_step`` (Triton kernels for CUDA tensors).
         """
-        _, l = check_hidden_states(hidden_states, self.d_model)
+        b, l = check_hidden_states(hidden_states, self.d_model)
         if l != 1:
             raise ValueError(f"hidden_states: step takes one token, shape (b, 1, d_model), got l = {l}")
-        out = self._mix(hidden_states, (conv_state, ssm_state), resume=True)
-        return out, conv_state, ssm_state
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        d_mlp = self.d_inner - self.d_ssm
+        zxbcdt = self.in_proj(hidden_states[:, 0])  # (b, d_in_proj)
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * g * n, h], dim=-1)
+        xBC = causal_conv1d_update(
+            xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, activation=self.activation
+        )
+        x, B, C = torch.split(xBC, [self.d_ssm, g * n, g * n], dim=-1)
+        y = ssd_step(
+            x.reshape(b, h, p),
+            dt,
+            -torch.exp(at_least_fp32(self.A_log)),
+            B.reshape(b, g, n),
+            C.reshape(b, g, n),
+            ssm_state,
+            D=self.D.view(h, p) if self.D_has_hdim else self.D,
+            z=None if self.rmsnorm else z.reshape(b, h, p),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+        ).reshape(b, self.d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)[:, None], conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
         b, l, _ = hidden_states.shape

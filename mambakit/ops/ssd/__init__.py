@@ -1,5 +1,6 @@
 """Mamba-2 state space duality (SSD) scan, MATH.md section 3."""
 
 from .reference import ssd
+from .step import ssd_step
 
-__all__ = ["ssd"]
+__all__ = ["ssd", "ssd_step"]
