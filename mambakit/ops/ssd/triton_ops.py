@@ -33,8 +33,29 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == F32 else "tf32"
 
 
-def _state_blocks(p: int, n: int) -> tuple[int, int]:
-    return min(64, _pow2(p)), min(64, _pow2(n))
+# Launch parameters of each kernel (H100-tuned, see benchmarks/NOTES.md); block sizes are capped
+# by the chunk and the padded p and n. benchmarks/tune_ssd.py overrides them to search.
+CONFIGS = {
+    "fwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd_output": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, num_warps=4, num_stages=3),
+    "bwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "bwd_dx": dict(BLOCK_S=64, BLOCK_T=64, num_warps=4, num_stages=2),
+    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, num_warps=4, num_stages=2),
+    "bwd_dt": dict(num_warps=4),
+}
+
+
+def _launch(name: str, chunk: int, p: int, n: int) -> dict:
+    """CONFIGS[name] with token blocks capped by the chunk and the p/n blocks by the padded sizes."""
+    cfg = dict(CONFIGS[name])
+    for key in ("BLOCK_T", "BLOCK_M", "BLOCK_K", "BLOCK_S"):
+        if key in cfg:
+            cfg[key] = min(cfg[key], chunk)
+    if "BLOCK_P" in cfg:
+        cfg["BLOCK_P"] = min(cfg["BLOCK_P"], _pow2(p))
+    if "BLOCK_N" in cfg:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(n))
+    return cfg
 
 
 @torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
@@ -55,20 +76,18 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
-    block_p, block_n = _state_blocks(p, n)
-    kernels.ssd_fwd_state_kernel[(triton.cdiv(p, block_p), triton.cdiv(n, block_n), bsz * h)](
+    cfg = _launch("fwd_state", chunk, p, n)
+    kernels.ssd_fwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
         x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, BLOCK_T=min(64, chunk),
-        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, num_warps=4,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
-    block_m = min(64, chunk)
-    block_p = min(64, _pow2(p))
-    kernels.ssd_fwd_output_kernel[(n_chunks * (chunk // block_m), triton.cdiv(p, block_p), bsz * h)](
+    cfg = _launch("fwd_output", chunk, p, n)
+    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
+    kernels.ssd_fwd_output_kernel[grid](
         x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks,
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk,
-        BLOCK_M=block_m, BLOCK_K=min(64, chunk), BLOCK_P=block_p, PREC=prec, num_warps=4,
+        HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
     return y, final, states, dtp, cum, y_pre
 
@@ -99,29 +118,26 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dy = torch.empty_like(x) if z is not None else dout  # dL/d(SSD output before D and the gate)
     dz = torch.empty_like(z) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
-    block_p, block_n = _state_blocks(p, n)
-    kernels.ssd_bwd_state_kernel[(triton.cdiv(p, block_p), triton.cdiv(n, block_n), bsz * h)](
+    cfg = _launch("bwd_state", chunk, p, n)
+    kernels.ssd_bwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, BLOCK_T=min(64, chunk),
-        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, num_warps=4,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
     dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
     chunk_const = torch.zeros(bsz, h, n_chunks, device=dev, dtype=F32)
-    block = min(64, chunk)
     common = dict(H=h, G=g, P=p, N=n, PP=_pow2(p), NP=_pow2(n), HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec)
-    grid = (n_chunks * (chunk // block), bsz * g)
-    kernels.ssd_bwd_dx_kernel[grid](
+    cfg = _launch("bwd_dx", chunk, p, n)
+    kernels.ssd_bwd_dx_kernel[(n_chunks * (chunk // cfg["BLOCK_S"]), bsz * g)](
         x, B, C, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, BLOCK_S=block, BLOCK_T=block,
-        num_warps=4, **common,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **common, **cfg,
     )
-    kernels.ssd_bwd_dc_kernel[grid](
-        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
-        BLOCK_T=block, BLOCK_S=block, num_warps=4, **common,
+    cfg = _launch("bwd_dc", chunk, p, n)
+    kernels.ssd_bwd_dc_kernel[(n_chunks * (chunk // cfg["BLOCK_T"]), bsz * g)](
+        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks, **common, **cfg,
     )
     ddt = torch.empty_like(dt)
     dA = torch.zeros(h, device=dev, dtype=F32)
@@ -129,7 +145,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     kernels.ssd_bwd_dt_kernel[(n_chunks, bsz * h)](
         dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
         dt_lo, dt_hi, H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, CHUNK=chunk,
-        num_warps=4,
+        **CONFIGS["bwd_dt"],
     )
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other

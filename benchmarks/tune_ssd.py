@@ -1,0 +1,114 @@
+"""Per-kernel times of the Triton SSD, and a search over each kernel's launch parameters.
+
+    python benchmarks/tune_ssd.py                      # per-kernel times with the shipped CONFIGS
+    python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of one kernel (or 'all')
+
+bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes.
+Kernel times come from the CUDA profiler (mean over the repetitions); the shipped parameters live
+in ``mambakit.ops.ssd.triton_ops.CONFIGS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mambakit.ops.ssd import ssd  # noqa: E402
+from mambakit.ops.ssd import triton_ops  # noqa: E402
+
+KERNELS = {  # CONFIGS key -> Triton kernel name
+    "fwd_state": "ssd_fwd_state_kernel", "fwd_output": "ssd_fwd_output_kernel",
+    "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
+    "bwd_dt": "ssd_bwd_dt_kernel",
+}
+
+
+def grid(**axes):
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+CANDIDATES = {
+    "fwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64], BLOCK_P=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    "bwd_dc": grid(BLOCK_T=[32, 64], BLOCK_S=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    "bwd_dt": grid(num_warps=[1, 2, 4, 8]),
+}
+
+
+def inputs(b, l, h, p, n, g):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    A = -torch.empty(h, device="cuda").uniform_(1, 16)
+    return dict(x=rn(b, l, h, p), dt=rn(b, l, h) * 0.1, A=A, B=rn(b, l, g, n), C=rn(b, l, g, n),
+                D=torch.ones(h, device="cuda"), dt_bias=torch.full((h,), -3.0, device="cuda"))
+
+
+def kernel_times(kw, reps=10) -> dict[str, float]:
+    """Mean device ms per call of each SSD kernel over ``reps`` forward+backward runs."""
+    leaves = {k: v.detach().requires_grad_() for k, v in kw.items()}
+    dy = torch.randn_like(kw["x"])
+
+    def run():
+        y = ssd(**leaves, chunk_size=256, dt_softplus=True, backend="triton")
+        y.backward(dy)
+
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        for key, name in KERNELS.items():
+            if event.key.startswith(name):
+                times[key] = event.device_time_total / 1e3 / reps
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
+    parser.add_argument("--search", default=None, help="a CONFIGS key, or 'all'")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    cases = {s: inputs(*s) for s in shapes}
+    for shape, kw in cases.items():
+        times = kernel_times(kw)
+        print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items())
+              + f"  | fwd {times['fwd_state'] + times['fwd_output']:.3f} ms, all {sum(times.values()):.3f} ms", flush=True)
+    if args.search is None:
+        return
+    names = list(CANDIDATES) if args.search == "all" else [args.search]
+    for name in names:
+        shipped = dict(triton_ops.CONFIGS[name])
+        results = []
+        for cand in CANDIDATES[name]:
+            triton_ops.CONFIGS[name] = cand
+            try:
+                per_shape = [kernel_times(kw, reps=5)[name] for kw in cases.values()]
+            except Exception as err:  # out of resources for this config: skip it
+                print(f"  {name} {cand}: failed ({type(err).__name__})", flush=True)
+                continue
+            results.append((sum(per_shape), per_shape, cand))
+            print(f"  {name} {cand}: " + " ".join(f"{t:.3f}" for t in per_shape), flush=True)
+        triton_ops.CONFIGS[name] = shipped
+        results.sort(key=lambda r: r[0])
+        print(f"BEST {name}: {results[0][2]} -> " + " ".join(f"{t:.3f}" for t in results[0][1])
+              + f" (shipped {shipped})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
