@@ -1,7 +1,7 @@
 """Per-kernel times of the Triton SSD, and a search over each kernel's launch parameters.
 
     python benchmarks/tune_ssd.py                      # per-kernel times with the shipped CONFIGS
-    python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of one kernel (or 'all')
+    python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of some kernels (or 'all')
 
 bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes.
 Kernel times come from the CUDA profiler (mean over the repetitions); the shipped parameters live
@@ -23,7 +23,7 @@ from mambakit.ops.ssd import ssd  # noqa: E402
 from mambakit.ops.ssd import triton_ops  # noqa: E402
 
 KERNELS = {  # CONFIGS key -> Triton kernel name
-    "fwd_state": "ssd_fwd_state_kernel", "fwd_output": "ssd_fwd_output_kernel",
+    "fwd_state": "ssd_fwd_state_kernel", "chunk_cb": "ssd_chunk_cb_kernel", "fwd_output": "ssd_fwd_output_kernel",
     "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
     "bwd_dt": "ssd_bwd_dt_kernel",
 }
@@ -36,6 +36,7 @@ def grid(**axes):
 
 CANDIDATES = {
     "fwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    "chunk_cb": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2]),
     "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64], BLOCK_P=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
     "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
     "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
@@ -81,7 +82,7 @@ def kernel_times(kw, reps=10) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
-    parser.add_argument("--search", default=None, help="a CONFIGS key, or 'all'")
+    parser.add_argument("--search", nargs="*", default=[], help="CONFIGS keys, or 'all'")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     cases = {s: inputs(*s) for s in shapes}
@@ -89,9 +90,7 @@ def main() -> None:
         times = kernel_times(kw)
         print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items())
               + f"  | fwd {times['fwd_state'] + times['fwd_output']:.3f} ms, all {sum(times.values()):.3f} ms", flush=True)
-    if args.search is None:
-        return
-    names = list(CANDIDATES) if args.search == "all" else [args.search]
+    names = list(CANDIDATES) if args.search == ["all"] else args.search
     for name in names:
         shipped = dict(triton_ops.CONFIGS[name])
         results = []

@@ -127,23 +127,54 @@ def ssd_fwd_state_kernel(
 
 
 @triton.jit
+def ssd_chunk_cb_kernel(
+    B_ptr, C_ptr, cb_ptr, length, n_chunks,
+    G: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):
+    """cb[b, c, g, i, j] = C_{cT+i} . B_{cT+j} for j <= i (tiles above the diagonal are skipped;
+    the consumers read only j <= i)."""
+    pid_m, pid_k, pid_bcg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if pid_k * BLOCK_K > pid_m * BLOCK_M + BLOCK_M - 1:
+        return
+    gi = pid_bcg % G
+    c = (pid_bcg // G) % n_chunks
+    bi = (pid_bcg // (G * n_chunks)).to(tl.int64)
+    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_t, offs_s = c * CHUNK + local_m, c * CHUNK + local_k
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    Ct = tl.load(C_ptr + ((bi * length + offs_t)[:, None] * G + gi) * N + offs_n[None, :],
+                 mask=(offs_t < length)[:, None] & mask_n[None, :], other=0.0)
+    Bs = tl.load(B_ptr + ((bi * length + offs_s)[:, None] * G + gi) * N + offs_n[None, :],
+                 mask=(offs_s < length)[:, None] & mask_n[None, :], other=0.0)
+    cb = _dot(Ct, tl.trans(Bs), PREC)
+    tl.store(cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK + local_m[:, None] * CHUNK + local_k[None, :], cb)
+
+
+@triton.jit
 def ssd_fwd_output_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
+    x_ptr, cb_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_cm, pid_p, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Heads vary fastest across programs, so that the heads of a group read the same cb tiles
+    # from L2 at about the same time.
+    pid_hp, pid_cm, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    hi = pid_hp % H
+    pid_p = pid_hp // H
     c = pid_cm // (CHUNK // BLOCK_M)
     chunk_start = c * CHUNK
+    local_m = (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_start = chunk_start + (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M
     if t_start >= length:
         return
-    bi = (pid_bh // H).to(tl.int64)
-    hi = pid_bh % H
     gi = hi // (H // G)
+    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     offs_t = t_start + tl.arange(0, BLOCK_M)
     mask_t = offs_t < length
     rows_t = bi * length + offs_t
@@ -171,8 +202,6 @@ def ssd_fwd_output_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_K)
         mask_s = offs_s < length
         rows_s = bi * length + offs_s
-        Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
-                     mask=mask_s[:, None] & mask_n[None, :], other=0.0)
         xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
                      mask=mask_s[:, None] & mask_p[None, :], other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -182,7 +211,7 @@ def ssd_fwd_output_kernel(
             seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-2)
             keep = keep & (seg_t[:, None] == seg_s[None, :])
         mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
-        CB = _dot(Ct, tl.trans(Bs), PREC)
+        CB = tl.load(cb_base + local_m[:, None] * CHUNK + (offs_s - chunk_start)[None, :], mask=keep, other=0.0)
         acc += _dot((CB * mix).to(xs.dtype), xs, PREC)
 
     mask_tp = mask_t[:, None] & mask_p[None, :]
@@ -276,7 +305,7 @@ def ssd_bwd_state_kernel(
 
 @triton.jit
 def ssd_bwd_dx_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
+    x_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddt_direct_ptr, dcum_src_ptr, chunk_const_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
@@ -307,6 +336,7 @@ def ssd_bwd_dx_kernel(
         seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-1)
         seg_out = tl.load(seg_ptr + bi * length + chunk_end - 1)
         out_ok = out_ok & (seg_s == seg_out)
+    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     dB = tl.zeros((BLOCK_S, NP), dtype=tl.float32)
     for j in range(H // G):
         hi = gi * (H // G) + j
@@ -339,7 +369,8 @@ def ssd_bwd_dx_kernel(
                 seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-2)
                 keep = keep & (seg_s[:, None] == seg_t[None, :])
             decay = tl.where(keep, tl.exp(tl.where(keep, cum_t[None, :] - cum_s[:, None], 0.0)), 0.0)  # [s, t]
-            BC = _dot(Bs, tl.trans(Ct), PREC)
+            BC = tl.load(cb_base + (offs_t - chunk_start)[None, :] * CHUNK + (offs_s - chunk_start)[:, None],
+                         mask=keep, other=0.0)  # [s, t] = C_t . B_s
             XDY = _dot(xs, tl.trans(dyt), PREC) * decay
             dxw += _dot((BC * decay).to(dyt.dtype), dyt, PREC)
             dB += _dot((XDY * dt_s[:, None]).to(Ct.dtype), Ct, PREC)
@@ -362,7 +393,7 @@ def ssd_bwd_dx_kernel(
 
 @triton.jit
 def ssd_bwd_dc_kernel(
-    x_ptr, B_ptr, C_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
+    x_ptr, B_ptr, C_ptr, cb_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
     dC_ptr, dcum_dst_ptr, chunk_const_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
@@ -395,6 +426,7 @@ def ssd_bwd_dc_kernel(
         seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
         in_ok = in_ok & (seg_t == seg_in)
         carry_ok = tl.load(seg_ptr + bi * length + chunk_end - 1) == seg_in
+    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     dC = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
     for j in range(H // G):
         hi = gi * (H // G) + j
@@ -425,7 +457,8 @@ def ssd_bwd_dc_kernel(
                 keep = keep & (seg_t[:, None] == seg_s[None, :])
             mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
             DYX = _dot(dyt, tl.trans(xs), PREC) * mix
-            CB = _dot(Ct, tl.trans(Bs), PREC)
+            CB = tl.load(cb_base + (offs_t - chunk_start)[:, None] * CHUNK + (offs_s - chunk_start)[None, :],
+                         mask=keep, other=0.0)
             dC += _dot(DYX.to(Bs.dtype), Bs, PREC)
             dcum_dst += tl.sum(tl.where(offs_s[None, :] < offs_t[:, None], DYX * CB, 0.0), 1)
         tl.store(dcum_dst_ptr + scratch + offs_t, dcum_dst, mask=mask_t)
