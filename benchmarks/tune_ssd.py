@@ -23,7 +23,7 @@ from mambakit.ops.ssd import ssd  # noqa: E402
 from mambakit.ops.ssd import triton_ops  # noqa: E402
 
 KERNELS = {  # CONFIGS key -> Triton kernel name
-    "fwd_state": "ssd_fwd_state_kernel", "chunk_cb": "ssd_chunk_cb_kernel", "fwd_output": "ssd_fwd_output_kernel",
+    "fwd_state": "ssd_fwd_state_kernel", "fwd_output": "ssd_fwd_output_kernel",
     "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
     "bwd_dt": "ssd_bwd_dt_kernel",
 }
@@ -36,11 +36,10 @@ def grid(**axes):
 
 CANDIDATES = {
     "fwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
-    "chunk_cb": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2]),
-    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64], BLOCK_P=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[32, 64], BLOCK_P=[64], num_warps=[4, 8], num_stages=[2, 3]),
     "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
-    "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
-    "bwd_dc": grid(BLOCK_T=[32, 64], BLOCK_S=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32], HEADS=[4, 8, 32], num_warps=[4], num_stages=[1, 2, 3]),
+    "bwd_dc": grid(BLOCK_T=[32, 64], BLOCK_S=[32], HEADS=[4, 8, 32], num_warps=[4], num_stages=[1, 2, 3]),
     "bwd_dt": grid(num_warps=[1, 2, 4, 8]),
 }
 

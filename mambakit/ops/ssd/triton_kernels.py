@@ -52,6 +52,15 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _state_dot(a, S, PREC: tl.constexpr, NARROW: tl.constexpr):
+    """a (m, k) in the input dtype times a float32 state operand S (k, n): with NARROW (bfloat16
+    inputs) S is rounded to a's dtype for the tensor cores, otherwise a is widened."""
+    if NARROW:
+        return _dot(a, S.to(a.dtype), PREC)
+    return _dot(a.to(tl.float32), S, PREC)
+
+
+@triton.jit
 def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
     v = raw
     if HAS_BIAS:
@@ -127,54 +136,23 @@ def ssd_fwd_state_kernel(
 
 
 @triton.jit
-def ssd_chunk_cb_kernel(
-    B_ptr, C_ptr, cb_ptr, length, n_chunks,
-    G: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-):
-    """cb[b, c, g, i, j] = C_{cT+i} . B_{cT+j} for j <= i (tiles above the diagonal are skipped;
-    the consumers read only j <= i)."""
-    pid_m, pid_k, pid_bcg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_k * BLOCK_K > pid_m * BLOCK_M + BLOCK_M - 1:
-        return
-    gi = pid_bcg % G
-    c = (pid_bcg // G) % n_chunks
-    bi = (pid_bcg // (G * n_chunks)).to(tl.int64)
-    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_t, offs_s = c * CHUNK + local_m, c * CHUNK + local_k
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    Ct = tl.load(C_ptr + ((bi * length + offs_t)[:, None] * G + gi) * N + offs_n[None, :],
-                 mask=(offs_t < length)[:, None] & mask_n[None, :], other=0.0)
-    Bs = tl.load(B_ptr + ((bi * length + offs_s)[:, None] * G + gi) * N + offs_n[None, :],
-                 mask=(offs_s < length)[:, None] & mask_n[None, :], other=0.0)
-    cb = _dot(Ct, tl.trans(Bs), PREC)
-    tl.store(cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK + local_m[:, None] * CHUNK + local_k[None, :], cb)
-
-
-@triton.jit
 def ssd_fwd_output_kernel(
-    x_ptr, cb_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
 ):
-    # Heads vary fastest across programs, so that the heads of a group read the same cb tiles
-    # from L2 at about the same time.
-    pid_hp, pid_cm, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    hi = pid_hp % H
-    pid_p = pid_hp // H
+    pid_cm, pid_p, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = pid_cm // (CHUNK // BLOCK_M)
     chunk_start = c * CHUNK
-    local_m = (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_start = chunk_start + (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M
     if t_start >= length:
         return
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
     gi = hi // (H // G)
-    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     offs_t = t_start + tl.arange(0, BLOCK_M)
     mask_t = offs_t < length
     rows_t = bi * length + offs_t
@@ -195,13 +173,15 @@ def ssd_fwd_output_kernel(
         seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
         seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
         decay_in = tl.where(seg_t == seg_in, decay_in, 0.0)
-    acc = _dot(Ct.to(tl.float32), S, PREC) * decay_in[:, None]
+    acc = _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
 
     # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
     for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):
         offs_s = s0 + tl.arange(0, BLOCK_K)
         mask_s = offs_s < length
         rows_s = bi * length + offs_s
+        Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
+                     mask=mask_s[:, None] & mask_n[None, :], other=0.0)
         xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
                      mask=mask_s[:, None] & mask_p[None, :], other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -211,7 +191,7 @@ def ssd_fwd_output_kernel(
             seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-2)
             keep = keep & (seg_t[:, None] == seg_s[None, :])
         mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
-        CB = tl.load(cb_base + local_m[:, None] * CHUNK + (offs_s - chunk_start)[None, :], mask=keep, other=0.0)
+        CB = _dot(Ct, tl.trans(Bs), PREC)
         acc += _dot((CB * mix).to(xs.dtype), xs, PREC)
 
     mask_tp = mask_t[:, None] & mask_p[None, :]
@@ -305,14 +285,17 @@ def ssd_bwd_state_kernel(
 
 @triton.jit
 def ssd_bwd_dx_kernel(
-    x_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddt_direct_ptr, dcum_src_ptr, chunk_const_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
-    pid_cs, pid_bg = tl.program_id(0), tl.program_id(1)
+    pid_cs, pid_bgs = tl.program_id(0), tl.program_id(1)
+    split = pid_bgs % (H // G // HEADS)  # which HEADS heads of the group this program takes
+    pid_bg = pid_bgs // (H // G // HEADS)
     c = pid_cs // (CHUNK // BLOCK_S)
     chunk_start = c * CHUNK
     s_start = chunk_start + (pid_cs % (CHUNK // BLOCK_S)) * BLOCK_S
@@ -336,10 +319,9 @@ def ssd_bwd_dx_kernel(
         seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-1)
         seg_out = tl.load(seg_ptr + bi * length + chunk_end - 1)
         out_ok = out_ok & (seg_s == seg_out)
-    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     dB = tl.zeros((BLOCK_S, NP), dtype=tl.float32)
-    for j in range(H // G):
-        hi = gi * (H // G) + j
+    for j in range(HEADS):
+        hi = gi * (H // G) + split * HEADS + j
         scratch = (bi * H + hi) * length
         dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -350,8 +332,8 @@ def ssd_bwd_dx_kernel(
         dS = tl.load(dstates_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         to_end = tl.where(out_ok, tl.exp(tl.where(out_ok, cum_last - cum_s, 0.0)), 0.0)
-        dxw = _dot(Bs.to(tl.float32), tl.trans(dS), PREC) * to_end[:, None]
-        dB += _dot(xs.to(tl.float32), dS, PREC) * (to_end * dt_s)[:, None]
+        dxw = _state_dot(Bs, tl.trans(dS), PREC, NARROW) * to_end[:, None]
+        dB += _state_dot(xs, dS, PREC, NARROW) * (to_end * dt_s)[:, None]
         through_end = dt_s * tl.sum(xs.to(tl.float32) * dxw, 1)
         # Through the outputs of this chunk's later tokens.
         dcum_src = tl.zeros((BLOCK_S,), dtype=tl.float32)
@@ -369,8 +351,7 @@ def ssd_bwd_dx_kernel(
                 seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-2)
                 keep = keep & (seg_s[:, None] == seg_t[None, :])
             decay = tl.where(keep, tl.exp(tl.where(keep, cum_t[None, :] - cum_s[:, None], 0.0)), 0.0)  # [s, t]
-            BC = tl.load(cb_base + (offs_t - chunk_start)[None, :] * CHUNK + (offs_s - chunk_start)[:, None],
-                         mask=keep, other=0.0)  # [s, t] = C_t . B_s
+            BC = _dot(Bs, tl.trans(Ct), PREC)
             XDY = _dot(xs, tl.trans(dyt), PREC) * decay
             dxw += _dot((BC * decay).to(dyt.dtype), dyt, PREC)
             dB += _dot((XDY * dt_s[:, None]).to(Ct.dtype), Ct, PREC)
@@ -388,18 +369,23 @@ def ssd_bwd_dx_kernel(
         tl.store(ddt_direct_ptr + scratch + offs_s, tl.sum(xs.to(tl.float32) * dxw, 1), mask=mask_s)
         tl.store(dcum_src_ptr + scratch + offs_s, dcum_src, mask=mask_s)
         tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.sum(through_end, 0))
-    tl.store(dB_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :], dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
+    # dB (b, l, splits, g, n): one slice per head split, summed by the launcher when there are several.
+    dB_offs = ((rows_s[:, None] * (H // G // HEADS) + split) * G + gi) * N + offs_n[None, :]
+    tl.store(dB_ptr + dB_offs, dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
 
 
 @triton.jit
 def ssd_bwd_dc_kernel(
-    x_ptr, B_ptr, C_ptr, cb_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
+    x_ptr, B_ptr, C_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
     dC_ptr, dcum_dst_ptr, chunk_const_ptr,
     length, n_chunks,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
+    NARROW: tl.constexpr, HEADS: tl.constexpr,
 ):
-    pid_ct, pid_bg = tl.program_id(0), tl.program_id(1)
+    pid_ct, pid_bgs = tl.program_id(0), tl.program_id(1)
+    split = pid_bgs % (H // G // HEADS)  # which HEADS heads of the group this program takes
+    pid_bg = pid_bgs // (H // G // HEADS)
     c = pid_ct // (CHUNK // BLOCK_T)
     chunk_start = c * CHUNK
     first_block = pid_ct % (CHUNK // BLOCK_T) == 0
@@ -426,10 +412,9 @@ def ssd_bwd_dc_kernel(
         seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
         in_ok = in_ok & (seg_t == seg_in)
         carry_ok = tl.load(seg_ptr + bi * length + chunk_end - 1) == seg_in
-    cb_base = cb_ptr + ((bi * n_chunks + c) * G + gi) * CHUNK * CHUNK
     dC = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
-    for j in range(H // G):
-        hi = gi * (H // G) + j
+    for j in range(HEADS):
+        hi = gi * (H // G) + split * HEADS + j
         scratch = (bi * H + hi) * length
         cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
         dyt = tl.load(dy_ptr + (rows_t[:, None] * H + hi) * P + offs_p[None, :],
@@ -438,7 +423,7 @@ def ssd_bwd_dc_kernel(
         S = tl.load(states_ptr + state_offs, mask=mask_pn, other=0.0)
         # Through the state entering the chunk.
         decay_in = tl.where(in_ok, tl.exp(tl.where(in_ok, cum_t, 0.0)), 0.0)
-        dC_in = _dot(dyt.to(tl.float32), S, PREC) * decay_in[:, None]
+        dC_in = _state_dot(dyt, S, PREC, NARROW) * decay_in[:, None]
         dcum_dst = tl.sum(Ct.to(tl.float32) * dC_in, 1)
         dC += dC_in
         for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_T, length), BLOCK_S):
@@ -457,8 +442,7 @@ def ssd_bwd_dc_kernel(
                 keep = keep & (seg_t[:, None] == seg_s[None, :])
             mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
             DYX = _dot(dyt, tl.trans(xs), PREC) * mix
-            CB = tl.load(cb_base + (offs_t - chunk_start)[:, None] * CHUNK + (offs_s - chunk_start)[None, :],
-                         mask=keep, other=0.0)
+            CB = _dot(Ct, tl.trans(Bs), PREC)
             dC += _dot(DYX.to(Bs.dtype), Bs, PREC)
             dcum_dst += tl.sum(tl.where(offs_s[None, :] < offs_t[:, None], DYX * CB, 0.0), 1)
         tl.store(dcum_dst_ptr + scratch + offs_t, dcum_dst, mask=mask_t)
@@ -467,7 +451,8 @@ def ssd_bwd_dc_kernel(
             dS = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)
             cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
             tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS * S, 1), 0))
-    tl.store(dC_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
+    dC_offs = ((rows_t[:, None] * (H // G // HEADS) + split) * G + gi) * N + offs_n[None, :]
+    tl.store(dC_ptr + dC_offs, dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
 
 
 @triton.jit

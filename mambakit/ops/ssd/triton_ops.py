@@ -37,11 +37,10 @@ def _precision(x: Tensor) -> str:
 # by the chunk and the padded p and n. benchmarks/tune_ssd.py overrides them to search.
 CONFIGS = {
     "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "chunk_cb": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
     "fwd_output": dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64, num_warps=8, num_stages=3),
     "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "bwd_dx": dict(BLOCK_S=32, BLOCK_T=32, num_warps=4, num_stages=3),
-    "bwd_dc": dict(BLOCK_T=32, BLOCK_S=32, num_warps=4, num_stages=3),
+    "bwd_dx": dict(BLOCK_S=32, BLOCK_T=32, HEADS=32, num_warps=4, num_stages=3),
+    "bwd_dc": dict(BLOCK_T=32, BLOCK_S=32, HEADS=32, num_warps=4, num_stages=3),
     "bwd_dt": dict(num_warps=4),
 }
 
@@ -59,15 +58,19 @@ def _launch(name: str, chunk: int, p: int, n: int) -> dict:
     return cfg
 
 
+def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
+    """The largest divisor of the heads per group not above cfg["HEADS"]."""
+    return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
+
+
 @torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
-    (b, n_chunks, h, p, n) fp32, dt and in-chunk cumsum of dt A (b, h, l) fp32, C B^T within
-    chunks (b, n_chunks, g, chunk, chunk) fp32 (lower triangles only), and the output before the
-    z gate (b, l, h, p), empty unless ``save`` and z)."""
+    (b, n_chunks, h, p, n) fp32, dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
+    before the z gate (b, l, h, p), empty unless ``save`` and z)."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
@@ -75,14 +78,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     final = x.new_empty(bsz, h, p, n, dtype=F32)
     dtp = x.new_empty(bsz, h, length, dtype=F32)
     cum = x.new_empty(bsz, h, length, dtype=F32)
-    cb = x.new_empty(bsz, n_chunks, g, chunk, chunk, dtype=F32)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
-    cfg = _launch("chunk_cb", chunk, p, n)
-    kernels.ssd_chunk_cb_kernel[(chunk // cfg["BLOCK_M"], chunk // cfg["BLOCK_K"], bsz * n_chunks * g)](
-        B, C, cb, length, n_chunks, G=g, N=n, NP=_pow2(n), CHUNK=chunk, PREC=prec, **cfg,
-    )
     cfg = _launch("fwd_state", chunk, p, n)
     kernels.ssd_fwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
         x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
@@ -90,13 +88,14 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
     cfg = _launch("fwd_output", chunk, p, n)
-    grid = (h * triton.cdiv(p, cfg["BLOCK_P"]), n_chunks * (chunk // cfg["BLOCK_M"]), bsz)
+    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
     kernels.ssd_fwd_output_kernel[grid](
-        x, cb, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks,
+        x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks,
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
+        HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
+        NARROW=x.dtype == torch.bfloat16, **cfg,
     )
-    return y, final, states, dtp, cum, cb, y_pre
+    return y, final, states, dtp, cum, y_pre
 
 
 @ssd_fwd.register_fake
@@ -105,16 +104,14 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
-    g = B.shape[2]
     return (torch.empty_like(x), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=F32),
-            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32),
-            x.new_empty(bsz, n_chunks, g, chunk, chunk, dtype=F32), x.new_empty(y_pre_shape))
+            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
 @torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
 def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
-            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, cb: Tensor, y_pre: Tensor, dt_softplus: bool,
+            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int) -> list[Tensor]:
     """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty."""
     bsz, length, h, p = x.shape
@@ -134,19 +131,29 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
     dx = torch.empty_like(x)
-    dB, dC = torch.empty_like(B), torch.empty_like(C)
     ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
     dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
     chunk_const = torch.zeros(bsz, h, n_chunks, device=dev, dtype=F32)
-    common = dict(H=h, G=g, P=p, N=n, PP=_pow2(p), NP=_pow2(n), HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec)
+    common = dict(H=h, G=g, P=p, N=n, PP=_pow2(p), NP=_pow2(n), HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
+                  NARROW=x.dtype == torch.bfloat16)
+
+    def group_grad(heads):
+        """dB/dC target: (b, l, g, n) in B's dtype, or fp32 partial sums (b, l, splits, g, n)."""
+        splits = h // g // heads
+        return torch.empty_like(B) if splits == 1 else B.new_empty(bsz, length, splits, g, n, dtype=F32)
+
     cfg = _launch("bwd_dx", chunk, p, n)
-    kernels.ssd_bwd_dx_kernel[(n_chunks * (chunk // cfg["BLOCK_S"]), bsz * g)](
-        x, B, C, cb, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
+    cfg["HEADS"] = _heads_per_program(cfg, h // g)
+    dB = group_grad(cfg["HEADS"])
+    kernels.ssd_bwd_dx_kernel[(n_chunks * (chunk // cfg["BLOCK_S"]), bsz * h // cfg["HEADS"])](
+        x, B, C, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **common, **cfg,
     )
     cfg = _launch("bwd_dc", chunk, p, n)
-    kernels.ssd_bwd_dc_kernel[(n_chunks * (chunk // cfg["BLOCK_T"]), bsz * g)](
-        x, B, C, cb, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks, **common, **cfg,
+    cfg["HEADS"] = _heads_per_program(cfg, h // g)
+    dC = group_grad(cfg["HEADS"])
+    kernels.ssd_bwd_dc_kernel[(n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"])](
+        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks, **common, **cfg,
     )
     ddt = torch.empty_like(dt)
     dA = torch.zeros(h, device=dev, dtype=F32)
@@ -160,6 +167,10 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return x.new_empty(0)
 
+    if dB.dim() == 5:
+        dB = dB.sum(2).to(B.dtype)
+    if dC.dim() == 5:
+        dC = dC.sum(2).to(C.dtype)
     if D is not None:
         dD = (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
     return [
@@ -170,7 +181,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
 
 
 @ssd_bwd.register_fake
-def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, cb, y_pre, dt_softplus, dt_lo, dt_hi,
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi,
       clamp, chunk):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
@@ -180,16 +191,16 @@ def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, cb
 
 def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, *output[2:])
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, output[2], output[3], output[4], output[5])
     ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk)
 
 
-def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dcb, _dy_pre):
-    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, cb, y_pre = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre = ctx.saved_tensors
     if z is not None and y_pre.numel() == 0:
         raise RuntimeError("ssd: the forward ran without saving for backward (no input required grad)")
     grads = ssd_bwd(dy.contiguous(), None if dfinal is None else dfinal.contiguous(), x, dt, A, B, C, D, z, dt_bias,
-                    h0, seg, states, dtp, cum, cb, y_pre, *ctx.options)
+                    h0, seg, states, dtp, cum, y_pre, *ctx.options)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if dt_bias is not None else None, dh0 if h0 is not None else None,
