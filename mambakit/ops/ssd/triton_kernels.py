@@ -27,7 +27,7 @@ Backward, four kernels:
   through dt = clamp(softplus(dt + dt_bias)) to the raw dt, dA and d dt_bias.
 
 Layouts (all contiguous): x, z, y (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); states
-(b, n_chunks, h, p, n) float32; dt and cumsum scratch (b, h, l) float32; seg (b, l) int64
+(b, n_chunks, h, p, n) and their gradients in bfloat16 for bfloat16 inputs, else float32; dt and cumsum scratch (b, h, l) float32; seg (b, l) int64
 canonical segment ids (0, 0, 1, 1, ...: equal ids <=> same packed sequence).
 """
 
@@ -104,7 +104,8 @@ def ssd_fwd_state_kernel(
     for t0 in range(0, length, BLOCK_T):
         chunk_cum = tl.where(t0 % CHUNK == 0, 0.0, chunk_cum)
         if t0 % CHUNK == 0:
-            tl.store(states_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs, S, mask=mask_pn)
+            tl.store(states_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs,
+                     S.to(states_ptr.dtype.element_ty), mask=mask_pn)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
@@ -242,7 +243,8 @@ def ssd_bwd_state_kernel(
         t0 = (n_blocks - 1 - i) * BLOCK_T
         if ((t0 + BLOCK_T) % CHUNK == 0) | (t0 + BLOCK_T >= length):
             # dS is now the gradient of the state leaving this block's chunk.
-            tl.store(dstates_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs, dS, mask=mask_pn)
+            tl.store(dstates_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs,
+                     dS.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
@@ -450,7 +452,7 @@ def ssd_bwd_dc_kernel(
             # d/dcum_last of <dS_end, exp(cum_last) S_in>: the decay carried across the whole chunk.
             dS = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)
             cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
-            tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS * S, 1), 0))
+            tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), 1), 0))
     dC_offs = ((rows_t[:, None] * (H // G // HEADS) + split) * G + gi) * N + offs_n[None, :]
     tl.store(dC_ptr + dC_offs, dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
 

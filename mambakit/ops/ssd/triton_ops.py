@@ -28,6 +28,12 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _states_dtype(x: Tensor) -> torch.dtype:
+    """Chunk states (and their gradients) between kernels: bfloat16 for bfloat16 inputs (they
+    enter the products in bfloat16 anyway), float32 otherwise (float16 could overflow)."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else F32
+
+
 def _precision(x: Tensor) -> str:
     """fp32 inputs: exact fp32 products (as the reference); half inputs: the fp32 state products in tf32."""
     return "ieee" if x.dtype == F32 else "tf32"
@@ -37,10 +43,10 @@ def _precision(x: Tensor) -> str:
 # by the chunk and the padded p and n. benchmarks/tune_ssd.py overrides them to search.
 CONFIGS = {
     "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "fwd_output": dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64, num_warps=8, num_stages=3),
+    "fwd_output": dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, num_warps=4, num_stages=3),
     "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "bwd_dx": dict(BLOCK_S=32, BLOCK_T=32, HEADS=32, num_warps=4, num_stages=3),
-    "bwd_dc": dict(BLOCK_T=32, BLOCK_S=32, HEADS=32, num_warps=4, num_stages=3),
+    "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=4, num_warps=4, num_stages=1),
+    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=32, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dt": dict(num_warps=4),
 }
 
@@ -69,12 +75,12 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
-    (b, n_chunks, h, p, n) fp32, dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
+    (b, n_chunks, h, p, n) (bf16 for bf16 inputs, else fp32), dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
     before the z gate (b, l, h, p), empty unless ``save`` and z)."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
-    states = x.new_empty(bsz, n_chunks, h, p, n, dtype=F32)
+    states = x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x))
     final = x.new_empty(bsz, h, p, n, dtype=F32)
     dtp = x.new_empty(bsz, h, length, dtype=F32)
     cum = x.new_empty(bsz, h, length, dtype=F32)
@@ -104,7 +110,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
-    return (torch.empty_like(x), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=F32),
+    return (torch.empty_like(x), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x)),
             x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
