@@ -46,9 +46,12 @@ _WIDEN_PRODUCTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
+    # (if/else with one return: Triton compiles the code after a static if's early return too)
     if _WIDEN_PRODUCTS:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -56,8 +59,10 @@ def _state_dot(a, S, PREC: tl.constexpr, NARROW: tl.constexpr):
     """a (m, k) in the input dtype times a float32 state operand S (k, n): with NARROW (bfloat16
     inputs) S is rounded to a's dtype for the tensor cores, otherwise a is widened."""
     if NARROW:
-        return _dot(a, S.to(a.dtype), PREC)
-    return _dot(a.to(tl.float32), S, PREC)
+        out = _dot(a, S.to(a.dtype), PREC)
+    else:
+        out = _dot(a.to(tl.float32), S.to(tl.float32), PREC)
+    return out
 
 
 @triton.jit
