@@ -197,6 +197,9 @@ class Mamba2(nn.Module):
         conv_state, ssm_state = states if states is not None else (None, None)
         keep = states is not None
 
+        # The conv takes xBC as its (b, d, l) transpose; the Triton conv reads that channel-last view
+        # in place and returns y in the same layout, so y.transpose(1, 2) is a contiguous
+        # (b, l, conv_dim) tensor and x, B, C below are views of it with row stride conv_dim.
         conv = causal_conv1d(
             xBC.transpose(1, 2),
             self.conv1d.weight[:, 0],

@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit.ops.conv1d import causal_conv1d, causal_conv1d_update
 from tests.utils import assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 def make(b, d, l, w, seed, bias=True, init=True, seq=False, dtype=torch.float32):
@@ -59,3 +62,112 @@ def test_update_kernel_steps_through_a_sequence(w, activation):
           for t in range(6)]
     assert_close(torch.stack(ys, -1), expected, 1e-5, "steps")
     assert_close(state, kw["x"][..., 6 - (w - 1):], 0.0, "state")
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel-last layout: x (b, d, l) a view of (b, l, D) memory, as Mamba2 passes xBC.transpose(1, 2)
+# ----------------------------------------------------------------------------------------------
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the (op, args) of every top-level op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def channel_last_view(b, d, l, dtype, seed, margin=3):
+    """A leaf (b, l, d + 2 margin) and its view x (b, d, l) on columns [margin, margin + d)."""
+    wide = torch.randn(b, l, d + 2 * margin, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    wide.requires_grad_()
+    return wide, wide[..., margin:margin + d].transpose(1, 2)
+
+
+def run_channel_last(b, d, l, w, activation, seed, dtype=torch.float32, **case):
+    """Triton on the channel-last view vs the reference on a contiguous copy: [y, final, grads...]
+    of each, grads taken at the wide leaf, weight, bias and initial state."""
+    kw = make(b, d, l, w, seed=seed, dtype=dtype, **case)
+    names = [k for k in ("weight", "bias", "initial_state") if kw[k] is not None]
+    out = {}
+    for backend in ("reference", "triton"):
+        wide, x = channel_last_view(b, d, l, dtype, seed)
+        if backend == "reference":
+            x = x.contiguous()
+        args = {k: (v.clone().requires_grad_() if k in names else v) for k, v in kw.items() if k != "x"}
+        y, final = causal_conv1d(x, **args, activation=activation, return_final_state=True, backend=backend)
+        if backend == "triton":
+            assert y.stride(1) == 1 and y.transpose(1, 2).is_contiguous(), "y: not dense channel-last"
+        g = torch.Generator().manual_seed(1)
+        dy, dfinal = torch.randn(y.shape, generator=g).to(DEVICE), torch.randn(final.shape, generator=g).to(DEVICE)
+        # The gradient of y arrives channel-last, as from the ops that read the (b, l, d) split.
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
+        grads = torch.autograd.grad((y.float() * dy).sum() + (final.float() * dfinal).sum(),
+                                    [wide] + [args[k] for k in names])
+        out[backend] = [y, final] + list(grads)
+    return out, ["y", "final", "dwide"] + ["d" + k for k in names]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("w", [2, 4])
+@pytest.mark.parametrize("l", [1, 3, 150])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_channel_last_forward_backward_and_final_state(case, w, l, activation):
+    out, names = run_channel_last(2, 5, l, w, activation, seed=l * 10 + w + 1, **case)
+    for name, a, b in zip(names, out["triton"], out["reference"]):
+        assert_close(a, b, 1e-5, name)
+
+
+def test_channel_last_several_channel_blocks():
+    out, names = run_channel_last(1, 130, 40, 4, "silu", seed=3, seq=True)
+    for name, a, b in zip(names, out["triton"], out["reference"]):
+        assert_close(a, b, 1e-5, name)
+
+
+@pytest.mark.parametrize("channel_last", [False, True], ids=["time_contiguous", "channel_last"])
+def test_packed_ids_that_repeat_and_do_not_start_at_zero(channel_last):
+    # A new sequence wherever the id changes: 7 7 | 2 2 2 | 7 7 ... is three sequences.
+    kw = make(2, 6, 40, 4, seed=8, seq=True)
+    kw["seq_idx"] = torch.tensor([7, 7, 2, 2, 2] * 8, device=DEVICE).repeat(2, 1)
+    kw["seq_idx"][1, 20:] = 9
+    if channel_last:
+        kw["x"] = kw["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    names = ["x", "weight", "bias", "initial_state"]
+    out = {}
+    for backend in ("reference", "triton"):
+        args = {k: (v.clone().requires_grad_() if k in names else v) for k, v in kw.items()}
+        y, final = causal_conv1d(**args, activation="silu", return_final_state=True, backend=backend)
+        grads = torch.autograd.grad((y * y).sum() + final.sum(), [args[k] for k in names])
+        out[backend] = [y, final] + list(grads)
+    for name, a, b in zip(["y", "final"] + ["d" + k for k in names], out["triton"], out["reference"]):
+        assert_close(a, b, 1e-5, name)
+
+
+def test_channel_last_input_is_read_in_place():
+    kw = make(2, 6, 9, 4, seed=4)
+    _, x = channel_last_view(2, 6, 9, torch.float32, seed=4)
+    x = x.detach()
+    with OpRecorder() as recorder:
+        causal_conv1d(x, kw["weight"], kw["bias"], activation="silu", backend="triton")
+    conv_calls = [args for func, args in recorder.calls if "causal_conv1d_fwd" in str(func)]
+    assert len(conv_calls) == 1 and conv_calls[0][0].data_ptr() == x.data_ptr()
+    copies = [str(func) for func, _ in recorder.calls if any(k in str(func) for k in ("clone", "copy", "contiguous"))]
+    assert not copies, copies
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", CASES)
+def test_real_sizes_on_gpu(dtype, tol, case):
+    # Mamba-2 130m's xBC: d_ssm 1536 + 2 g n 256 channels, 2049 tokens (a partial last tile).
+    out, names = run_channel_last(2, 1792, 2049, 4, "silu", seed=5, dtype=dtype, **case)
+    for name, a, b in zip(names, out["triton"], out["reference"]):
+        assert_close(a, b, tol, f"channel-last {name}")
+    kw = make(2, 1792, 2049, 4, seed=6, dtype=dtype, **case)
+    expected, got = (causal_conv1d(**kw, activation="silu", backend=backend) for backend in ("reference", "triton"))
+    assert_close(got, expected, tol, "time-contiguous y")

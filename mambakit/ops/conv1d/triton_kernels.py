@@ -1,9 +1,14 @@
 """Triton kernels of the causal depthwise conv1d: forward, backward and the one-token update.
 
-Layout (b, d, l), time contiguous; one program per (time tile, channel block, batch row). The
-filter width W is small (2-4 in every Mamba), so the W shifted loads of a tile hit the cache.
-Packed sequences arrive as canonical segment ids (b, l) (the count of id changes so far); an input
-counts for an output only inside the same segment, and the initial state belongs to segment 0.
+Shape (b, d, l) with any strides: the launchers pass the time-contiguous layout (stride (d l, l, 1))
+and the channel-last one (memory (b, l, d), the view ``x.transpose(1, 2)`` of a (b, l, d) tensor,
+possibly a column slice of a wider one); the tile shape is chosen per layout so that its
+contiguous axis is the long one. One program per (time tile, channel block, batch row). The filter
+width W is small (2-4 in every Mamba), so the W shifted loads of a tile hit the cache.
+Packed sequences arrive as sequence starts (b, l) int32: for each token the position where its
+packed sequence begins, a large negative number for a row's first sequence (which also owns the
+initial state). An input counts for an output when its position is at or after the output's start,
+a comparison of positions with no segment loads per shifted tile.
 """
 
 from __future__ import annotations
@@ -13,80 +18,100 @@ import triton.language as tl
 
 
 @triton.jit
-def _input_at(p_x, p_init, p_seg, i_b, o_d, o_p, m_d, seg_out, dim, length,
+def _input_at(p_x_t, p_init_t, first_tile, o_t, m_d, start_out, length, stride_xl, SHIFT: tl.constexpr,
               W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """x at positions o_p (BLOCK_L,) for channels o_d, fp32 (BLOCK_D, BLOCK_L): negative positions
-    read the initial state, and with segments an input from another segment than the output's
-    (seg_out, (BLOCK_L,)) counts as zero."""
-    inside = (o_p >= 0) & (o_p < length)
-    v = tl.load(p_x + (i_b * dim + o_d[:, None]) * length + o_p[None, :],
-                mask=m_d[:, None] & inside[None, :], other=0.0).to(tl.float32)
-    if HAS_INIT:
-        before = (o_p < 0) & (o_p >= -(W - 1))
-        v += tl.load(p_init + (i_b * dim + o_d[:, None]) * (W - 1) + (o_p + W - 1)[None, :],
-                     mask=m_d[:, None] & before[None, :], other=0.0).to(tl.float32)
+    """x at positions o_t + SHIFT, fp32 (BLOCK_D, BLOCK_L), from the pointers p_x_t of x at o_t (and
+    p_init_t of the initial state (b, d, W - 1) at o_t + W - 1, which negative positions read: in the
+    first time tile only, first_tile). With segments an input before start_out (BLOCK_L,), the start
+    of the output's sequence, counts as zero.
+    Shifting one pointer tile by a scalar keeps a single address per element live across the shifted
+    loads (offsets recomputed per shift cost registers, and occupancy with them)."""
+    o_p = o_t + SHIFT
+    m_x = (o_p >= 0) & (o_p < length)
     if HAS_SEQ:
-        seg_in = tl.load(p_seg + i_b * length + o_p, mask=inside, other=0)  # before x_0: segment 0
-        v = tl.where((seg_in == seg_out)[None, :], v, 0.0)
+        m_x = m_x & (o_p >= start_out)
+    v = tl.load(p_x_t + SHIFT * stride_xl, mask=m_d[:, None] & m_x[None, :], other=0.0).to(tl.float32)
+    if HAS_INIT and SHIFT < 0:
+        if first_tile:  # the state (contiguous over time, unlike x) is read by the first tile only
+            m_init = (o_p < 0) & (o_p >= -(W - 1))
+            if HAS_SEQ:
+                m_init = m_init & (o_p >= start_out)
+            v += tl.load(p_init_t + SHIFT, mask=m_d[:, None] & m_init[None, :], other=0.0).to(tl.float32)
     return v
 
 
 @triton.jit
-def _pre_activation(p_x, p_w, p_bias, p_init, p_seg, i_b, o_d, o_t, m_d, seg_out, dim, length,
-                    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """bias + sum_k weight[:, k] x_{t-(W-1)+k}, (BLOCK_D, BLOCK_L) fp32."""
+def _pre_activation(p_x_t, p_w, p_bias, p_init_t, first_tile, o_d, o_t, m_d, start_out, length, stride_xl,
+                    SHIFT: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                    HAS_SEQ: tl.constexpr):
+    """bias + sum_k weight[:, k] x_{t-(W-1)+k} at t = o_t + SHIFT, (BLOCK_D, BLOCK_L) fp32."""
     acc = tl.zeros((o_d.shape[0], o_t.shape[0]), dtype=tl.float32)
     for k in tl.static_range(W):
         w_k = tl.load(p_w + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)
-        acc += w_k[:, None] * _input_at(p_x, p_init, p_seg, i_b, o_d, o_t - (W - 1) + k, m_d, seg_out, dim, length,
-                                        W, HAS_INIT, HAS_SEQ)
+        acc += w_k[:, None] * _input_at(p_x_t, p_init_t, first_tile, o_t, m_d, start_out, length, stride_xl,
+                                        SHIFT - (W - 1) + k, W, HAS_INIT, HAS_SEQ)
     if HAS_BIAS:
         acc += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
-def conv1d_fwd_kernel(p_x, p_w, p_bias, p_init, p_seg, p_y, dim, length,
-                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                      SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_t, m_d = o_t < length, o_d < dim
-    seg_out = tl.load(p_seg + i_b * length + o_t, mask=m_t, other=0) if HAS_SEQ else o_t
-    y = _pre_activation(p_x, p_w, p_bias, p_init, p_seg, i_b, o_d, o_t, m_d, seg_out, dim, length,
-                        W, HAS_BIAS, HAS_INIT, HAS_SEQ)
-    if SILU:
-        y = y * tl.sigmoid(y)
-    tl.store(p_y + (i_b * dim + o_d[:, None]) * length + o_t[None, :], y.to(p_y.dtype.element_ty),
-             mask=m_d[:, None] & m_t[None, :])
+def _init_pointers(p_init, i_b, o_d, o_t, dim, W: tl.constexpr):
+    """Pointers of the initial state (b, d, W - 1) at positions o_t + W - 1, (BLOCK_D, BLOCK_L)."""
+    return p_init + (i_b * dim + o_d[:, None]) * (W - 1) + (o_t + W - 1)[None, :]
 
 
 @triton.jit
-def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_seg, p_dy, p_dx, p_dw, p_dbias, dim, length,
+def conv1d_fwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_y, dim, length,
+                      stride_xb, stride_xd, stride_xl, stride_yb, stride_yd, stride_yl,
+                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    i_l, i_d = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)  # batch offsets may pass 2^31 elements
+    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_t, m_d = o_t < length, o_d < dim
+    start_t = tl.load(p_start + i_b * length + o_t, mask=m_t, other=0) if HAS_SEQ else o_t
+    p_x_t = p_x + i_b * stride_xb + o_d[:, None] * stride_xd + o_t[None, :] * stride_xl
+    p_init_t = _init_pointers(p_init, i_b, o_d, o_t, dim, W) if HAS_INIT else p_init
+    y = _pre_activation(p_x_t, p_w, p_bias, p_init_t, i_l == 0, o_d, o_t, m_d, start_t, length, stride_xl, 0,
+                        W, HAS_BIAS, HAS_INIT, HAS_SEQ)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(p_y + i_b * stride_yb + o_d[:, None] * stride_yd + o_t[None, :] * stride_yl,
+             y.to(p_y.dtype.element_ty), mask=m_d[:, None] & m_t[None, :])
+
+
+@triton.jit
+def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_dy, p_dx, p_dw, p_dbias, dim, length,
+                      stride_xb, stride_xd, stride_xl, stride_dyb, stride_dyd, stride_dyl,
+                      stride_dxb, stride_dxd, stride_dxl,
                       W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                       SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx_s = sum_k weight[:, k] g_{s+(W-1)-k} with g = dL/d(pre-activation) recomputed at the W
-    shifted positions; dweight and dbias are reduced over the tile and added atomically."""
-    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    shifted positions; dweight and dbias are reduced over the tile and added atomically (fp32)."""
+    i_l, i_d = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)  # batch offsets may pass 2^31 elements
+    first_tile = i_l == 0
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_s, m_d = o_s < length, o_d < dim
-    seg_s = tl.load(p_seg + i_b * length + o_s, mask=m_s, other=0) if HAS_SEQ else o_s
+    p_x_s = p_x + i_b * stride_xb + o_d[:, None] * stride_xd + o_s[None, :] * stride_xl
+    p_dy_s = p_dy + i_b * stride_dyb + o_d[:, None] * stride_dyd + o_s[None, :] * stride_dyl
+    p_init_s = _init_pointers(p_init, i_b, o_d, o_s, dim, W) if HAS_INIT else p_init
     dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for j in tl.static_range(W):
         o_t = o_s + j  # the outputs that read x_s, through weight[:, W - 1 - j]
         m_t = o_t < length
-        seg_t = tl.load(p_seg + i_b * length + o_t, mask=m_t, other=0) if HAS_SEQ else o_t
-        g = tl.load(p_dy + (i_b * dim + o_d[:, None]) * length + o_t[None, :],
-                    mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        start_t = tl.load(p_start + i_b * length + o_t, mask=m_t, other=0) if HAS_SEQ else o_t
+        g = tl.load(p_dy_s + j * stride_dyl, mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
         if SILU:
-            pre = _pre_activation(p_x, p_w, p_bias, p_init, p_seg, i_b, o_d, o_t, m_d, seg_t, dim, length,
-                                  W, HAS_BIAS, HAS_INIT, HAS_SEQ)
+            pre = _pre_activation(p_x_s, p_w, p_bias, p_init_s, first_tile, o_d, o_s, m_d, start_t, length,
+                                  stride_xl, j, W, HAS_BIAS, HAS_INIT, HAS_SEQ)
             sig = tl.sigmoid(pre)
             g = g * sig * (1.0 + pre * (1.0 - sig))
         if HAS_SEQ:
-            g_for_s = tl.where((seg_t == seg_s)[None, :], g, 0.0)
+            g_for_s = tl.where((o_s >= start_t)[None, :], g, 0.0)  # x_s in output t's sequence
         else:
             g_for_s = g
         w_k = tl.load(p_w + o_d * W + (W - 1 - j), mask=m_d, other=0.0).to(tl.float32)
@@ -96,11 +121,11 @@ def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_seg, p_dy, p_dx, p_dw, p_dbias
             if HAS_BIAS:
                 tl.atomic_add(p_dbias + o_d, tl.sum(g, axis=1), mask=m_d)
             for k in tl.static_range(W):
-                x_k = _input_at(p_x, p_init, p_seg, i_b, o_d, o_t - (W - 1) + k, m_d, seg_t, dim, length,
+                x_k = _input_at(p_x_s, p_init_s, first_tile, o_s, m_d, start_t, length, stride_xl, k - (W - 1),
                                 W, HAS_INIT, HAS_SEQ)
                 tl.atomic_add(p_dw + o_d * W + k, tl.sum(g * x_k, axis=1), mask=m_d)
-    tl.store(p_dx + (i_b * dim + o_d[:, None]) * length + o_s[None, :], dx.to(p_dx.dtype.element_ty),
-             mask=m_d[:, None] & m_s[None, :])
+    tl.store(p_dx + i_b * stride_dxb + o_d[:, None] * stride_dxd + o_s[None, :] * stride_dxl,
+             dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
 
 
 @triton.jit

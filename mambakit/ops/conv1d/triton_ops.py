@@ -10,54 +10,99 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
-from ..common.segments import canonical_segments
+from ..common.segments import segment_resets
 
-BLOCK_D, BLOCK_L = 16, 128
+# Tile (BLOCK_D, BLOCK_L, warps) per layout and pass: the tile's long side runs along the
+# contiguous axis, so that a warp's loads cover consecutive addresses. Chosen so that the kernels
+# compile for sm_90 without spills at about 128 registers or fewer per thread (the backward holds
+# the W shifted tiles of x and dy at once): occupancy is what hides the latency of these loads.
+TIME_CONTIGUOUS_TILES = {"fwd": dict(BLOCK_D=16, BLOCK_L=128, num_warps=4),
+                         "bwd": dict(BLOCK_D=16, BLOCK_L=128, num_warps=8)}
+CHANNEL_LAST_TILES = {"fwd": dict(BLOCK_D=64, BLOCK_L=32, num_warps=8),
+                      "bwd": dict(BLOCK_D=64, BLOCK_L=32, num_warps=8)}
+# Sequence start of a row's first packed sequence: before any position the kernels see (the
+# initial state's included), so that sequence reads everything.
+FIRST_SEQUENCE_START = -(1 << 30)
 
 
-def _grid(x: Tensor):
+def is_channel_last(x: Tensor) -> bool:
+    """x (b, d, l) whose channels are adjacent in memory (memory (b, l, d), maybe with a row stride
+    wider than d), as ``x.transpose(1, 2)`` of a (b, l, d) tensor or of a column slice of one."""
+    return x.stride(1) == 1 and x.stride(2) != 1
+
+
+def _kernel_layout(x: Tensor) -> Tensor:
+    """x itself when one of its last two axes is unit-stride (both layouts the kernels tile well),
+    else a contiguous copy."""
+    return x if x.stride(1) == 1 or x.stride(2) == 1 else x.contiguous()
+
+
+def _empty_in_layout_of(x: Tensor) -> Tensor:
+    """An uninitialised (b, d, l) tensor like x, channel-last (memory (b, l, d), dense) if x is,
+    else contiguous."""
     b, d, length = x.shape
-    return (triton.cdiv(length, BLOCK_L), triton.cdiv(d, BLOCK_D), b)
+    if is_channel_last(x):
+        return x.new_empty(b, length, d).transpose(1, 2)
+    return x.new_empty(b, d, length)
+
+
+def _strides(t: Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch(kernel, x: Tensor, pass_: str, *args, **constants):
+    """Launch ``kernel`` over (time tiles, channel blocks, batch rows) with the tile of x's layout."""
+    b, d, length = x.shape
+    tile = (CHANNEL_LAST_TILES if is_channel_last(x) else TIME_CONTIGUOUS_TILES)[pass_]
+    grid = (triton.cdiv(length, tile["BLOCK_L"]), triton.cdiv(d, tile["BLOCK_D"]), b)
+    kernel[grid](*args, **constants, **tile)
+
+
+def sequence_starts(seq_idx: Tensor) -> Tensor:
+    """(b, l) ids -> (b, l) int32: the position where each token's packed sequence starts (a new one
+    wherever the id changes), FIRST_SEQUENCE_START for a row's first sequence."""
+    positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.where(segment_resets(seq_idx), positions, FIRST_SEQUENCE_START)
+    return starts.cummax(dim=1).values.to(torch.int32).contiguous()
 
 
 @torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
-                      segment: Optional[Tensor], silu: bool) -> Tensor:
-    """y (b, d, l) in x's dtype; ``segment`` are canonical int32 segment ids (b, l) or None."""
-    y = torch.empty_like(x)
-    b, d, length = x.shape
-    kernels.conv1d_fwd_kernel[_grid(x)](
-        x, weight, bias, initial_state, segment, y, d, length, W=weight.shape[1], HAS_BIAS=bias is not None,
-        HAS_INIT=initial_state is not None, HAS_SEQ=segment is not None, SILU=silu, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+                      starts: Optional[Tensor], silu: bool) -> Tensor:
+    """y (b, d, l) in x's dtype and layout (time-contiguous or channel-last, see
+    :func:`is_channel_last`); ``starts`` from :func:`sequence_starts` or None."""
+    y = _empty_in_layout_of(x)
+    _launch(kernels.conv1d_fwd_kernel, x, "fwd", x, weight, bias, initial_state, starts, y, x.shape[1], x.shape[2],
+            *_strides(x), *_strides(y), W=weight.shape[1], HAS_BIAS=bias is not None,
+            HAS_INIT=initial_state is not None, HAS_SEQ=starts is not None, SILU=silu)
     return y
 
 
 @causal_conv1d_fwd.register_fake
-def _(x, weight, bias, initial_state, segment, silu):
-    return torch.empty_like(x)
+def _(x, weight, bias, initial_state, starts, silu):
+    return _empty_in_layout_of(x)
 
 
 @torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
-                      segment: Optional[Tensor], silu: bool) -> list[Tensor]:
-    """-> [dx, dweight, dbias (empty without bias), dinitial_state (empty without one)]."""
-    b, d, length = x.shape
-    w = weight.shape[1]
-    dx = torch.empty_like(x)
+                      starts: Optional[Tensor], silu: bool) -> list[Tensor]:
+    """-> [dx (x's layout), dweight, dbias (empty without bias), dinitial_state (empty without one)]."""
+    d = x.shape[1]
+    dx = _empty_in_layout_of(x)
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
     dbias = torch.zeros(d if bias is not None else 1, device=x.device, dtype=torch.float32)
-    kernels.conv1d_bwd_kernel[_grid(x)](
-        x, weight, bias, initial_state, segment, dy, dx, dw, dbias, d, length, W=w, HAS_BIAS=bias is not None,
-        HAS_INIT=initial_state is not None, HAS_SEQ=segment is not None, SILU=silu, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+    _launch(kernels.conv1d_bwd_kernel, x, "bwd", x, weight, bias, initial_state, starts, dy, dx, dw, dbias, d,
+            x.shape[2], *_strides(x), *_strides(dy), *_strides(dx), W=weight.shape[1], HAS_BIAS=bias is not None,
+            HAS_INIT=initial_state is not None, HAS_SEQ=starts is not None, SILU=silu)
     d_init = x.new_empty(0)
     if initial_state is not None:
-        d_init = _initial_state_grad(dy, x, weight, bias, initial_state, segment, silu)
+        d_init = _initial_state_grad(dy, x, weight, bias, initial_state, starts, silu)
     return [dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else x.new_empty(0), d_init]
 
 
-def _initial_state_grad(dy, x, weight, bias, initial_state, segment, silu):
+def _initial_state_grad(dy, x, weight, bias, initial_state, starts, silu):
     """dL/d(initial_state): state entry q (position q - (w-1)) feeds outputs t = q - k through
-    weight[:, k], for the first w - 1 outputs of segment 0 only (a few columns: plain torch)."""
+    weight[:, k], for the first w - 1 outputs of a row's first sequence only (a few columns: plain torch)."""
     w = weight.shape[1]
     head = min(w - 1, x.shape[2])
     wf = weight.float()
@@ -67,8 +112,8 @@ def _initial_state_grad(dy, x, weight, bias, initial_state, segment, silu):
     if silu:
         sig = torch.sigmoid(pre)
         g = g * sig * (1 + pre * (1 - sig))
-    if segment is not None:
-        g = g * (segment[:, None, :head] == 0)
+    if starts is not None:
+        g = g * (starts[:, None, :head] == FIRST_SEQUENCE_START)  # outputs of the first sequence only
     d_init = torch.zeros_like(initial_state, dtype=torch.float32)
     for q in range(w - 1):
         for k in range(q + 1):
@@ -78,21 +123,21 @@ def _initial_state_grad(dy, x, weight, bias, initial_state, segment, silu):
 
 
 @causal_conv1d_bwd.register_fake
-def _(dy, x, weight, bias, initial_state, segment, silu):
-    return [torch.empty_like(x), torch.empty_like(weight),
+def _(dy, x, weight, bias, initial_state, starts, silu):
+    return [_empty_in_layout_of(x), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else x.new_empty(0),
             torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_state, segment, silu = inputs
-    ctx.save_for_backward(x, weight, bias, initial_state, segment)
+    x, weight, bias, initial_state, starts, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state, starts)
     ctx.silu = silu
 
 
 def _backward(ctx, dy):
-    x, weight, bias, initial_state, segment = ctx.saved_tensors
-    dx, dw, dbias, d_init = causal_conv1d_bwd(dy.contiguous(), x, weight, bias, initial_state, segment, ctx.silu)
+    x, weight, bias, initial_state, starts = ctx.saved_tensors
+    dx, dw, dbias, d_init = causal_conv1d_bwd(_kernel_layout(dy), x, weight, bias, initial_state, starts, ctx.silu)
     return dx, dw, dbias if bias is not None else None, d_init if initial_state is not None else None, None, None
 
 
@@ -101,18 +146,24 @@ causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
                          seq_idx=None):
-    """Triton path of :func:`mambakit.ops.conv1d.causal_conv1d` (inputs already validated)."""
+    """Triton path of :func:`mambakit.ops.conv1d.causal_conv1d` (inputs already validated).
+
+    x (b, d, l) is read in place when time-contiguous (``x.stride(2) == 1``) or channel-last
+    (``x.stride(1) == 1``: memory (b, l, d), e.g. ``xBC.transpose(1, 2)`` of a column slice of a
+    (b, l, D) projection), and y (b, d, l) comes back in the same layout (dense); any other layout
+    is copied to contiguous first.
+    """
     def c(t):
         return None if t is None else t.contiguous()
 
-    segment = None if seq_idx is None else canonical_segments(seq_idx).to(torch.int32).contiguous()
-    y = causal_conv1d_fwd(c(x), c(weight), c(bias), c(initial_state), segment, activation is not None)
+    starts = None if seq_idx is None else sequence_starts(seq_idx)
+    y = causal_conv1d_fwd(_kernel_layout(x), c(weight), c(bias), c(initial_state), starts, activation is not None)
     if not return_final_state:
         return y
-    return y, _final_state(x, weight.shape[1] - 1, initial_state, segment)
+    return y, _final_state(x, weight.shape[1] - 1, initial_state, starts)
 
 
-def _final_state(x, w1, initial_state, segment):
+def _final_state(x, w1, initial_state, starts):
     """The last w - 1 inputs of cat([initial_state, x]) (as the reference's final state), computed
     from the tail only; differentiable in plain torch."""
     length = x.shape[2]
@@ -121,11 +172,10 @@ def _final_state(x, w1, initial_state, segment):
     else:
         state = x.new_zeros(x.shape[0], x.shape[1], w1) if initial_state is None else initial_state.to(x.dtype)
         tail = torch.cat([state, x], dim=-1)[..., -w1:] if w1 else x[..., :0]
-    if segment is None:
+    if starts is None:
         return tail
-    positions = torch.arange(length - w1, length, device=x.device)
-    seg_tail = torch.where(positions >= 0, segment[:, positions.clamp(min=0)], 0)  # state entries: segment 0
-    keep = seg_tail == segment[:, -1:]
+    positions = torch.arange(length - w1, length, device=x.device)  # negative: state entries
+    keep = positions >= starts[:, -1:]  # (b, w - 1): inside the last token's sequence
     return tail * keep[:, None, :].to(tail.dtype)
 
 
