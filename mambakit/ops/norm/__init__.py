@@ -1,5 +1,6 @@
 """Normalisations of the Mamba blocks: RMSNorm, LayerNorm, gated RMSNorm, residual add + norm."""
 
-from .reference import add_norm, gated_rms_norm, layer_norm, rms_norm
+from .api import gated_rms_norm, rms_norm
+from .reference import add_norm, gated_rms_norm_reference, layer_norm, rms_norm_reference
 
-__all__ = ["add_norm", "gated_rms_norm", "layer_norm", "rms_norm"]
+__all__ = ["add_norm", "gated_rms_norm", "gated_rms_norm_reference", "layer_norm", "rms_norm", "rms_norm_reference"]

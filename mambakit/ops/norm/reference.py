@@ -10,7 +10,8 @@ All act on the last axis (the channels, size d) of x (..., d):
 
 The statistics run in float32 (float64 if an input is float64) and outputs return in the input's
 dtype, as the official ``mamba_ssm`` kernels (``rms_norm_fn``, ``layer_norm_fn``, ``rmsnorm_fn``
-of ``layernorm_gated``) whose semantics these follow.
+of ``layernorm_gated``) whose semantics these follow. The public ``rms_norm`` and ``gated_rms_norm``
+(``api.py``) run these references or the Triton kernels.
 """
 
 from __future__ import annotations
@@ -70,6 +71,29 @@ def _expect_group_size(group_size, d):
     return group_size
 
 
+def validate_rms_norm(x, weight, eps) -> None:
+    """Every input check of :func:`rms_norm_reference`, before any compute."""
+    d = _expect_input("x", x)
+    _expect_param("weight", weight, d)
+    _expect_eps(eps)
+    expect_same_device(x=x, weight=weight)
+
+
+def validate_gated_rms_norm(x, weight, z, eps, group_size, norm_before_gate) -> int:
+    """Every input check of :func:`gated_rms_norm_reference`, before any compute; -> the group size
+    (d for None)."""
+    d = _expect_input("x", x)
+    _expect_param("weight", weight, d)
+    if z is not None:
+        expect_tensor("z", z)
+        expect_shape("z", z, tuple(x.shape), "(..., d) as x")
+    _expect_eps(eps)
+    group_size = _expect_group_size(group_size, d)
+    _expect_bool("norm_before_gate", norm_before_gate)
+    expect_same_device(x=x, weight=weight, z=z)
+    return group_size
+
+
 # ----------------------------------------------------------------------------------------------
 # Math on already validated, already up-cast tensors
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +116,7 @@ def _layer_norm(x, weight, bias, eps):
 # ----------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last axis: ``x * rsqrt(mean(x^2, -1) + eps) * weight``.
 
     Args:
@@ -105,7 +129,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     Example:
         >>> x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
-        >>> y = rms_norm(x, torch.ones(64))
+        >>> y = rms_norm_reference(x, torch.ones(64))
         >>> y.dtype, y.float().square().mean(-1).mean().round()
         (torch.bfloat16, tensor(1.))
 
@@ -113,12 +137,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices or values.
     """
-    d = _expect_input("x", x)
-    _expect_param("weight", weight, d)
-    _expect_eps(eps)
-    expect_same_device(x=x, weight=weight)
+    validate_rms_norm(x, weight, eps)
     cdtype = compute_dtype(x, weight)
-    y = _rms_normalize(x.to(cdtype), eps, d) * weight.to(cdtype)
+    y = _rms_normalize(x.to(cdtype), eps, x.shape[-1]) * weight.to(cdtype)
     return y.to(x.dtype)
 
 
@@ -159,7 +180,7 @@ def layer_norm(
     return y.to(x.dtype)
 
 
-def gated_rms_norm(
+def gated_rms_norm_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
     z: torch.Tensor | None = None,
@@ -192,7 +213,7 @@ def gated_rms_norm(
 
     Example:
         >>> x, z = torch.randn(2, 10, 12), torch.randn(2, 10, 12)
-        >>> y = gated_rms_norm(x, torch.ones(12), z, group_size=4)
+        >>> y = gated_rms_norm_reference(x, torch.ones(12), z, group_size=4)
         >>> g = (x * torch.nn.functional.silu(z)).view(2, 10, 3, 4)
         >>> torch.allclose(y, (g * torch.rsqrt(g.square().mean(-1, True) + 1e-5)).view(2, 10, 12), atol=1e-6)
         True
@@ -201,16 +222,7 @@ def gated_rms_norm(
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices or values (e.g. group_size not dividing d).
     """
-    d = _expect_input("x", x)
-    _expect_param("weight", weight, d)
-    if z is not None:
-        expect_tensor("z", z)
-        expect_shape("z", z, tuple(x.shape), "(..., d) as x")
-    _expect_eps(eps)
-    group_size = _expect_group_size(group_size, d)
-    _expect_bool("norm_before_gate", norm_before_gate)
-    expect_same_device(x=x, weight=weight, z=z)
-
+    group_size = validate_gated_rms_norm(x, weight, z, eps, group_size, norm_before_gate)
     cdtype = compute_dtype(x, weight, z)
     xc = x.to(cdtype)
     gate = None if z is None else F.silu(z.to(cdtype))
@@ -250,7 +262,7 @@ def add_norm(
         weight: (d,) norm scale, any float dtype; sets the dtype of ``normed``.
         bias: (d,) norm shift, any float dtype, default None; only with kind="layer".
         eps: finite float >= 0, default 1e-5.
-        kind: "rms" (default, :func:`rms_norm`) or "layer" (:func:`layer_norm`).
+        kind: "rms" (default, :func:`rms_norm_reference`) or "layer" (:func:`layer_norm`).
         residual_in_fp32: bool, default False; keep the residual stream in float32.
 
     Returns:

@@ -1,0 +1,67 @@
+"""The public RMSNorm and gated RMSNorm: validate, then Triton (CUDA) or the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .reference import gated_rms_norm_reference, rms_norm_reference, validate_gated_rms_norm, validate_rms_norm
+
+
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = None, eps: float = 1e-5,
+                   group_size: int | None = None, norm_before_gate: bool = False,
+                   backend: str | None = None) -> torch.Tensor:
+    """Gated, grouped RMSNorm; arguments, shapes and returns as :func:`gated_rms_norm_reference`.
+
+    x and z (..., d) may be strided views (e.g. column slices of a wider (b, l, D) tensor): with a
+    unit channel stride the Triton kernels read them in place. Gradients flow to x, z and weight.
+
+    backend: None (auto: Triton for CUDA tensors, else the reference; ``MAMBAKIT_BACKEND``
+    overrides), ``"reference"`` or ``"triton"``. float64 inputs, and groups wider than the
+    kernel's limit (16384 channels), run the reference on auto.
+
+    Example:
+        >>> x, z = torch.randn(2, 10, 12), torch.randn(2, 10, 12)
+        >>> gated_rms_norm(x, torch.ones(12), z, group_size=4).shape
+        torch.Size([2, 10, 12])
+    """
+    size = validate_gated_rms_norm(x, weight, z, eps, group_size, norm_before_gate)
+    if _use_triton(backend, size, x, weight, z):
+        from .triton_ops import gated_rms_norm_triton
+
+        return gated_rms_norm_triton(x, weight, z, eps, size, norm_before_gate)
+    return gated_rms_norm_reference(x, weight, z, eps, group_size, norm_before_gate)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last axis; arguments, shapes and returns as :func:`rms_norm_reference`.
+
+    The Triton path is the gated kernel without a gate and with one group; backend as
+    :func:`gated_rms_norm`.
+
+    Example:
+        >>> rms_norm(torch.randn(2, 10, 64), torch.ones(64)).shape
+        torch.Size([2, 10, 64])
+    """
+    validate_rms_norm(x, weight, eps)
+    if _use_triton(backend, x.shape[-1], x, weight):
+        from .triton_ops import gated_rms_norm_triton
+
+        return gated_rms_norm_triton(x, weight, None, eps, x.shape[-1], False)
+    return rms_norm_reference(x, weight, eps)
+
+
+def _use_triton(backend, group_size, *tensors) -> bool:
+    """Whether the Triton kernels run; raises ValueError when backend="triton" cannot take the inputs."""
+    if resolve_backend(backend, tensors[0].device) != "triton":
+        return False
+    from .triton_ops import MAX_GROUP_SIZE
+
+    reason = None
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        reason = "does not take float64 inputs"
+    elif group_size > MAX_GROUP_SIZE:
+        reason = f"takes groups of at most {MAX_GROUP_SIZE} channels, got {group_size}"
+    if reason is not None and backend == "triton":
+        raise ValueError(f"backend: the Triton RMSNorm {reason}; use backend='reference'")
+    return reason is None

@@ -1,0 +1,126 @@
+"""Launchers of the Triton gated RMSNorm, registered as PyTorch custom ops with their autograd."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from . import triton_kernels as kernels
+
+# Per program a tile of BLOCK_M rows x BLOCK_G >= group_size channels, about TILE_ELEMENTS values,
+# with warps for about ELEMENTS_PER_THREAD fp32 values of each live tile per thread: the backward
+# holds about twice as many tiles (x, z, dy, the gate, xhat, ...), so it takes smaller tiles and
+# fewer values per thread (for sm_90: no spills up to groups of 4096, 96 bytes at 8192; read from
+# an offline compile, not timed). Groups wider than a tile take one row per program; above
+# MAX_GROUP_SIZE they would not fit in registers and the dispatcher sends them to the reference.
+TILE_ELEMENTS = {"fwd": 4096, "bwd": 2048}
+ELEMENTS_PER_THREAD = {"fwd": 32, "bwd": 8}
+MAX_GROUP_SIZE = 16384
+# Backward programs per streaming multiprocessor (each sums its weight gradient over many rows).
+BWD_PROGRAMS_PER_SM = 4
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """(..., d) -> a (outer, inner, d) view with unit channel stride (inner = the second-to-last
+    axis); copies only when no such view exists (channels not unit-stride, or leading axes that
+    do not merge)."""
+    d = t.shape[-1]
+    inner = t.shape[-2] if t.dim() >= 2 else 1
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, inner, d)
+    except RuntimeError:  # leading axes (all but the last two) not mergeable into one stride
+        return t.contiguous().view(-1, inner, d)
+
+
+def _tile(group_size: int, pass_: str) -> dict:
+    block_g = triton.next_power_of_2(group_size)
+    block_m = max(1, TILE_ELEMENTS[pass_] // block_g)
+    num_warps = block_m * block_g // (32 * ELEMENTS_PER_THREAD[pass_])
+    return dict(BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, num_warps)))
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_programs_target(device: torch.device) -> int:
+    """Backward row programs to aim for (over all groups): a few per SM on CUDA, 4 under the
+    interpreter (so that CI runs several programs with several row tiles each)."""
+    if device.type != "cuda":
+        return 4
+    return BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@torch.library.custom_op("mambakit::gated_rms_norm_fwd", mutates_args=())
+def gated_rms_norm_fwd(x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
+                       norm_before_gate: bool) -> Tensor:
+    """y (..., d) contiguous in x's dtype; x and z (..., d) any strides with unit channel stride."""
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    xr = _as_rows(x)
+    rows, inner, d = xr.shape[0] * xr.shape[1], xr.shape[1], xr.shape[2]
+    if rows == 0:
+        return y
+    zr = _as_rows(z) if z is not None else None
+    tile = _tile(group_size, "fwd")
+    grid = (triton.cdiv(rows, tile["BLOCK_M"]) * (d // group_size),)
+    kernels.gated_rms_norm_fwd_kernel[grid](
+        xr, zr, weight, y, rows, inner, d, group_size, eps, xr.stride(0), xr.stride(1),
+        *((zr.stride(0), zr.stride(1)) if zr is not None else (0, 0)),
+        HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, **tile)
+    return y
+
+
+@gated_rms_norm_fwd.register_fake
+def _(x, weight, z, eps, group_size, norm_before_gate):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+@torch.library.custom_op("mambakit::gated_rms_norm_bwd", mutates_args=())
+def gated_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
+                       norm_before_gate: bool) -> list[Tensor]:
+    """-> [dx (x's dtype), dweight (weight's dtype), dz (z's dtype; empty without z)], all contiguous."""
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if z is not None else x.new_empty(0)
+    xr, dyr = _as_rows(x), _as_rows(dy)
+    rows, inner, d = xr.shape[0] * xr.shape[1], xr.shape[1], xr.shape[2]
+    if rows == 0:
+        return [dx, torch.zeros_like(weight), dz]
+    zr = _as_rows(z) if z is not None else None
+    tile = _tile(group_size, "bwd")
+    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), max(1, _bwd_programs_target(x.device) * group_size // d))
+    dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
+    kernels.gated_rms_norm_bwd_kernel[(programs * (d // group_size),)](
+        dyr, xr, zr, weight, dx, dz, dw_partial, rows, inner, d, group_size, eps,
+        dyr.stride(0), dyr.stride(1), xr.stride(0), xr.stride(1),
+        *((zr.stride(0), zr.stride(1)) if zr is not None else (0, 0)),
+        HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, **tile)
+    return [dx, dw_partial.sum(0).to(weight.dtype), dz]
+
+
+@gated_rms_norm_bwd.register_fake
+def _(dy, x, weight, z, eps, group_size, norm_before_gate):
+    return [torch.empty(x.shape, device=x.device, dtype=x.dtype), torch.empty_like(weight),
+            torch.empty(z.shape, device=z.device, dtype=z.dtype) if z is not None else x.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, z, eps, group_size, norm_before_gate = inputs
+    ctx.save_for_backward(x, weight, z)
+    ctx.eps, ctx.group_size, ctx.norm_before_gate = eps, group_size, norm_before_gate
+
+
+def _backward(ctx, dy):
+    x, weight, z = ctx.saved_tensors
+    dx, dw, dz = gated_rms_norm_bwd(dy, x, weight, z, ctx.eps, ctx.group_size, ctx.norm_before_gate)
+    return dx, dw, dz if z is not None else None, None, None, None
+
+
+gated_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_rms_norm_triton(x, weight, z, eps, group_size, norm_before_gate):
+    """Triton path of :func:`mambakit.ops.norm.gated_rms_norm` (inputs validated, group_size an int)."""
+    return gated_rms_norm_fwd(x, weight.contiguous(), z, float(eps), group_size, norm_before_gate)
