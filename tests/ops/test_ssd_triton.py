@@ -19,15 +19,16 @@ GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 def make_case(b, l, h, p, g, n, *, D="head", z=True, bias=True, h0=True, seq=False, dt_limit=(0.0, float("inf")),
               dtype=torch.float32, seed=0, dt_range=None, A_min=-1.0):
-    """Random inputs of :func:`ssd`; raw dt ~ N(0, 0.5) through softplus, or uniform in
-    ``dt_range`` used as is (no bias, no softplus)."""
+    """Random inputs of :func:`ssd`: raw dt ~ N(0, 0.5) through softplus, |N(0, 0.5)| without
+    it, or uniform in ``dt_range`` used as is (no bias, no softplus)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rn(*shape, dt_=dtype):
         return torch.randn(*shape, generator=gen).to(dt_).to(DEVICE)
 
     if dt_range is None:
-        dt = rn(b, l, h) * 0.5
+        # Without softplus (no bias) dt is used as drawn: keep it positive, as a time step is.
+        dt = rn(b, l, h) * 0.5 if bias else (rn(b, l, h) * 0.5).abs()
     else:
         lo, hi = dt_range
         dt = (torch.rand(b, l, h, generator=gen) * (hi - lo) + lo).to(dtype).to(DEVICE)
