@@ -166,7 +166,7 @@ def test_compiles_without_graph_breaks():
 
 
 def test_backward_split_over_heads(monkeypatch):
-    """dB and dC summed from per-split partials when a program takes fewer than a group's heads."""
+    """dB and dC summed over programs when a program takes fewer than a group's heads."""
     from mambakit.ops.ssd import triton_ops
 
     for name in ("bwd_dx", "bwd_dc"):

@@ -376,9 +376,11 @@ def ssd_bwd_dx_kernel(
         tl.store(ddt_direct_ptr + scratch + offs_s, tl.sum(xs.to(tl.float32) * dxw, 1), mask=mask_s)
         tl.store(dcum_src_ptr + scratch + offs_s, dcum_src, mask=mask_s)
         tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.sum(through_end, 0))
-    # dB (b, l, splits, g, n): one slice per head split, summed by the launcher when there are several.
-    dB_offs = ((rows_s[:, None] * (H // G // HEADS) + split) * G + gi) * N + offs_n[None, :]
-    tl.store(dB_ptr + dB_offs, dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
+    dB_offs = (rows_s[:, None] * G + gi) * N + offs_n[None, :]
+    if HEADS == H // G:
+        tl.store(dB_ptr + dB_offs, dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
+    else:  # the group's heads are split over programs: sum into a zeroed float32 dB
+        tl.atomic_add(dB_ptr + dB_offs, dB, mask=mask_sn)
 
 
 @triton.jit
@@ -458,8 +460,11 @@ def ssd_bwd_dc_kernel(
             dS = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)
             cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
             tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), 1), 0))
-    dC_offs = ((rows_t[:, None] * (H // G // HEADS) + split) * G + gi) * N + offs_n[None, :]
-    tl.store(dC_ptr + dC_offs, dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
+    dC_offs = (rows_t[:, None] * G + gi) * N + offs_n[None, :]
+    if HEADS == H // G:
+        tl.store(dC_ptr + dC_offs, dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
+    else:  # the group's heads are split over programs: sum into a zeroed float32 dC
+        tl.atomic_add(dC_ptr + dC_offs, dC, mask=mask_tn)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ CONFIGS = {
     "fwd_output": dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, num_warps=4, num_stages=3),
     "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=4, num_warps=4, num_stages=1),
-    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=1, num_warps=4, num_stages=1),
+    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dt": dict(num_warps=4),
 }
 
@@ -144,9 +144,9 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
                   NARROW=x.dtype == torch.bfloat16)
 
     def group_grad(heads):
-        """dB/dC target: (b, l, g, n) in B's dtype, or fp32 partial sums (b, l, splits, g, n)."""
-        splits = h // g // heads
-        return torch.empty_like(B) if splits == 1 else B.new_empty(bsz, length, splits, g, n, dtype=F32)
+        """dB/dC target (b, l, g, n): B's dtype when a program takes all heads of a group, else
+        zeroed float32 that the programs of a group add into."""
+        return torch.empty_like(B) if heads == h // g else torch.zeros(B.shape, device=dev, dtype=F32)
 
     cfg = _launch("bwd_dx", chunk, p, n)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
@@ -173,10 +173,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return x.new_empty(0)
 
-    if dB.dim() == 5:
-        dB = dB.sum(2).to(B.dtype)
-    if dC.dim() == 5:
-        dC = dC.sum(2).to(C.dtype)
+    dB, dC = dB.to(B.dtype), dC.to(C.dtype)
     if D is not None:
         dD = (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
     return [
