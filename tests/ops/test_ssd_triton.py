@@ -173,3 +173,24 @@ def test_backward_split_over_heads(monkeypatch):
         monkeypatch.setitem(triton_ops.CONFIGS, name, dict(triton_ops.CONFIGS[name], HEADS=1))
     kw = make_case(2, 37, 6, 16, 2, 16, seed=14, seq=True)
     run_both(kw, 16, 1e-5, 1e-4)
+
+
+def test_strided_views_of_a_projection():
+    """x, z, dt, B and C as column slices of one (b, l, width) projection, as a Mamba-2 layer
+    passes them (read in place by the kernels), give the reference's outputs and gradients."""
+    b, l, h, p, g, n = 2, 37, 4, 16, 2, 16
+    gen = torch.Generator().manual_seed(15)
+    widths = [h * p, h * p, g * n, g * n, h]
+    proj = torch.randn(b, l, sum(widths), generator=gen).to(DEVICE)
+    results = {}
+    for backend in ("reference", "triton"):
+        leaf = proj.clone().requires_grad_()
+        x, z, B, C, dt = torch.split(leaf, widths, dim=-1)
+        y, final = ssd(x.reshape(b, l, h, p), dt, -torch.linspace(0.5, 1.5, h, device=DEVICE),
+                       B.reshape(b, l, g, n), C.reshape(b, l, g, n), chunk_size=16, D=torch.ones(h, device=DEVICE),
+                       z=z.reshape(b, l, h, p), dt_bias=torch.zeros(h, device=DEVICE), dt_softplus=True,
+                       return_final_states=True, backend=backend)
+        (grad,) = torch.autograd.grad(y.square().sum() + final.sum(), [leaf])
+        results[backend] = (y, final, grad)
+    for name, got, ref in zip(("y", "final", "dproj"), results["triton"], results["reference"]):
+        assert_close(got, ref, 1e-4, name)

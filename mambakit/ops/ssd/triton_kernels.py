@@ -26,7 +26,9 @@ Backward, four kernels:
 - ``ssd_bwd_dt_kernel``: per (batch, head, chunk): dL/da from dL/dcum (a reverse cumsum), then
   through dt = clamp(softplus(dt + dt_bias)) to the raw dt, dA and d dt_bias.
 
-Layouts (all contiguous): x, z, y (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); states
+Layouts: x, z (b, l, h, p), dt (b, l, h), B, C (b, l, g, n) with any batch and token strides (the
+rest packed: views into a projection's output are read in place, strides ``s<name>_b``,
+``s<name>_l``); outputs and gradients contiguous in the same shapes; states
 (b, n_chunks, h, p, n) and their gradients in bfloat16 for bfloat16 inputs, else float32; dt and cumsum scratch (b, h, l) float32; seg (b, l) int64
 canonical segment ids (0, 0, 1, 1, ...: equal ids <=> same packed sequence).
 """
@@ -82,7 +84,7 @@ def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 def ssd_fwd_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, h0_ptr, seg_ptr,
     states_ptr, final_ptr, dtp_ptr, cum_ptr,
-    length, n_chunks, dt_lo, dt_hi,
+    length, n_chunks, dt_lo, dt_hi, sx_b, sx_l, sdt_b, sdt_l, sB_b, sB_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -114,7 +116,7 @@ def ssd_fwd_state_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
-        raw = tl.load(dt_ptr + rows * H + hi, mask=mask_t, other=0.0).to(tl.float32)
+        raw = tl.load(dt_ptr + bi * sdt_b + offs_t * sdt_l + hi, mask=mask_t, other=0.0).to(tl.float32)
         dt = tl.where(mask_t, _discretize(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, CLAMP), 0.0)
         a = dt * A
         local = tl.cumsum(a, 0)
@@ -132,9 +134,9 @@ def ssd_fwd_state_kernel(
             weight = tl.where(seg == seg_last, weight, 0.0)
             carry = tl.where(seg_last == seg_prev, carry, 0.0)
             seg_prev = seg_last
-        xs = tl.load(x_ptr + (rows[:, None] * H + hi) * P + offs_p[None, :],
+        xs = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :],
                      mask=mask_t[:, None] & (offs_p[None, :] < P), other=0.0)
-        Bs = tl.load(B_ptr + (rows[:, None] * G + gi) * N + offs_n[None, :],
+        Bs = tl.load(B_ptr + bi * sB_b + offs_t[:, None] * sB_l + gi * N + offs_n[None, :],
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         xw = (xs.to(tl.float32) * weight[:, None]).to(xs.dtype)
         S = S * carry + _dot(tl.trans(xw), Bs, PREC)
@@ -144,7 +146,7 @@ def ssd_fwd_state_kernel(
 @triton.jit
 def ssd_fwd_output_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
-    length, n_chunks,
+    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -168,7 +170,7 @@ def ssd_fwd_output_kernel(
     mask_n = offs_n < N
     scratch = (bi * H + hi) * length
     cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
-    Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
+    Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
                  other=0.0)
 
     # The state entering the chunk, read out through C and decayed to each row.
@@ -186,9 +188,9 @@ def ssd_fwd_output_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_K)
         mask_s = offs_s < length
         rows_s = bi * length + offs_s
-        Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
+        Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :],
                      mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-        xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
+        xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :],
                      mask=mask_s[:, None] & mask_p[None, :], other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -201,9 +203,10 @@ def ssd_fwd_output_kernel(
         acc += _dot((CB * mix).to(xs.dtype), xs, PREC)
 
     mask_tp = mask_t[:, None] & mask_p[None, :]
-    tp = (rows_t[:, None] * H + hi) * P + offs_p[None, :]
+    tp = (rows_t[:, None] * H + hi) * P + offs_p[None, :]  # y, y_pre: contiguous
     if HAS_D:
-        xt = tl.load(x_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
+                     other=0.0).to(tl.float32)
         if D_PER_P:
             Dv = tl.load(D_ptr + hi * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
             acc += xt * Dv[None, :]
@@ -212,7 +215,8 @@ def ssd_fwd_output_kernel(
     if HAS_Z:
         if SAVE_PRE:
             tl.store(ypre_ptr + tp, acc.to(ypre_ptr.dtype.element_ty), mask=mask_tp)
-        zt = tl.load(z_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+        zt = tl.load(z_ptr + bi * sz_b + offs_t[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
+                     other=0.0).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(y_ptr + tp, acc.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
@@ -221,7 +225,7 @@ def ssd_fwd_output_kernel(
 def ssd_bwd_state_kernel(
     dout_ptr, x_ptr, A_ptr, C_ptr, z_ptr, ypre_ptr, seg_ptr, dtp_ptr, dlast_ptr,
     dstates_ptr, dh0_ptr, dy_ptr, dz_ptr, dD_ptr,
-    length, n_chunks,
+    length, n_chunks, sx_b, sx_l, sC_b, sC_l, sz_b, sz_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -263,10 +267,11 @@ def ssd_bwd_state_kernel(
             decay_in = tl.where(seg == seg_in, decay_in, 0.0)
             carry = tl.where(tl.max(seg, 0) == seg_in, carry, 0.0)
         mask_tp = mask_t[:, None] & mask_p[None, :]
-        tp = (rows[:, None] * H + hi) * P + offs_p[None, :]
+        tp = (rows[:, None] * H + hi) * P + offs_p[None, :]  # dout, y_pre, dy, dz: contiguous
         dout = tl.load(dout_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + bi * sz_b + offs_t[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
+                         other=0.0).to(tl.float32)
             gate = tl.sigmoid(zt)
             dy = dout * zt * gate
         else:
@@ -278,9 +283,10 @@ def ssd_bwd_state_kernel(
                 tl.store(dz_ptr + tp, dz.to(dz_ptr.dtype.element_ty), mask=mask_tp)
                 tl.store(dy_ptr + tp, dy.to(dy_ptr.dtype.element_ty), mask=mask_tp)  # else dy is dout
             if HAS_D:
-                xt = tl.load(x_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
+                xt = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
+                             other=0.0).to(tl.float32)
                 dD += tl.sum(dy * xt, 0)
-        Ct = tl.load(C_ptr + (rows[:, None] * G + gi) * N + offs_n[None, :],
+        Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :],
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         dyw = (dy * decay_in[:, None]).to(Ct.dtype)
         dS = dS * carry + _dot(tl.trans(dyw), Ct, PREC)
@@ -294,7 +300,7 @@ def ssd_bwd_state_kernel(
 def ssd_bwd_dx_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddt_direct_ptr, dcum_src_ptr, chunk_const_ptr,
-    length, n_chunks,
+    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
@@ -320,7 +326,7 @@ def ssd_bwd_dx_kernel(
     mask_n = offs_n < N
     mask_sn = mask_s[:, None] & mask_n[None, :]
     mask_sp = mask_s[:, None] & mask_p[None, :]
-    Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :], mask=mask_sn, other=0.0)
+    Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :], mask=mask_sn, other=0.0)
     out_ok = mask_s
     if HAS_SEQ:
         seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-1)
@@ -333,8 +339,8 @@ def ssd_bwd_dx_kernel(
         dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
-        sp = (rows_s[:, None] * H + hi) * P + offs_p[None, :]
-        xs = tl.load(x_ptr + sp, mask=mask_sp, other=0.0)
+        sp = (rows_s[:, None] * H + hi) * P + offs_p[None, :]  # dy, dx: contiguous
+        xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_sp, other=0.0)
         # Through the chunk's end state: dS_end (p, n) is the gradient of the state leaving the chunk.
         dS = tl.load(dstates_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mask_p[:, None] & mask_n[None, :], other=0.0)
@@ -348,7 +354,7 @@ def ssd_bwd_dx_kernel(
             offs_t = t0 + tl.arange(0, BLOCK_T)
             mask_t = offs_t < length
             rows_t = bi * length + offs_t
-            Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :],
+            Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :],
                          mask=mask_t[:, None] & mask_n[None, :], other=0.0)
             dyt = tl.load(dy_ptr + (rows_t[:, None] * H + hi) * P + offs_p[None, :],
                           mask=mask_t[:, None] & mask_p[None, :], other=0.0)
@@ -387,7 +393,7 @@ def ssd_bwd_dx_kernel(
 def ssd_bwd_dc_kernel(
     x_ptr, B_ptr, C_ptr, seg_ptr, dtp_ptr, cum_ptr, dy_ptr, states_ptr, dstates_ptr,
     dC_ptr, dcum_dst_ptr, chunk_const_ptr,
-    length, n_chunks,
+    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PP: tl.constexpr, NP: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
     NARROW: tl.constexpr, HEADS: tl.constexpr,
@@ -413,7 +419,7 @@ def ssd_bwd_dc_kernel(
     mask_n = offs_n < N
     mask_tn = mask_t[:, None] & mask_n[None, :]
     mask_pn = mask_p[:, None] & mask_n[None, :]
-    Ct = tl.load(C_ptr + (rows_t[:, None] * G + gi) * N + offs_n[None, :], mask=mask_tn, other=0.0)
+    Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_tn, other=0.0)
     in_ok = mask_t
     carry_ok = True
     if HAS_SEQ:
@@ -439,9 +445,9 @@ def ssd_bwd_dc_kernel(
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask_s = offs_s < length
             rows_s = bi * length + offs_s
-            Bs = tl.load(B_ptr + (rows_s[:, None] * G + gi) * N + offs_n[None, :],
+            Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :],
                          mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-            xs = tl.load(x_ptr + (rows_s[:, None] * H + hi) * P + offs_p[None, :],
+            xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :],
                          mask=mask_s[:, None] & mask_p[None, :], other=0.0)
             cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
             dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -471,7 +477,7 @@ def ssd_bwd_dc_kernel(
 def ssd_bwd_dt_kernel(
     dt_ptr, A_ptr, bias_ptr, dtp_ptr, ddt_direct_ptr, dcum_src_ptr, dcum_dst_ptr, chunk_const_ptr,
     ddt_ptr, dA_ptr, dbias_ptr,
-    length, n_chunks, dt_lo, dt_hi,
+    length, n_chunks, dt_lo, dt_hi, sdt_b, sdt_l,
     H: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, CHUNK: tl.constexpr,
 ):
     c, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -488,7 +494,7 @@ def ssd_bwd_dt_kernel(
     dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
     ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
     tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0))
-    v = tl.load(dt_ptr + (bi * length + offs) * H + hi, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(dt_ptr + bi * sdt_b + offs * sdt_l + hi, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + hi).to(tl.float32)
     if CLAMP:

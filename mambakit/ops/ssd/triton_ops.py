@@ -34,6 +34,23 @@ def _states_dtype(x: Tensor) -> torch.dtype:
     return torch.bfloat16 if x.dtype == torch.bfloat16 else F32
 
 
+def _rows(t: Optional[Tensor]) -> tuple[int, int]:
+    """(batch stride, token stride) of an input the kernels read in place; (0, 0) for None."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _packed_rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t itself if each token's row (the dims after b, l) is packed, else a contiguous copy."""
+    if t is None:
+        return None
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size > 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
 def _precision(x: Tensor) -> str:
     """fp32 inputs: exact fp32 products (as the reference); half inputs: the fp32 state products in tf32."""
     return "ieee" if x.dtype == F32 else "tf32"
@@ -84,19 +101,20 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     final = x.new_empty(bsz, h, p, n, dtype=F32)
     dtp = x.new_empty(bsz, h, length, dtype=F32)
     cum = x.new_empty(bsz, h, length, dtype=F32)
-    y = torch.empty_like(x)
-    y_pre = torch.empty_like(x) if save and z is not None else x.new_empty(0)
+    y = x.new_empty(x.shape)
+    y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n)
     kernels.ssd_fwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
         x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
+        *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
     cfg = _launch("fwd_output", chunk, p, n)
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
     kernels.ssd_fwd_output_kernel[grid](
-        x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks,
+        x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks, *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
         NARROW=x.dtype == torch.bfloat16, **cfg,
@@ -110,7 +128,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
-    return (torch.empty_like(x), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x)),
+    return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x)),
             x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
@@ -127,16 +145,17 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     prec = _precision(x)
     dstates = torch.empty_like(states)
     dh0 = torch.empty(bsz, h, p, n, device=dev, dtype=F32) if h0 is not None else x.new_empty(0, dtype=F32)
-    dy = torch.empty_like(x) if z is not None else dout  # dL/d(SSD output before D and the gate)
-    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
+    dy = x.new_empty(x.shape) if z is not None else dout  # dL/d(SSD output before D and the gate)
+    dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
     cfg = _launch("bwd_state", chunk, p, n)
     kernels.ssd_bwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
+        *_rows(x), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
     )
-    dx = torch.empty_like(x)
+    dx = x.new_empty(x.shape)
     ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
     dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
     chunk_const = torch.zeros(bsz, h, n_chunks, device=dev, dtype=F32)
@@ -146,27 +165,29 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     def group_grad(heads):
         """dB/dC target (b, l, g, n): B's dtype when a program takes all heads of a group, else
         zeroed float32 that the programs of a group add into."""
-        return torch.empty_like(B) if heads == h // g else torch.zeros(B.shape, device=dev, dtype=F32)
+        return B.new_empty(B.shape) if heads == h // g else torch.zeros(B.shape, device=dev, dtype=F32)
 
     cfg = _launch("bwd_dx", chunk, p, n)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dB = group_grad(cfg["HEADS"])
     kernels.ssd_bwd_dx_kernel[(n_chunks * (chunk // cfg["BLOCK_S"]), bsz * h // cfg["HEADS"])](
         x, B, C, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
+        *_rows(x), *_rows(B), *_rows(C),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **common, **cfg,
     )
     cfg = _launch("bwd_dc", chunk, p, n)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dC = group_grad(cfg["HEADS"])
     kernels.ssd_bwd_dc_kernel[(n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"])](
-        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks, **common, **cfg,
+        x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
+        *_rows(x), *_rows(B), *_rows(C), **common, **cfg,
     )
-    ddt = torch.empty_like(dt)
+    ddt = dt.new_empty(dt.shape)
     dA = torch.zeros(h, device=dev, dtype=F32)
     dbias = torch.zeros(h if dt_bias is not None else 1, device=dev, dtype=F32)
     kernels.ssd_bwd_dt_kernel[(n_chunks, bsz * h)](
         dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
-        dt_lo, dt_hi, H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, CHUNK=chunk,
+        dt_lo, dt_hi, *_rows(dt), H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, CHUNK=chunk,
         **CONFIGS["bwd_dt"],
     )
 
@@ -187,7 +208,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
 def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi,
       clamp, chunk):
     def like(t):
-        return torch.empty_like(t) if t is not None else x.new_empty(0)
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
 
     return [like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(h0)]
 
@@ -219,11 +240,13 @@ def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_
     def c(t):
         return None if t is None else t.contiguous()
 
+    x, dt, B, C, z = (_packed_rows(t) for t in (x, dt, B, C, z))
+
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     clamp = (lo, hi) != (0.0, float("inf"))
     seg = None if seq_idx is None else canonical_segments(seq_idx)
-    y, final, *_ = ssd_fwd(c(x), c(dt), c(A), c(B), c(C), c(D), c(z), c(dt_bias), c(initial_states), seg,
+    y, final, *_ = ssd_fwd(x, dt, c(A), B, C, c(D), z, c(dt_bias), c(initial_states), seg,
                            dt_softplus, lo, hi, clamp, kernel_chunk(chunk_size), save)
     return (y, final) if return_final_states else y
