@@ -116,7 +116,7 @@ def ssd_fwd_state_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
-        raw = tl.load(dt_ptr + bi * sdt_b + offs_t * sdt_l + hi, mask=mask_t, other=0.0).to(tl.float32)
+        raw = tl.load(dt_ptr + bi * sdt_b + offs_t.to(tl.int64) * sdt_l + hi, mask=mask_t, other=0.0).to(tl.float32)
         dt = tl.where(mask_t, _discretize(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, CLAMP), 0.0)
         a = dt * A
         local = tl.cumsum(a, 0)
@@ -134,9 +134,9 @@ def ssd_fwd_state_kernel(
             weight = tl.where(seg == seg_last, weight, 0.0)
             carry = tl.where(seg_last == seg_prev, carry, 0.0)
             seg_prev = seg_last
-        xs = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :],
+        xs = tl.load(x_ptr + bi * sx_b + offs_t.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :],
                      mask=mask_t[:, None] & (offs_p[None, :] < P), other=0.0)
-        Bs = tl.load(B_ptr + bi * sB_b + offs_t[:, None] * sB_l + gi * N + offs_n[None, :],
+        Bs = tl.load(B_ptr + bi * sB_b + offs_t.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :],
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         xw = (xs.to(tl.float32) * weight[:, None]).to(xs.dtype)
         S = S * carry + _dot(tl.trans(xw), Bs, PREC)
@@ -170,7 +170,7 @@ def ssd_fwd_output_kernel(
     mask_n = offs_n < N
     scratch = (bi * H + hi) * length
     cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
-    Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
+    Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
                  other=0.0)
 
     # The state entering the chunk, read out through C and decayed to each row.
@@ -188,9 +188,9 @@ def ssd_fwd_output_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_K)
         mask_s = offs_s < length
         rows_s = bi * length + offs_s
-        Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :],
+        Bs = tl.load(B_ptr + bi * sB_b + offs_s.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :],
                      mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-        xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :],
+        xs = tl.load(x_ptr + bi * sx_b + offs_s.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :],
                      mask=mask_s[:, None] & mask_p[None, :], other=0.0)
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -205,7 +205,7 @@ def ssd_fwd_output_kernel(
     mask_tp = mask_t[:, None] & mask_p[None, :]
     tp = (rows_t[:, None] * H + hi) * P + offs_p[None, :]  # y, y_pre: contiguous
     if HAS_D:
-        xt = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
+        xt = tl.load(x_ptr + bi * sx_b + offs_t.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
                      other=0.0).to(tl.float32)
         if D_PER_P:
             Dv = tl.load(D_ptr + hi * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
@@ -215,7 +215,7 @@ def ssd_fwd_output_kernel(
     if HAS_Z:
         if SAVE_PRE:
             tl.store(ypre_ptr + tp, acc.to(ypre_ptr.dtype.element_ty), mask=mask_tp)
-        zt = tl.load(z_ptr + bi * sz_b + offs_t[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
+        zt = tl.load(z_ptr + bi * sz_b + offs_t.to(tl.int64)[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
                      other=0.0).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(y_ptr + tp, acc.to(y_ptr.dtype.element_ty), mask=mask_tp)
@@ -270,7 +270,7 @@ def ssd_bwd_state_kernel(
         tp = (rows[:, None] * H + hi) * P + offs_p[None, :]  # dout, y_pre, dy, dz: contiguous
         dout = tl.load(dout_ptr + tp, mask=mask_tp, other=0.0).to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_ptr + bi * sz_b + offs_t[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
+            zt = tl.load(z_ptr + bi * sz_b + offs_t.to(tl.int64)[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
                          other=0.0).to(tl.float32)
             gate = tl.sigmoid(zt)
             dy = dout * zt * gate
@@ -283,10 +283,10 @@ def ssd_bwd_state_kernel(
                 tl.store(dz_ptr + tp, dz.to(dz_ptr.dtype.element_ty), mask=mask_tp)
                 tl.store(dy_ptr + tp, dy.to(dy_ptr.dtype.element_ty), mask=mask_tp)  # else dy is dout
             if HAS_D:
-                xt = tl.load(x_ptr + bi * sx_b + offs_t[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
+                xt = tl.load(x_ptr + bi * sx_b + offs_t.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
                              other=0.0).to(tl.float32)
                 dD += tl.sum(dy * xt, 0)
-        Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :],
+        Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :],
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         dyw = (dy * decay_in[:, None]).to(Ct.dtype)
         dS = dS * carry + _dot(tl.trans(dyw), Ct, PREC)
@@ -326,7 +326,7 @@ def ssd_bwd_dx_kernel(
     mask_n = offs_n < N
     mask_sn = mask_s[:, None] & mask_n[None, :]
     mask_sp = mask_s[:, None] & mask_p[None, :]
-    Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :], mask=mask_sn, other=0.0)
+    Bs = tl.load(B_ptr + bi * sB_b + offs_s.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :], mask=mask_sn, other=0.0)
     out_ok = mask_s
     if HAS_SEQ:
         seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-1)
@@ -340,7 +340,7 @@ def ssd_bwd_dx_kernel(
         cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
         cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
         sp = (rows_s[:, None] * H + hi) * P + offs_p[None, :]  # dy, dx: contiguous
-        xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_sp, other=0.0)
+        xs = tl.load(x_ptr + bi * sx_b + offs_s.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_sp, other=0.0)
         # Through the chunk's end state: dS_end (p, n) is the gradient of the state leaving the chunk.
         dS = tl.load(dstates_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mask_p[:, None] & mask_n[None, :], other=0.0)
@@ -354,7 +354,7 @@ def ssd_bwd_dx_kernel(
             offs_t = t0 + tl.arange(0, BLOCK_T)
             mask_t = offs_t < length
             rows_t = bi * length + offs_t
-            Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :],
+            Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :],
                          mask=mask_t[:, None] & mask_n[None, :], other=0.0)
             dyt = tl.load(dy_ptr + (rows_t[:, None] * H + hi) * P + offs_p[None, :],
                           mask=mask_t[:, None] & mask_p[None, :], other=0.0)
@@ -419,7 +419,7 @@ def ssd_bwd_dc_kernel(
     mask_n = offs_n < N
     mask_tn = mask_t[:, None] & mask_n[None, :]
     mask_pn = mask_p[:, None] & mask_n[None, :]
-    Ct = tl.load(C_ptr + bi * sC_b + offs_t[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_tn, other=0.0)
+    Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_tn, other=0.0)
     in_ok = mask_t
     carry_ok = True
     if HAS_SEQ:
@@ -445,9 +445,9 @@ def ssd_bwd_dc_kernel(
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask_s = offs_s < length
             rows_s = bi * length + offs_s
-            Bs = tl.load(B_ptr + bi * sB_b + offs_s[:, None] * sB_l + gi * N + offs_n[None, :],
+            Bs = tl.load(B_ptr + bi * sB_b + offs_s.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :],
                          mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-            xs = tl.load(x_ptr + bi * sx_b + offs_s[:, None] * sx_l + hi * P + offs_p[None, :],
+            xs = tl.load(x_ptr + bi * sx_b + offs_s.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :],
                          mask=mask_s[:, None] & mask_p[None, :], other=0.0)
             cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
             dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
@@ -494,7 +494,7 @@ def ssd_bwd_dt_kernel(
     dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
     ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
     tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0))
-    v = tl.load(dt_ptr + bi * sdt_b + offs * sdt_l + hi, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(dt_ptr + bi * sdt_b + offs.to(tl.int64) * sdt_l + hi, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + hi).to(tl.float32)
     if CLAMP:
