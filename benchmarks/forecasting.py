@@ -61,13 +61,14 @@ def write_outputs(records: list[dict], directory: Path) -> None:
     md = "\n".join(lines) + "\n"
     atomic_write(directory / "forecasting.md", lambda tmp: Path(tmp).write_text(md))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    # One panel per metric, stacked; the width grows with the records so the labels stay readable.
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.6 * len(records)), 8), dpi=100)
     labels = [f"{r['model']}\n{r['dataset']} H{r['horizon']}" for r in records]
     xs = range(len(records))
     for ax, metric in zip(axes, ("mse", "mae")):
         ax.bar([x - 0.2 for x in xs], [r[metric] for r in records], 0.4, label="measured (CPU)")
         ax.bar([x + 0.2 for x in xs], [r[f"published_{metric}"] or 0 for r in records], 0.4, label="published")
-        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_xticks(list(xs), labels, fontsize=8, rotation=60, ha="right")
         ax.set_title(metric.upper())
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
