@@ -28,9 +28,9 @@ def selective_scan(
 
     backend: ``None`` (auto: Triton for CUDA tensors, the reference otherwise; the environment
     variable ``MAMBAKIT_BACKEND`` overrides the auto choice), ``"reference"`` or ``"triton"``.
-    The Triton kernels take real A and float16/bfloat16/float32 inputs (state math in float32);
-    on auto, complex A and float64 inputs run the reference. ``algorithm`` selects among the
-    reference's algorithms and is ignored by the kernels.
+    The Triton kernels take real or complex64 A and float16/bfloat16/float32 inputs (state math
+    in float32); on auto, float64 and complex128 inputs run the reference. ``algorithm``
+    selects among the reference's algorithms and is ignored by the kernels.
     """
     validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx)
     impl = resolve_backend(backend, u.device)
@@ -50,8 +50,6 @@ def selective_scan(
 
 
 def _triton_unsupported(*tensors) -> str | None:
-    if tensors[2].is_complex():
-        return "complex A"
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return "float64 inputs"
+    if any(t is not None and t.dtype in (torch.float64, torch.complex128) for t in tensors):
+        return "float64/complex128 inputs"
     return None

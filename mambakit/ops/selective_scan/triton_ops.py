@@ -3,21 +3,55 @@ traces through them without graph breaks) with their autograd formula."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
+from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
 
 
-def block_l(length: int) -> int:
-    """Tokens per tile, a function of the length alone: the backward restarts each tile from the
-    state the forward stored at its end, so both passes must cut the same tiles."""
-    return min(1024, max(16, triton.next_power_of_2(length)))
+@dataclass(frozen=True)
+class Plan:
+    """Launch parameters. The forward walks tiles of ``fwd_block_l`` tokens (8 tokens per thread
+    and channel; longer tiles put a channel on several lanes, for more programs when there are
+    few channels) over ``fwd_block_d`` channels; the backward walks chunks of ``save_every``
+    tokens, whose end states the forward stores."""
+
+    fwd_block_l: int
+    fwd_block_d: int
+    fwd_warps: int
+    save_every: int
+    bwd_block_d: int
+    bwd_warps: int
+
+
+def plan(batch: int, dim: int, length: int) -> Plan:
+    """The launch parameters for a (batch, dim, length) scan, from the shape alone: the forward
+    and the backward of one call must agree on ``save_every``."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CI on CPU: small blocks, several programs
+        return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1)
+    channels = batch * dim
+    # One warp covers 256 (channel, token) pairs: 32 channels of 8-token tiles, or 4 channels of
+    # 64-token tiles. Prefer the shortest tile (no shuffles in the scan) that still gives every
+    # SM's four schedulers a few warps.
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    fwd_block_l = 64
+    for tokens in (8, 16, 32):
+        if channels * tokens // 256 >= _WARPS_PER_SM * sms:
+            fwd_block_l = tokens
+            break
+    return Plan(fwd_block_l=fwd_block_l, fwd_block_d=256 // fwd_block_l, fwd_warps=1,
+                save_every=64, bwd_block_d=8, bwd_warps=1)
+
+
+_WARPS_PER_SM = 4
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
@@ -33,44 +67,70 @@ def _padded(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+def _fp32(X: Optional[Tensor]) -> Optional[Tensor]:
+    """B, C (or a complex A / state) as contiguous float32, complex tensors viewed as real with a
+    trailing (re, im) axis; a no-op when already so. The kernels read every B/C entry in every
+    thread, and a conversion there would cost more than this small copy."""
+    if X is None:
+        return None
+    if X.is_complex():
+        return torch.view_as_real(X.to(torch.complex64).resolve_conj().contiguous())
+    return X.to(F32).contiguous()
+
+
+def _state(shape: tuple, complex_a: bool, device, zeros: bool = False) -> Tensor:
+    """An fp32 state-shaped buffer, with a trailing (re, im) axis for a complex A."""
+    shape = shape + (2,) if complex_a else shape
+    return (torch.zeros if zeros else torch.empty)(shape, device=device, dtype=F32)
+
+
+def _as_state(buffer: Tensor, complex_a: bool) -> Tensor:
+    return torch.view_as_complex(buffer) if complex_a else buffer
+
+
 @torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, tile-end states (b, d, n_tiles, n)
-    fp32, and the output before the z gate (b, d, l), empty unless ``save_states`` and z)."""
+    """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, chunk-end states (b, d, n_chunks, n)
+    fp32 and the output before the z gate (b, d, l); the last two are empty unless
+    ``save_states`` (and z, for the last)."""
     bsz, d, length = u.shape
     n = A.shape[1]
-    n_tiles = triton.cdiv(length, block_l(length))
+    p = plan(bsz, d, length)
+    n_saved = triton.cdiv(length, p.save_every)
     y = torch.empty_like(u)
-    last = torch.empty(bsz, d, n, device=u.device, dtype=F32)
-    # The kernel carries the state between tiles through this buffer, so it always exists.
-    states = torch.empty(bsz, d, n_tiles, n, device=u.device, dtype=F32)
+    cplx = A.is_complex()
+    last = _state((bsz, d, n), cplx, u.device)
+    states = _state((bsz, d, n_saved, n), cplx, u.device) if save_states else u.new_empty(0, dtype=F32)
     y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
-
-    def grid(meta):
-        return (triton.cdiv(d, meta["BLOCK_D"]), bsz)
-
-    kernels.selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states,
-        d, length, b_pg, c_pg,
+    grid = (triton.cdiv(d, p.fwd_block_d), bsz)
+    kernel = complex_kernels.selective_scan_complex_fwd_kernel if cplx else kernels.selective_scan_fwd_kernel
+    kernel[grid](
+        u, delta, _fp32(A) if cplx else A, _fp32(B), _fp32(C), D, z, delta_bias, _fp32(h0) if cplx else h0, seq_idx,
+        y, y_pre, last, states,
+        d, length, b_pg, c_pg, n_saved,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=n, NP=_padded(n), BLOCK_L=block_l(length),
+        N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, SAVE_EVERY=p.save_every,
+        num_warps=p.fwd_warps,
     )
-    return y, last, states, y_pre
+    return y, _as_state(last, cplx), states, y_pre
 
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
     bsz, d, length = u.shape
     n = A.shape[1]
-    states_shape = (bsz, d, triton.cdiv(length, block_l(length)), n)
+    states_shape = (bsz, d, triton.cdiv(length, plan(bsz, d, length).save_every), n) if save_states else (0,)
+    if save_states and A.is_complex():
+        states_shape += (2,)
     y_pre_shape = u.shape if save_states and z is not None else (0,)
-    return (torch.empty_like(u), u.new_empty(bsz, d, n, dtype=F32), u.new_empty(states_shape, dtype=F32),
+    last_dtype = torch.complex64 if A.is_complex() else F32
+    return (torch.empty_like(u), u.new_empty(bsz, d, n, dtype=last_dtype), u.new_empty(states_shape, dtype=F32),
             u.new_empty(y_pre_shape))
 
 
@@ -81,43 +141,41 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty."""
     bsz, d, length = u.shape
     n = A.shape[1]
+    p = plan(bsz, d, length)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)  # (distinct from the other empties)
     # Reductions over channels, batch or time are accumulated atomically in fp32.
-    dA = torch.zeros(A.shape, device=u.device, dtype=F32)
-    dB = torch.zeros(B.shape, device=u.device, dtype=F32)
-    dC = torch.zeros(C.shape, device=u.device, dtype=F32)
+    cplx = A.is_complex()
+    dA = _state(tuple(A.shape), cplx, u.device, zeros=True)
+    dB = _state(tuple(B.shape), B.is_complex(), u.device, zeros=True)
+    dC = _state(tuple(C.shape), C.is_complex(), u.device, zeros=True)
     dD = torch.zeros(d if D is not None else 1, device=u.device, dtype=F32)
     dbias = torch.zeros(d if delta_bias is not None else 1, device=u.device, dtype=F32)
-    dh0 = torch.empty(bsz, d, n, device=u.device, dtype=F32) if h0 is not None else u.new_empty(0, dtype=F32)
-    # The kernel passes the state gradient between tiles through this (b, d, 2, n) buffer; slot 0
-    # starts as the final state's gradient.
-    g_carry = torch.zeros(bsz, d, 2, n, device=u.device, dtype=F32)
-    if dlast is not None:
-        g_carry[:, :, 0] = dlast
+    dh0 = _state((bsz, d, n), cplx, u.device) if h0 is not None else u.new_empty(0, dtype=F32)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
-
-    def grid(meta):
-        return (triton.cdiv(d, meta["BLOCK_D"]), bsz)
-
-    kernels.selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, g_carry,
+    grid = (triton.cdiv(d, p.bwd_block_d), bsz)
+    kernel = complex_kernels.selective_scan_complex_bwd_kernel if cplx else kernels.selective_scan_bwd_kernel
+    kernel[grid](
+        u, delta, _fp32(A) if cplx else A, _fp32(B), _fp32(C), D, z, delta_bias, _fp32(h0) if cplx else h0, seq_idx,
+        states, y_pre, dy, _fp32(dlast) if cplx else dlast,
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
-        d, length, b_pg, c_pg,
+        d, length, b_pg, c_pg, triton.cdiv(length, p.save_every),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
+        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
         B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=n, NP=_padded(n), BLOCK_L=block_l(length),
+        N=n, NP=_padded(n), BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, num_warps=p.bwd_warps,
     )
+
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return u.new_empty(0)
 
     return [
-        du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        du, ddelta, _as_state(dA, cplx).to(A.dtype), _as_state(dB, B.is_complex()).to(B.dtype),
+        _as_state(dC, C.is_complex()).to(C.dtype),
         dD.to(D.dtype) if D is not None else empty(), dz,
         dbias.to(delta_bias.dtype) if delta_bias is not None else empty(),
-        dh0.to(h0.dtype) if h0 is not None else empty(),
+        _as_state(dh0, cplx).to(h0.dtype) if h0 is not None else empty(),
     ]
 
 
@@ -137,7 +195,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dlast, _dstates, _dy_pre):
     u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre = ctx.saved_tensors
-    if z is not None and y_pre.numel() == 0:
+    if states.numel() == 0:
         raise RuntimeError("selective_scan: the forward ran without saving for backward (no input required grad)")
     grads = selective_scan_bwd(dy.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
                                z, delta_bias, h0, seq_idx, states, y_pre, ctx.delta_softplus)
@@ -177,16 +235,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_final_state=False, seq_idx=None):
-    """Triton path of :func:`mambakit.ops.selective_scan` (real A; inputs already validated).
+    """Triton path of :func:`mambakit.ops.selective_scan` (inputs already validated).
 
-    A single token without gradients (decoding) takes the one-step kernel; everything else the
-    tiled scan."""
+    A single token without gradients (decoding) with a real A takes the one-step kernel;
+    everything else the tiled scan."""
     def c(t):
         return None if t is None else t.contiguous()
 
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if u.shape[2] == 1 and not save_states:
+    if u.shape[2] == 1 and not save_states and not A.is_complex():
         y, last = selective_scan_step(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
                                       c(initial_state), delta_softplus)
         return (y, last) if return_final_state else y
