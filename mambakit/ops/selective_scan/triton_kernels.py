@@ -125,6 +125,50 @@ def _resets(p_seq, i_b, o_t, length, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
+                          HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """A backward tile's per-token inputs (fp32): u, Delta, Delta before softplus, resets, the
+    next token's Delta and reset, and the gradient reaching the scan's output; stores dz."""
+    u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
+    delta, delta_raw = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
+    reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+    # Delta of the next token (0 past the end: the final state's adjoint enters with a = 1).
+    m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
+    delta_next, _ = _delta(p_delta, offs + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+    reset_next = _resets(p_seq, i_b, o_t + 1, length, HAS_SEQ)
+    dout = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_Z:
+        y = tl.load(p_ypre + offs, mask=m, other=0.0).to(tl.float32)
+        zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zv)
+        dy = dout * zv * sig
+        tl.store(p_dz + offs, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(p_dz.dtype.element_ty), mask=m)
+    else:
+        dy = dout
+    return u, delta, delta_raw, reset, delta_next, reset_next, dy
+
+
+@triton.jit
+def _backward_tile_outputs(p_D, p_du, p_ddelta, du, ddelta, u, delta, delta_raw, dy, offs, m, o_d, m_d, dD_acc,
+                           dbias_acc, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Finish and store a tile's du and dDelta from their sums over state entries (du still
+    without its Delta factor); return the updated dD and d delta_bias sums."""
+    du = du * delta
+    if HAS_D:
+        D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        du += D[:, None] * dy
+        dD_acc += tl.sum(dy * u, axis=1)
+    if SOFTPLUS:
+        ddelta = ddelta * tl.sigmoid(delta_raw)
+    ddelta = tl.where(m, ddelta, 0.0)
+    if HAS_BIAS:
+        dbias_acc += tl.sum(ddelta, axis=1)
+    tl.store(p_ddelta + offs, ddelta.to(p_ddelta.dtype.element_ty), mask=m)
+    tl.store(p_du + offs, du.to(p_du.dtype.element_ty), mask=m)
+    return dD_acc, dbias_acc
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq,
     p_y, p_ypre, p_last, p_states,
@@ -237,23 +281,10 @@ def selective_scan_bwd_kernel(
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
         offs = row[:, None] + o_t[None, :]
-        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
-        delta, delta_raw = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
+        u, delta, delta_raw, reset, delta_next, reset_next, dy = _backward_tile_inputs(
+            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
+            HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         drive = delta * u
-        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
-        # Delta of the next token (0 past the end: the final state's adjoint enters with a = 1).
-        m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
-        delta_next, _ = _delta(p_delta, offs + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
-        reset_next = _resets(p_seq, i_b, o_t + 1, length, HAS_SEQ)
-        dout = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_Z:
-            y = tl.load(p_ypre + offs, mask=m, other=0.0).to(tl.float32)
-            zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            dy = dout * zv * sig
-            tl.store(p_dz + offs, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(p_dz.dtype.element_ty), mask=m)
-        else:
-            dy = dout
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):
@@ -293,18 +324,8 @@ def selective_scan_bwd_kernel(
                                      C_GROUPED)
             else:
                 dC_acc = _set_column(dC_acc, o_n, i_n, _column(dC_acc, o_n, i_n) + tl.sum(hs * dy, axis=1))
-        du = du * delta
-        if HAS_D:
-            D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-            du += D[:, None] * dy
-            dD_acc += tl.sum(dy * u, axis=1)
-        if SOFTPLUS:
-            ddelta = ddelta * tl.sigmoid(delta_raw)
-        ddelta = tl.where(m, ddelta, 0.0)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddelta, axis=1)
-        tl.store(p_ddelta + offs, ddelta.to(p_ddelta.dtype.element_ty), mask=m)
-        tl.store(p_du + offs, du.to(p_du.dtype.element_ty), mask=m)
+        dD_acc, dbias_acc = _backward_tile_outputs(p_D, p_du, p_ddelta, du, ddelta, u, delta, delta_raw, dy, offs, m,
+                                                   o_d, m_d, dD_acc, dbias_acc, HAS_D, HAS_BIAS, SOFTPLUS)
 
     if HAS_H0:
         # dL/dh_{-1} = a_0 g_0 (the first token never starts a new sequence).
