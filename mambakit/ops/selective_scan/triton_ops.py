@@ -15,6 +15,8 @@ from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
+# Warps per SM below which the forward takes a longer tile (more programs for few channels).
+_WARPS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,6 @@ def plan(batch: int, dim: int, length: int) -> Plan:
             break
     return Plan(fwd_block_l=fwd_block_l, fwd_block_d=256 // fwd_block_l, fwd_warps=1,
                 save_every=64, bwd_block_d=8, bwd_warps=1)
-
-
-_WARPS_PER_SM = 4
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
