@@ -40,9 +40,27 @@ def _register_package(src: Path) -> None:
 
 
 def official_selective_scan(src: Path):
-    """Build (for this GPU only) and import the official CUDA selective scan; -> selective_scan_fn."""
+    """Build (for this GPU only) and import the official CUDA selective scan; -> selective_scan_fn.
+
+    If ``MAMBAKIT_OFFICIAL_SO`` names a ``selective_scan_cuda`` extension built by an earlier run
+    (carried back from its build folder /tmp/torch_ext/selective_scan_cuda), that one is imported
+    instead of building again."""
     import torch
     from torch.utils.cpp_extension import load
+
+    prebuilt = os.environ.get("MAMBAKIT_OFFICIAL_SO")
+    if prebuilt:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("selective_scan_cuda", prebuilt)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(f"[peers] imported the prebuilt official selective_scan_cuda from {prebuilt}", flush=True)
+        sys.modules["selective_scan_cuda"] = module
+        _register_package(src)
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
