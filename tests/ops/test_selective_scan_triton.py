@@ -81,22 +81,25 @@ FEATURES = [
 ]
 
 
+WHOLE = 1 << 30  # one program over the whole sequence
 TILINGS = {
-    # forward tile, forward channels, backward chunk, backward channels
-    "8-token-tiles-16-token-chunks": (8, 4, 16, 4),
-    "16-token-tiles-32-token-chunks": (16, 2, 32, 8),
-    "one-tile": (64, 4, 64, 2),
+    # forward tile, forward channels, backward tile (= saved-state spacing), backward channels,
+    # tokens per forward program, tokens per backward program
+    "8-token-tiles-split-16-32": (8, 4, 16, 4, 32, 16),
+    "16-token-tiles-split-32": (16, 2, 32, 8, WHOLE, 32),
+    "one-tile": (64, 4, 64, 2, WHOLE, WHOLE),
 }
 
 
 @pytest.fixture(params=list(TILINGS))
 def tiles(request, monkeypatch):
-    """Cut sequences into several tilings, so that short cases cross tile and chunk boundaries
-    (on the GPU too: the plan is replaced whatever the device)."""
+    """Cut sequences into several tilings and time splits, so that short cases cross tile, chunk
+    and program boundaries (on the GPU too: the plan is replaced whatever the device)."""
     from mambakit.ops.selective_scan import triton_ops
 
-    fl, fd, chunk, bd = TILINGS[request.param]
-    tiling = triton_ops.Plan(fwd_block_l=fl, fwd_block_d=fd, fwd_warps=1, save_every=chunk, bwd_block_d=bd, bwd_warps=1)
+    fl, fd, save, bd, fwd_chunk, bwd_chunk = TILINGS[request.param]
+    tiling = triton_ops.Plan(fwd_block_l=fl, fwd_block_d=fd, fwd_warps=1, save_every=save, bwd_block_d=bd,
+                             bwd_warps=1, fwd_chunk=fwd_chunk, bwd_chunk=bwd_chunk)
     monkeypatch.setattr(triton_ops, "plan", lambda batch, dim, length: tiling)
     return request.param
 

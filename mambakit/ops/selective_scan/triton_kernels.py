@@ -171,16 +171,21 @@ def _backward_tile_outputs(p_D, p_du, p_ddelta, du, ddelta, u, delta, delta_raw,
 @triton.jit
 def selective_scan_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq,
-    p_y, p_ypre, p_last, p_states,
-    dim, length, b_per_group, c_per_group, n_saved,
+    p_y, p_ypre, p_last, p_states, p_chunk_h, p_chunk_decay,
+    dim, length, b_per_group, c_per_group, n_saved, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """y (b, d, l), the final state (b, d, n) and, if SAVE_STATES, the state at the end of each
-    SAVE_EVERY-token chunk (b, d, n_saved, n) and the output before the z gate."""
-    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    SAVE_EVERY-token chunk (b, d, n_saved, n) and the output before the z gate.
+
+    Program (i_d, i_b, i_c) covers tokens [i_c CHUNK, (i_c + 1) CHUNK). Its start state combines
+    the initial state with the earlier chunks' zero-start end states and decays (from
+    ``selective_scan_chunk_state_kernel``): h <- decay_k h + h_k for k < i_c."""
+    i_d, i_b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, NP)
     o_l = tl.arange(0, BLOCK_L)
@@ -194,8 +199,12 @@ def selective_scan_fwd_kernel(
         h = tl.load(p_h0 + o_state, mask=m_dn, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    for k in range(0, i_c):
+        o_chunk = ((i_b * n_chunks + k) * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
+        h = (tl.load(p_chunk_decay + o_chunk, mask=m_dn, other=0.0) * h
+             + tl.load(p_chunk_h + o_chunk, mask=m_dn, other=0.0))
     row = (i_b * dim + o_d).to(tl.int64) * length  # (BLOCK_D,) start of each channel in (b, d, l)
-    for t0 in range(0, length, BLOCK_L):
+    for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
@@ -230,20 +239,72 @@ def selective_scan_fwd_kernel(
             zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
             y = y * zv * tl.sigmoid(zv)
         tl.store(p_y + offs, y.to(p_y.dtype.element_ty), mask=m)
-    tl.store(p_last + o_state, h, mask=m_dn)
+    if i_c == n_chunks - 1:
+        tl.store(p_last + o_state, h, mask=m_dn)
+
+
+@triton.jit
+def selective_scan_chunk_state_kernel(
+    p_u, p_delta, p_A, p_B, p_bias, p_seq, p_chunk_h, p_chunk_decay,
+    dim, length, b_per_group, n_chunks,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    B_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """First pass of a forward split over time: for chunk i_c of CHUNK tokens, the state at its
+    end from a zero start (h_k) and the product of its decays (decay_k), both (b, n_chunks, d, n)
+    fp32, so that the state after the chunk is decay_k (state before it) + h_k. A packed sequence
+    starting inside the chunk makes decay_k zero."""
+    i_d, i_b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, NP)
+    o_l = tl.arange(0, BLOCK_L)
+    m_d = o_d < dim
+    m_dn = m_d[:, None] & (o_n < N)[None, :]
+    A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    decay = h + 1.0
+    row = (i_b * dim + o_d).to(tl.int64) * length
+    for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
+        o_t = t0 + o_l
+        m_t = o_t < length
+        m = m_d[:, None] & m_t[None, :]
+        offs = row[:, None] + o_t[None, :]
+        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
+        delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
+        drive = delta * u
+        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+        for i_n in tl.static_range(N):
+            a = tl.exp2(delta * _column(A, o_n, i_n)[:, None])
+            if HAS_SEQ:
+                a = tl.where(reset[None, :], 0.0, a)
+            b = drive * _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
+                                    B_VARIABLE, B_GROUPED)
+            b = tl.where(o_l[None, :] == 0, b + a * _column(h, o_n, i_n)[:, None], b)
+            a_scan, hs = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
+            h = _set_column(h, o_n, i_n, _column(hs, o_l, BLOCK_L - 1))
+            decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(a_scan, o_l, BLOCK_L - 1))
+    o_chunk = ((i_b * n_chunks + i_c) * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
+    tl.store(p_chunk_h + o_chunk, h, mask=m_dn)
+    tl.store(p_chunk_decay + o_chunk, decay, mask=m_dn)
 
 
 @triton.jit
 def selective_scan_bwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq, p_states, p_ypre, p_dy, p_dlast,
-    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0,
-    dim, length, b_per_group, c_per_group, n_saved,
+    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0, p_chunk_g, p_chunk_decay,
+    dim, length, b_per_group, c_per_group, n_saved, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Gradients of the scan, one BLOCK_L = SAVE_EVERY chunk per tile, walking backwards.
+
+    Program (i_d, i_b, i_c) covers tokens [i_c CHUNK, (i_c + 1) CHUNK). The adjoint entering it
+    from the right combines dL/dh_last with the later chunks' zero-end adjoints and decays (from
+    ``selective_scan_chunk_adjoint_kernel``): g <- g_k + decay_k g for k = n_chunks - 1 .. i_c + 1.
 
     With g_t = dL/dh_t (adjoint), a_t = exp(Delta_t A), b_t = Delta_t B_t u_t:
         g_t = C_t dy_t + a_{t+1} g_{t+1}          (reverse scan; a_{t+1} from the next token)
@@ -251,7 +312,7 @@ def selective_scan_bwd_kernel(
         du_t += g_t Delta_t B_t,   dA += Delta_t g_t a_t h_{t-1},
         dB_t += g_t Delta_t u_t,   dC_t += dy_t h_t,   dh_{-1} = a_0 g_0.
     """
-    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_d, i_b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, NP)
     o_l = tl.arange(0, BLOCK_L)
@@ -259,14 +320,18 @@ def selective_scan_bwd_kernel(
     m_dn = m_d[:, None] & (o_n < N)[None, :]
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
     o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
-    # g_after: the adjoint of the state just after the current tile (of the final state at first).
-    # The (BLOCK_D, NP) carries are built column by column so that each thread holds its
+    # g_after: the adjoint of the state just after the current tile (of the chunk's end state at
+    # first). The (BLOCK_D, NP) carries are built column by column so that each thread holds its
     # channels' entries (see _load_columns).
     zeros = _load_columns(p_A, o_d, m_d, N, NP) * 0.0
     if HAS_DLAST:
         g_after = _load_columns(p_dlast, (i_b * dim + o_d).to(tl.int64), m_d, N, NP)
     else:
         g_after = zeros
+    for k_rev in range(0, n_chunks - 1 - i_c):
+        rows = ((i_b * n_chunks + n_chunks - 1 - k_rev) * dim + o_d).to(tl.int64)
+        g_after = (_load_columns(p_chunk_g, rows, m_d, N, NP)
+                   + _load_columns(p_chunk_decay, rows, m_d, N, NP) * g_after)
     dA_acc = zeros
     dB_acc = zeros  # time-invariant B only
     dC_acc = zeros  # time-invariant C only
@@ -274,9 +339,10 @@ def selective_scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row = (i_b * dim + o_d).to(tl.int64) * length
     p_chunks = p_states + (i_b * dim + o_d).to(tl.int64) * n_saved * N  # (BLOCK_D,) pointers
-    n_tiles = tl.cdiv(length, BLOCK_L)
+    first_tile = i_c * (CHUNK // BLOCK_L)
+    n_tiles = tl.cdiv(tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L) - first_tile
     for i_rev in range(0, n_tiles):
-        i_t = n_tiles - 1 - i_rev
+        i_t = first_tile + n_tiles - 1 - i_rev  # tile (and saved-state chunk) index in the sequence
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
@@ -331,7 +397,8 @@ def selective_scan_bwd_kernel(
         # dL/dh_{-1} = a_0 g_0 (the first token never starts a new sequence).
         delta0, _ = _delta(p_delta, row[:, None], m_d[:, None], bias, HAS_BIAS, SOFTPLUS)
         A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
-        tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_after, mask=m_dn)
+        if i_c == 0:
+            tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_after, mask=m_dn)
     o_param = o_d[:, None] * N + o_n[None, :]
     tl.atomic_add(p_dA + o_param, dA_acc, mask=m_dn)
     if not B_VARIABLE:
@@ -342,6 +409,57 @@ def selective_scan_bwd_kernel(
         tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d)
     if HAS_BIAS:
         tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d)
+
+
+@triton.jit
+def selective_scan_chunk_adjoint_kernel(
+    p_delta, p_A, p_C, p_z, p_bias, p_seq, p_dy, p_chunk_g, p_chunk_decay,
+    dim, length, c_per_group, n_chunks,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    C_VARIABLE: tl.constexpr, C_GROUPED: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """First pass of a backward split over time, for chunks 1 .. n_chunks - 1 (program i_c + 1):
+    the adjoint dL/dh at the chunk's first token when none enters from its right (g_k), and the
+    product of the decays a_{t+1} over its tokens (decay_k), both (b, n_chunks, d, n) fp32, so
+    that the adjoint at its first token is g_k + decay_k (the adjoint at the next chunk's first
+    token)."""
+    i_d, i_b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, NP)
+    o_l = tl.arange(0, BLOCK_L)
+    m_d = o_d < dim
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    g = _load_columns(p_A, o_d, m_d, N, NP) * 0.0
+    decay = g + 1.0
+    row = (i_b * dim + o_d).to(tl.int64) * length
+    first_tile = i_c * (CHUNK // BLOCK_L)
+    n_tiles = tl.cdiv(tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L) - first_tile
+    for i_rev in range(0, n_tiles):
+        o_t = (first_tile + n_tiles - 1 - i_rev) * BLOCK_L + o_l
+        m = m_d[:, None] & (o_t < length)[None, :]
+        offs = row[:, None] + o_t[None, :]
+        m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
+        delta_next, _ = _delta(p_delta, offs + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+        reset_next = _resets(p_seq, i_b, o_t + 1, length, HAS_SEQ)
+        dy = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        for i_n in tl.static_range(N):
+            A_n = tl.load(p_A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E
+            a_next = tl.exp2(delta_next * A_n[:, None])
+            if HAS_SEQ:
+                a_next = tl.where(reset_next[None, :], 0.0, a_next)
+            C_n = _projection(p_C, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, c_per_group, N,
+                              C_VARIABLE, C_GROUPED)
+            q, c_scan = tl.associative_scan((a_next, C_n * dy), axis=1, combine_fn=_combine, reverse=True)
+            g = _set_column(g, o_n, i_n, _column(c_scan, o_l, 0) + _column(q, o_l, 0) * _column(g, o_n, i_n))
+            decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(q, o_l, 0))
+    rows = ((i_b * n_chunks + i_c) * dim + o_d).to(tl.int64) * N
+    for i_n in tl.static_range(N):
+        tl.store(p_chunk_g + rows + i_n, _column(g, o_n, i_n), mask=m_d)
+        tl.store(p_chunk_decay + rows + i_n, _column(decay, o_n, i_n), mask=m_d)
 
 
 @triton.jit

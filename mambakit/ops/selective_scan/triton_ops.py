@@ -15,16 +15,19 @@ from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
-# Warps per SM below which the forward takes a longer tile (more programs for few channels).
-_WARPS_PER_SM = 4
+# Resident warps per SM that the time split aims for (one-warp programs).
+_WARPS_PER_SM = 16
 
 
 @dataclass(frozen=True)
 class Plan:
     """Launch parameters. The forward walks tiles of ``fwd_block_l`` tokens (8 tokens per thread
-    and channel; longer tiles put a channel on several lanes, for more programs when there are
-    few channels) over ``fwd_block_d`` channels; the backward walks chunks of ``save_every``
-    tokens, whose end states the forward stores."""
+    and channel; longer tiles put a channel on several lanes) over ``fwd_block_d`` channels; the
+    backward walks tiles of ``save_every`` tokens, whose end states the forward stores. Each
+    program covers ``fwd_chunk`` (``bwd_chunk``) tokens: splitting the sequence over programs
+    gives the GPU enough of them when there are few channels, for one extra pass over the inputs
+    (the chunks' end states, combined by the programs of the main pass). Both chunks are
+    multiples of ``save_every``, itself a multiple of ``fwd_block_l``."""
 
     fwd_block_l: int
     fwd_block_d: int
@@ -32,25 +35,34 @@ class Plan:
     save_every: int
     bwd_block_d: int
     bwd_warps: int
+    fwd_chunk: int = 1 << 30
+    bwd_chunk: int = 1 << 30
+
+    def __post_init__(self):
+        if self.save_every % self.fwd_block_l or self.fwd_chunk % self.save_every or self.bwd_chunk % self.save_every:
+            raise ValueError(f"Plan: chunks must be multiples of save_every, itself of fwd_block_l; got {self}")
 
 
 def plan(batch: int, dim: int, length: int) -> Plan:
     """The launch parameters for a (batch, dim, length) scan, from the shape alone: the forward
     and the backward of one call must agree on ``save_every``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CI on CPU: small blocks, several programs
-        return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1)
-    channels = batch * dim
-    # One warp covers 256 (channel, token) pairs: 32 channels of 8-token tiles, or 4 channels of
-    # 64-token tiles. Prefer the shortest tile (no shuffles in the scan) that still gives every
-    # SM's four schedulers a few warps.
+        return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
+                    fwd_chunk=32, bwd_chunk=32)
+    # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
+    # 8 channels of 64-token tiles backward. The sequence is split into the longest power-of-two
+    # chunks that still give every SM _WARPS_PER_SM programs.
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    fwd_block_l = 64
-    for tokens in (8, 16, 32):
-        if channels * tokens // 256 >= _WARPS_PER_SM * sms:
-            fwd_block_l = tokens
-            break
-    return Plan(fwd_block_l=fwd_block_l, fwd_block_d=256 // fwd_block_l, fwd_warps=1,
-                save_every=64, bwd_block_d=8, bwd_warps=1)
+    wanted = _WARPS_PER_SM * sms
+
+    def chunk(block_d: int, save_every: int) -> int:
+        tokens = triton.next_power_of_2(max(length, save_every))
+        while tokens > 8 * save_every and triton.cdiv(batch * dim, block_d) * triton.cdiv(length, tokens) < wanted:
+            tokens //= 2
+        return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
+
+    return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=64, bwd_block_d=8, bwd_warps=1,
+                fwd_chunk=chunk(32, 64), bwd_chunk=chunk(8, 64))
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
@@ -105,19 +117,30 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
-    grid = (triton.cdiv(d, p.fwd_block_d), bsz)
-    kernel = complex_kernels.selective_scan_complex_fwd_kernel if cplx else kernels.selective_scan_fwd_kernel
-    kernel[grid](
-        u, delta, _fp32(A) if cplx else A, _fp32(B), _fp32(C), D, z, delta_bias, _fp32(h0) if cplx else h0, seq_idx,
-        y, y_pre, last, states,
-        d, length, b_pg, c_pg, n_saved,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
-        B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, SAVE_EVERY=p.save_every,
-        num_warps=p.fwd_warps,
-    )
-    return y, _as_state(last, cplx), states, y_pre
+    B32, C32 = _fp32(B), _fp32(C)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_SEQ=seq_idx is not None,
+                 B_VARIABLE=b_var, B_GROUPED=b_grp, N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d)
+    flags.update(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE_STATES=save_states,
+                 C_VARIABLE=c_var, C_GROUPED=c_grp, SAVE_EVERY=p.save_every)
+    d_blocks = triton.cdiv(d, p.fwd_block_d)
+    if cplx:
+        complex_kernels.selective_scan_complex_fwd_kernel[(d_blocks, bsz)](
+            u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, y, y_pre, last, states,
+            d, length, b_pg, c_pg, n_saved, **flags, num_warps=p.fwd_warps)
+        return y, _as_state(last, cplx), states, y_pre
+    n_chunks = triton.cdiv(length, p.fwd_chunk)
+    chunk_h = chunk_decay = u.new_empty(0, dtype=F32)
+    if n_chunks > 1:  # the end state and decay of every chunk but the last
+        chunk_h, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
+        kernels.selective_scan_chunk_state_kernel[(d_blocks, bsz, n_chunks - 1)](
+            u, delta, A, B32, delta_bias, seq_idx, chunk_h, chunk_decay, d, length, b_pg, n_chunks,
+            HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=delta_softplus, HAS_SEQ=flags["HAS_SEQ"], B_VARIABLE=b_var,
+            B_GROUPED=b_grp, N=n, NP=flags["NP"], BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, CHUNK=p.fwd_chunk,
+            num_warps=p.fwd_warps)
+    kernels.selective_scan_fwd_kernel[(d_blocks, bsz, n_chunks)](
+        u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states, chunk_h, chunk_decay,
+        d, length, b_pg, c_pg, n_saved, n_chunks, **flags, CHUNK=p.fwd_chunk, num_warps=p.fwd_warps)
+    return y, last, states, y_pre
 
 
 @selective_scan_fwd.register_fake
@@ -153,18 +176,32 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     dh0 = _state((bsz, d, n), cplx, u.device) if h0 is not None else u.new_empty(0, dtype=F32)
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
-    grid = (triton.cdiv(d, p.bwd_block_d), bsz)
-    kernel = complex_kernels.selective_scan_complex_bwd_kernel if cplx else kernels.selective_scan_bwd_kernel
-    kernel[grid](
-        u, delta, _fp32(A) if cplx else A, _fp32(B), _fp32(C), D, z, delta_bias, _fp32(h0) if cplx else h0, seq_idx,
-        states, y_pre, dy, _fp32(dlast) if cplx else dlast,
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
-        d, length, b_pg, c_pg, triton.cdiv(length, p.save_every),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
-        B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
-        N=n, NP=_padded(n), BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, num_warps=p.bwd_warps,
-    )
+    B32, C32 = _fp32(B), _fp32(C)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                 HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
+                 B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
+                 N=n, NP=_padded(n), BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d)
+    d_blocks = triton.cdiv(d, p.bwd_block_d)
+    n_saved = triton.cdiv(length, p.save_every)
+    if cplx:
+        complex_kernels.selective_scan_complex_bwd_kernel[(d_blocks, bsz)](
+            u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, states, y_pre, dy, _fp32(dlast),
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, d, length, b_pg, c_pg, n_saved,
+            **flags, num_warps=p.bwd_warps)
+    else:
+        n_chunks = triton.cdiv(length, p.bwd_chunk)
+        chunk_g = chunk_decay = u.new_empty(0, dtype=F32)
+        if n_chunks > 1:  # the zero-end adjoint and decay of every chunk but the first
+            chunk_g, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
+            kernels.selective_scan_chunk_adjoint_kernel[(d_blocks, bsz, n_chunks - 1)](
+                delta, A, C32, z, delta_bias, seq_idx, dy, chunk_g, chunk_decay, d, length, c_pg, n_chunks,
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                HAS_SEQ=seq_idx is not None, C_VARIABLE=c_var, C_GROUPED=c_grp, N=n, NP=flags["NP"],
+                BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
+        kernels.selective_scan_bwd_kernel[(d_blocks, bsz, n_chunks)](
+            u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, d, length, b_pg, c_pg, n_saved, n_chunks,
+            **flags, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return u.new_empty(0)
