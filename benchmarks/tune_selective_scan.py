@@ -1,38 +1,80 @@
-"""Launch-parameter sweep of the Triton selective scan: forward and backward kernels timed alone
-for each tiling, at the benchmark shapes (no peer).
+"""Launch-parameter sweep of the Triton selective scan: forward and backward timed alone for each
+plan, at the benchmark shapes (no peer).
 
     python benchmarks/tune_selective_scan.py [--shapes 8,2048,4096,16 1,2048,65536,16]
-        [--fwd 8x32x1 16x16x1 ...] [--bwd 64x8x1 ...]
+        [--fwd 8x32x1x1024 ...] [--bwd 64x8x1x1024 ...] [--jobs 8] [--out tune.json]
 
-A forward plan is BLOCK_L x BLOCK_D x warps; a backward plan is chunk x BLOCK_D x warps (the
-forward that feeds it stores states every chunk tokens). Prints ms per plan, fastest first.
+A forward plan is BLOCK_L x BLOCK_D x warps x tokens-per-program; a backward plan is
+tile (= saved-state spacing) x BLOCK_D x warps x tokens-per-program; "all" for tokens per
+program means one program over the whole sequence. The forward of a backward plan uses
+8 x 32 x 1 tiles. Every plan is compiled first, in ``--jobs`` worker processes (ptxas is the slow
+part), then timed one after the other. Prints ms per plan, fastest first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_selective_scan import make_inputs  # noqa: E402
-from benchmarks.common import time_ms  # noqa: E402
+from benchmarks.common import atomic_write, time_ms  # noqa: E402
 from mambakit.ops.selective_scan import triton_ops  # noqa: E402
 
-FWD = ["8x32x1", "8x64x2", "8x128x4", "16x16x1", "16x32x2", "32x8x1", "32x16x2", "64x4x1", "64x8x2"]
-BWD = ["64x4x1", "64x8x1", "64x8x2", "32x8x1", "32x16x2", "16x16x1", "8x32x1"]
+FWD = ["8x32x1xall", "8x32x1x2048", "8x32x1x1024", "8x32x1x512", "16x16x1x1024", "4x32x1x1024", "2x32x1x1024",
+       "2x64x2x1024"]
+BWD = ["64x8x1xall", "64x8x1x1024", "64x8x1x512", "64x4x1x512", "32x16x1x512", "16x32x1x512", "8x32x1x512"]
 
 
-def _plan(fwd=(8, 32, 1), bwd=(64, 8, 1)):
-    return triton_ops.Plan(fwd_block_l=fwd[0], fwd_block_d=fwd[1], fwd_warps=fwd[2], save_every=bwd[0],
-                           bwd_block_d=bwd[1], bwd_warps=bwd[2])
+def _ints(spec: str) -> tuple[int, ...]:
+    return tuple(1 << 30 if v == "all" else int(v) for v in spec.split("x"))
+
+
+def make_plan(fwd: str | None = None, bwd: str | None = None) -> triton_ops.Plan:
+    fl, fd, fw, fc = _ints(fwd) if fwd else (8, 32, 1, 1 << 30)
+    save, bd, bw, bc = _ints(bwd) if bwd else (64, 8, 1, 1 << 30)
+    return triton_ops.Plan(fwd_block_l=fl, fwd_block_d=fd, fwd_warps=fw, save_every=save, bwd_block_d=bd,
+                           bwd_warps=bw, fwd_chunk=fc, bwd_chunk=bc)
 
 
 def _args(kw, save):
     return (kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"], None, None, True, save)
+
+
+def run_forward(kw, plan, save):
+    triton_ops.plan = lambda *_: plan
+    return triton_ops.selective_scan_fwd(*_args(kw, save))
+
+
+def backward_fn(kw, plan):
+    """A closure running the backward alone, after one forward that saved its states."""
+    _, _, states, y_pre = run_forward(kw, plan, True)
+    dy = torch.randn_like(kw["u"])
+
+    def backward():
+        return triton_ops.selective_scan_bwd(dy, None, kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
+                                             kw["z"], kw["delta_bias"], None, None, states, y_pre, True)
+    return backward
+
+
+def _compile(job):
+    """Worker: run one plan once at the shape, which compiles it into Triton's on-disk cache."""
+    shape, kind, spec = job
+    kw = make_inputs(*shape)
+    if kind == "fwd":
+        run_forward(kw, make_plan(fwd=spec), False)
+        run_forward(kw, make_plan(fwd=spec), True)
+    else:
+        backward_fn(kw, make_plan(bwd=spec))()
+    torch.cuda.synchronize()
+    return job
 
 
 def main() -> None:
@@ -40,35 +82,35 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["8,2048,4096,16", "1,2048,65536,16"])
     parser.add_argument("--fwd", nargs="*", default=FWD)
     parser.add_argument("--bwd", nargs="*", default=BWD)
+    parser.add_argument("--jobs", type=int, default=8, help="worker processes compiling plans in parallel")
+    parser.add_argument("--out", help="JSON file for the timings")
     args = parser.parse_args()
-    for spec in args.shapes:
-        b, d, l, n = (int(v) for v in spec.split(","))
-        kw = make_inputs(b, d, l, n)
-        print(f"== b{b} d{d} l{l} n{n}", flush=True)
-        results = []
-        for p in args.fwd:
-            fwd = tuple(int(v) for v in p.split("x"))
-            triton_ops.plan = lambda *_, fwd=fwd: _plan(fwd=fwd)
-            ms = time_ms(lambda: triton_ops.selective_scan_fwd(*_args(kw, False)))
-            ms_save = time_ms(lambda: triton_ops.selective_scan_fwd(*_args(kw, True)))
-            results.append((ms, f"fwd {p}: {ms:.3f} ms (saving states {ms_save:.3f})"))
-            print("  " + results[-1][1], flush=True)
-        print("  fastest forward: " + min(results)[1])
-        results = []
-        dy = torch.randn_like(kw["u"])
-        for p in args.bwd:
-            bwd = tuple(int(v) for v in p.split("x"))
-            triton_ops.plan = lambda *_, bwd=bwd: _plan(bwd=bwd)
-            _, _, states, y_pre = triton_ops.selective_scan_fwd(*_args(kw, True))
-
-            def backward():
-                return triton_ops.selective_scan_bwd(dy, None, kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
-                                                     kw["z"], kw["delta_bias"], None, None, states, y_pre, True)
-
-            ms = time_ms(backward)
-            results.append((ms, f"bwd {p}: {ms:.3f} ms"))
-            print("  " + results[-1][1], flush=True)
-        print("  fastest backward: " + min(results)[1])
+    shapes = [tuple(int(v) for v in spec.split(",")) for spec in args.shapes]
+    jobs = [(s, "fwd", p) for s in shapes for p in args.fwd] + [(s, "bwd", p) for s in shapes for p in args.bwd]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for _ in tqdm(pool.imap_unordered(_compile, jobs), total=len(jobs), desc="compiling plans"):
+            pass
+    records = []
+    for shape in shapes:
+        kw = make_inputs(*shape)
+        print(f"== b{shape[0]} d{shape[1]} l{shape[2]} n{shape[3]}", flush=True)
+        for kind, specs in (("fwd", args.fwd), ("bwd", args.bwd)):
+            results = []
+            for spec in specs:
+                if kind == "fwd":
+                    plan = make_plan(fwd=spec)
+                    ms = time_ms(lambda: run_forward(kw, plan, False))
+                    ms_save = time_ms(lambda: run_forward(kw, plan, True))
+                    text = f"fwd {spec}: {ms:.3f} ms (saving states {ms_save:.3f})"
+                else:
+                    ms = time_ms(backward_fn(kw, make_plan(bwd=spec)))
+                    text = f"bwd {spec}: {ms:.3f} ms"
+                results.append((ms, text))
+                records.append({"shape": list(shape), "kind": kind, "plan": spec, "ms": ms})
+                print("  " + text, flush=True)
+            print(f"  fastest {kind}: " + min(results)[1], flush=True)
+    if args.out:
+        atomic_write(Path(args.out), json.dumps(records, indent=2) + "\n")
 
 
 if __name__ == "__main__":
