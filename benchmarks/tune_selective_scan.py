@@ -2,7 +2,7 @@
 plan, at the benchmark shapes (no peer).
 
     python benchmarks/tune_selective_scan.py [--shapes 8,2048,4096,16 1,2048,65536,16]
-        [--fwd 8x32x1x1024 ...] [--bwd 64x8x1x1024 ...] [--jobs 8] [--out tune.json]
+        [--fwd 8x32x1x1024 ...] [--bwd 64x8x1x1024 ...] [--bc variable|invariant] [--jobs 8] [--out tune.json]
 
 A forward plan is BLOCK_L x BLOCK_D x warps x tokens-per-program; a backward plan is
 tile (= saved-state spacing) x BLOCK_D x warps x tokens-per-program; "all" for tokens per
@@ -64,10 +64,19 @@ def backward_fn(kw, plan):
     return backward
 
 
+def inputs(shape, bc: str) -> dict:
+    """The benchmark's inputs; with ``bc="invariant"`` B and C are (d, n) instead of (b, n, l)."""
+    kw = make_inputs(*shape)
+    if bc == "invariant":
+        _, d, _, n = shape
+        kw["B"], kw["C"] = (torch.randn(d, n, device="cuda") for _ in range(2))
+    return kw
+
+
 def _compile(job):
     """Worker: run one plan once at the shape, which compiles it into Triton's on-disk cache."""
-    shape, kind, spec = job
-    kw = make_inputs(*shape)
+    shape, kind, spec, bc = job
+    kw = inputs(shape, bc)
     if kind == "fwd":
         run_forward(kw, make_plan(fwd=spec), False)
         run_forward(kw, make_plan(fwd=spec), True)
@@ -82,18 +91,20 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["8,2048,4096,16", "1,2048,65536,16"])
     parser.add_argument("--fwd", nargs="*", default=FWD)
     parser.add_argument("--bwd", nargs="*", default=BWD)
+    parser.add_argument("--bc", choices=["variable", "invariant"], default="variable",
+                        help="time-varying (b, n, l) B and C as in Mamba-1, or time-invariant (d, n)")
     parser.add_argument("--jobs", type=int, default=8, help="worker processes compiling plans in parallel")
     parser.add_argument("--out", help="JSON file for the timings")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in spec.split(",")) for spec in args.shapes]
-    jobs = [(s, "fwd", p) for s in shapes for p in args.fwd] + [(s, "bwd", p) for s in shapes for p in args.bwd]
+    jobs = [(s, kind, p, args.bc) for kind, specs in (("fwd", args.fwd), ("bwd", args.bwd)) for s in shapes for p in specs]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for _ in tqdm(pool.imap_unordered(_compile, jobs), total=len(jobs), desc="compiling plans"):
             pass
     records = []
     for shape in shapes:
-        kw = make_inputs(*shape)
-        print(f"== b{shape[0]} d{shape[1]} l{shape[2]} n{shape[3]}", flush=True)
+        kw = inputs(shape, args.bc)
+        print(f"== b{shape[0]} d{shape[1]} l{shape[2]} n{shape[3]}, {args.bc} B/C", flush=True)
         for kind, specs in (("fwd", args.fwd), ("bwd", args.bwd)):
             results = []
             for spec in specs:
@@ -106,7 +117,7 @@ def main() -> None:
                     ms = time_ms(backward_fn(kw, make_plan(bwd=spec)))
                     text = f"bwd {spec}: {ms:.3f} ms"
                 results.append((ms, text))
-                records.append({"shape": list(shape), "kind": kind, "plan": spec, "ms": ms})
+                records.append({"shape": list(shape), "bc": args.bc, "kind": kind, "plan": spec, "ms": ms})
                 print("  " + text, flush=True)
             print(f"  fastest {kind}: " + min(results)[1], flush=True)
     if args.out:

@@ -15,8 +15,11 @@ from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
-# Resident warps per SM that the time split aims for (one-warp programs).
-_WARPS_PER_SM = 16
+# Programs (one warp each) per SM that the time split aims for: the sweep of
+# benchmarks/tune_selective_scan.py on an H100 was fastest at ~4096 programs (31 per SM) for both
+# benchmark shapes (b8 d2048 l4096: 512-token chunks; b1 d2048 l65536: 1024-token chunks).
+_PROGRAMS_PER_SM = 24
+_MAX_CHUNKS = 128
 
 
 @dataclass(frozen=True)
@@ -50,19 +53,22 @@ def plan(batch: int, dim: int, length: int) -> Plan:
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
                     fwd_chunk=32, bwd_chunk=32)
     # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
-    # 8 channels of 64-token tiles backward. The sequence is split into the longest power-of-two
-    # chunks that still give every SM _WARPS_PER_SM programs.
+    # 4 channels of 64-token tiles backward (the fastest in the H100 sweep). The sequence is split
+    # into the longest power-of-two chunks, of at least 512 tokens, that still give every SM
+    # _PROGRAMS_PER_SM programs; at most _MAX_CHUNKS of them (each program combines the end
+    # states of the chunks before it, a cost that grows with their number).
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    wanted = _WARPS_PER_SM * sms
+    wanted = _PROGRAMS_PER_SM * sms
 
     def chunk(block_d: int, save_every: int) -> int:
         tokens = triton.next_power_of_2(max(length, save_every))
-        while tokens > 8 * save_every and triton.cdiv(batch * dim, block_d) * triton.cdiv(length, tokens) < wanted:
+        while (tokens > 8 * save_every and triton.cdiv(length, tokens) < _MAX_CHUNKS
+               and triton.cdiv(batch * dim, block_d) * triton.cdiv(length, tokens) < wanted):
             tokens //= 2
         return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
 
-    return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=64, bwd_block_d=8, bwd_warps=1,
-                fwd_chunk=chunk(32, 64), bwd_chunk=chunk(8, 64))
+    return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=64, bwd_block_d=4, bwd_warps=1,
+                fwd_chunk=chunk(32, 64), bwd_chunk=chunk(4, 64))
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
