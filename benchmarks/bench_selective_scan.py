@@ -131,8 +131,9 @@ def main() -> None:
             for peer, peer_ms in times.items():
                 if peer != "mambakit":
                     print(f"    speedup vs {peer}: {peer_ms / times['mambakit']:.2f}x")
-    write_results(records, Path(args.out) / "selective_scan",
-                  ["shape", "mode", "ours_ms", "peer", "peer_ms", "speedup", "floor_fraction"])
+            # Rewritten after every measurement: a run cut short still leaves what it measured.
+            write_results(records, Path(args.out) / "selective_scan",
+                          ["shape", "mode", "ours_ms", "peer", "peer_ms", "speedup", "floor_fraction"])
 
 
 if __name__ == "__main__":

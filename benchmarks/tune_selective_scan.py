@@ -119,7 +119,8 @@ def main() -> None:
                 results.append((ms, text))
                 records.append({"shape": list(shape), "bc": args.bc, "kind": kind, "plan": spec, "ms": ms})
                 print("  " + text, flush=True)
-            print(f"  fastest {kind}: " + min(results)[1], flush=True)
+            if results:
+                print(f"  fastest {kind}: " + min(results)[1], flush=True)
     if args.out:
         atomic_write(Path(args.out), json.dumps(records, indent=2) + "\n")
 
