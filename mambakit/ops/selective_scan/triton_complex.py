@@ -259,9 +259,12 @@ def selective_scan_complex_bwd_kernel(
             c_re = 2.0 * dy * C_re
             c_im = -2.0 * dy * C_im
             after_re, after_im = _cmul(an_re, -an_im, _column(g_re, o_n, i_n)[:, None], _column(g_im, o_n, i_n)[:, None])
+            # (A forward scan between flips: see _reverse_scan in triton_kernels.)
             _, _, gt_re, gt_im = tl.associative_scan(
-                (an_re, -an_im, tl.where(last, c_re + after_re, c_re), tl.where(last, c_im + after_im, c_im)),
-                axis=1, combine_fn=_combine_complex, reverse=True)
+                (tl.flip(an_re, 1), tl.flip(-an_im, 1), tl.flip(tl.where(last, c_re + after_re, c_re), 1),
+                 tl.flip(tl.where(last, c_im + after_im, c_im), 1)), axis=1, combine_fn=_combine_complex)
+            gt_re = tl.flip(gt_re, 1)
+            gt_im = tl.flip(gt_im, 1)
             g_re = _set_column(g_re, o_n, i_n, _column(gt_re, o_l, 0))
             g_im = _set_column(g_im, o_n, i_n, _column(gt_im, o_l, 0))
 

@@ -36,6 +36,17 @@ def _combine(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
+def _reverse_scan(a, b):
+    """Inclusive scan of affine maps along axis 1 from the last element to the first (element t
+    composes the maps t, t+1, ..., applied last to first), as ``tl.associative_scan`` with
+    ``reverse`` computes it, but through two flips and a forward scan: Triton 3.6 lowers the
+    reverse scan with butterfly shuffles even when the axis lies inside a thread (160 shuffles for
+    a (32, 8) tile), while flips of an in-thread axis are register renames."""
+    a_scan, b_scan = tl.associative_scan((tl.flip(a, 1), tl.flip(b, 1)), axis=1, combine_fn=_combine)
+    return tl.flip(a_scan, 1), tl.flip(b_scan, 1)
+
+
+@triton.jit
 def _softplus(x):
     # log(1 + e^x), switching to the identity above 20 like torch's threshold.
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
@@ -80,7 +91,7 @@ def _delta(p_delta, offs, m, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 
 
 @triton.jit
-def _projection(p_X, i_b, i_n: tl.constexpr, o_d, o_t, m_d, m_t, dim, length, per_group, N: tl.constexpr,
+def _projection(p_X, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, per_group, N: tl.constexpr,
                 VARIABLE: tl.constexpr, GROUPED: tl.constexpr):
     """Entry i_n of B or C (fp32) for the tile: (BLOCK_D, 1) if time-invariant (d, n),
     (1, BLOCK_L) if variable and shared by all channels (b, n, l), (BLOCK_D, BLOCK_L) if grouped
@@ -97,7 +108,7 @@ def _projection(p_X, i_b, i_n: tl.constexpr, o_d, o_t, m_d, m_t, dim, length, pe
 
 
 @triton.jit
-def _add_projection_grad(p_dX, grad, i_b, i_n: tl.constexpr, o_d, o_t, m_d, m_t, dim, length, per_group,
+def _add_projection_grad(p_dX, grad, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, per_group,
                          N: tl.constexpr, GROUPED: tl.constexpr):
     """Add a (BLOCK_D, BLOCK_L) per-channel gradient of a variable B or C into its fp32 buffer,
     summing the block's channels first when they share one row."""
@@ -108,6 +119,12 @@ def _add_projection_grad(p_dX, grad, i_b, i_n: tl.constexpr, o_d, o_t, m_d, m_t,
         row = (i_b * N + i_n).to(tl.int64) * length
         # Kept 2-D (1, BLOCK_L): the reduced row stays in the tile's layout, no conversion.
         tl.atomic_add(p_dX + row + o_t[None, :], tl.sum(grad, axis=0)[None, :], mask=m_t[None, :])
+
+
+@triton.jit
+def _accumulate(p, value, mask):
+    """*p += value, for a thread's own entries (no other program touches them)."""
+    tl.store(p, tl.load(p, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -293,7 +310,7 @@ def selective_scan_chunk_state_kernel(
 @triton.jit
 def selective_scan_bwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq, p_states, p_ypre, p_dy, p_dlast,
-    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0, p_chunk_g, p_chunk_decay,
+    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0, p_chunk_g, p_chunk_decay, p_carry,
     dim, length, b_per_group, c_per_group, n_saved, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
@@ -320,21 +337,26 @@ def selective_scan_bwd_kernel(
     m_dn = m_d[:, None] & (o_n < N)[None, :]
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
     o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
-    # g_after: the adjoint of the state just after the current tile (of the chunk's end state at
-    # first). The (BLOCK_D, NP) carries are built column by column so that each thread holds its
-    # channels' entries (see _load_columns).
-    zeros = _load_columns(p_A, o_d, m_d, N, NP) * 0.0
+    # The adjoint of the state just after the chunk: dL/dh_last combined with the later chunks'.
+    zeros = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     if HAS_DLAST:
-        g_after = _load_columns(p_dlast, (i_b * dim + o_d).to(tl.int64), m_d, N, NP)
+        g_after = tl.load(p_dlast + o_state, mask=m_dn, other=0.0)
     else:
         g_after = zeros
     for k_rev in range(0, n_chunks - 1 - i_c):
-        rows = ((i_b * n_chunks + n_chunks - 1 - k_rev) * dim + o_d).to(tl.int64)
-        g_after = (_load_columns(p_chunk_g, rows, m_d, N, NP)
-                   + _load_columns(p_chunk_decay, rows, m_d, N, NP) * g_after)
-    dA_acc = zeros
-    dB_acc = zeros  # time-invariant B only
-    dC_acc = zeros  # time-invariant C only
+        o_chunk = ((i_b * n_chunks + n_chunks - 1 - k_rev) * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
+        g_after = (tl.load(p_chunk_g + o_chunk, mask=m_dn, other=0.0)
+                   + tl.load(p_chunk_decay + o_chunk, mask=m_dn, other=0.0) * g_after)
+    # Per state entry, the carries live in this program's slice of p_carry (L1-resident), read and
+    # written one entry at a time, so that the loop over entries need not be unrolled: unrolled,
+    # it holds every entry's B and C rows at once (255 registers and spills at n = 16).
+    # Slots: 0 the adjoint after the current tile, 1 dA, 2 dB and 3 dC (time-invariant B/C).
+    slot = dim * N
+    carry = p_carry + (i_b * n_chunks + i_c).to(tl.int64) * 4 * slot + o_d * N  # (BLOCK_D,) pointers
+    tl.store(carry[:, None] + o_n[None, :], g_after, mask=m_dn)
+    for i_slot in tl.static_range(1, 4):
+        tl.store(carry[:, None] + i_slot * slot + o_n[None, :], zeros, mask=m_dn)
+    tl.debug_barrier()  # the tiles' rows are read back by other lanes than wrote them
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row = (i_b * dim + o_d).to(tl.int64) * length
@@ -353,7 +375,7 @@ def selective_scan_bwd_kernel(
         drive = delta * u
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        for i_n in tl.static_range(N):
+        for i_n in range(0, N):
             if i_t > 0:
                 h_start = tl.load(p_chunks + (i_t - 1) * N + i_n, mask=m_d, other=0.0)
             elif HAS_H0:
@@ -371,40 +393,44 @@ def selective_scan_bwd_kernel(
             b = drive * B_n
             a_scan, b_scan = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
             hs = b_scan + a_scan * h_start[:, None]  # recomputed states h_t
-            g_next, c_scan = tl.associative_scan((a_next, C_n * dy), axis=1, combine_fn=_combine, reverse=True)
-            g = c_scan + g_next * _column(g_after, o_n, i_n)[:, None]  # dL/dh_t
-            g_after = _set_column(g_after, o_n, i_n, _column(g, o_l, 0))
+            g_next, c_scan = _reverse_scan(a_next, C_n * dy)
+            g = c_scan + g_next * tl.load(carry + i_n, mask=m_d, other=0.0)[:, None]  # dL/dh_t
+            tl.store(carry + i_n, _column(g, o_l, 0), mask=m_d)
 
             g_decayed = g * (hs - b)  # g_t a_t h_{t-1} = dL/d(Delta_t A)
             gB = g * B_n
             ddelta += gB * u + g_decayed * (A_n / LOG2E)[:, None]
             du += gB
-            dA_acc = _set_column(dA_acc, o_n, i_n, _column(dA_acc, o_n, i_n) + tl.sum(g_decayed * delta, axis=1))
+            _accumulate(carry + slot + i_n, tl.sum(g_decayed * delta, axis=1), m_d)
             if B_VARIABLE:
                 _add_projection_grad(p_dB, g * drive, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
                                      B_GROUPED)
             else:
-                dB_acc = _set_column(dB_acc, o_n, i_n, _column(dB_acc, o_n, i_n) + tl.sum(g * drive, axis=1))
+                _accumulate(carry + 2 * slot + i_n, tl.sum(g * drive, axis=1), m_d)
             if C_VARIABLE:
                 _add_projection_grad(p_dC, hs * dy, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
                                      C_GROUPED)
             else:
-                dC_acc = _set_column(dC_acc, o_n, i_n, _column(dC_acc, o_n, i_n) + tl.sum(hs * dy, axis=1))
+                _accumulate(carry + 3 * slot + i_n, tl.sum(hs * dy, axis=1), m_d)
         dD_acc, dbias_acc = _backward_tile_outputs(p_D, p_du, p_ddelta, du, ddelta, u, delta, delta_raw, dy, offs, m,
                                                    o_d, m_d, dD_acc, dbias_acc, HAS_D, HAS_BIAS, SOFTPLUS)
 
+    tl.debug_barrier()
     if HAS_H0:
         # dL/dh_{-1} = a_0 g_0 (the first token never starts a new sequence).
         delta0, _ = _delta(p_delta, row[:, None], m_d[:, None], bias, HAS_BIAS, SOFTPLUS)
         A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
         if i_c == 0:
-            tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_after, mask=m_dn)
+            g_first = tl.load(carry[:, None] + o_n[None, :], mask=m_dn, other=0.0)
+            tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_first, mask=m_dn)
     o_param = o_d[:, None] * N + o_n[None, :]
-    tl.atomic_add(p_dA + o_param, dA_acc, mask=m_dn)
+    tl.atomic_add(p_dA + o_param, tl.load(carry[:, None] + slot + o_n[None, :], mask=m_dn, other=0.0), mask=m_dn)
     if not B_VARIABLE:
-        tl.atomic_add(p_dB + o_param, dB_acc, mask=m_dn)
+        tl.atomic_add(p_dB + o_param, tl.load(carry[:, None] + 2 * slot + o_n[None, :], mask=m_dn, other=0.0),
+                      mask=m_dn)
     if not C_VARIABLE:
-        tl.atomic_add(p_dC + o_param, dC_acc, mask=m_dn)
+        tl.atomic_add(p_dC + o_param, tl.load(carry[:, None] + 3 * slot + o_n[None, :], mask=m_dn, other=0.0),
+                      mask=m_dn)
     if HAS_D:
         tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d)
     if HAS_BIAS:
@@ -453,7 +479,7 @@ def selective_scan_chunk_adjoint_kernel(
                 a_next = tl.where(reset_next[None, :], 0.0, a_next)
             C_n = _projection(p_C, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, c_per_group, N,
                               C_VARIABLE, C_GROUPED)
-            q, c_scan = tl.associative_scan((a_next, C_n * dy), axis=1, combine_fn=_combine, reverse=True)
+            q, c_scan = _reverse_scan(a_next, C_n * dy)
             g = _set_column(g, o_n, i_n, _column(c_scan, o_l, 0) + _column(q, o_l, 0) * _column(g, o_n, i_n))
             decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(q, o_l, 0))
     rows = ((i_b * n_chunks + i_c) * dim + o_d).to(tl.int64) * N

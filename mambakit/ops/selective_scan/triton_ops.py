@@ -204,9 +204,12 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
                 HAS_SEQ=seq_idx is not None, C_VARIABLE=c_var, C_GROUPED=c_grp, N=n, NP=flags["NP"],
                 BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
+        # Per program: the adjoint after its tile and its dA (dB, dC) sums, one state entry at a time.
+        carry = torch.empty(bsz, n_chunks, 4, d, n, device=u.device, dtype=F32)
         kernels.selective_scan_bwd_kernel[(d_blocks, bsz, n_chunks)](
             u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
-            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, d, length, b_pg, c_pg, n_saved, n_chunks,
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, carry,
+            d, length, b_pg, c_pg, n_saved, n_chunks,
             **flags, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
