@@ -30,7 +30,8 @@ from mambakit.ops.selective_scan import triton_ops  # noqa: E402
 
 FWD = ["8x32x1xall", "8x32x1x2048", "8x32x1x1024", "8x32x1x512", "16x16x1x1024", "4x32x1x1024", "2x32x1x1024",
        "2x64x2x1024"]
-BWD = ["64x8x1xall", "64x8x1x1024", "64x8x1x512", "64x4x1x512", "32x16x1x512", "16x32x1x512", "8x32x1x512"]
+BWD = ["64x4x1xall", "64x4x1x1024", "64x4x1x512", "64x2x1x512", "64x8x1x512", "32x8x1x512", "16x16x1x512",
+       "8x32x1x512"]
 
 
 def _ints(spec: str) -> tuple[int, ...]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (LOG2E, _backward_tile_inputs, _backward_tile_outputs, _column, _delta, _resets,
-                             _set_column)
+from .triton_kernels import (LOG2E, _backward_tile_inputs, _backward_tile_outputs, _column, _delta,
+                             _forward_tile_inputs, _set_column)
 
 
 @triton.jit
@@ -123,12 +123,8 @@ def selective_scan_complex_fwd_kernel(
     for t0 in range(0, length, BLOCK_L):
         o_t = t0 + o_l
         m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        offs = row[:, None] + o_t[None, :]
-        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
-        delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
-        drive = delta * u
-        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+        offs, m, u, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
+                                                               HAS_BIAS, SOFTPLUS, HAS_SEQ)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):
             a_re, a_im, _, _ = _decay(delta, p_A, o_d, m_d, i_n, N)

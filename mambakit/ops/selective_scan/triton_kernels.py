@@ -142,6 +142,30 @@ def _resets(p_seq, i_b, o_t, length, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """A forward tile's offsets and mask, and its per-token inputs (fp32): u, Delta, the drive
+    Delta u, and where packed sequences start."""
+    m = m_d[:, None] & (o_t < length)[None, :]
+    offs = row[:, None] + o_t[None, :]
+    u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
+    delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
+    return offs, m, u, delta, delta * u, _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+
+
+@triton.jit
+def _scan_entry(delta, drive, reset, A_n, B_n, h_n, o_l, HAS_SEQ: tl.constexpr):
+    """State entry n over a tile: (running decay products, states h_t), the carried state h_n
+    (BLOCK_D,) entering through the first token (b_0 += a_0 h_n); A_n in log2 units."""
+    a = tl.exp2(delta * A_n[:, None])
+    if HAS_SEQ:
+        a = tl.where(reset[None, :], 0.0, a)  # a new packed sequence forgets the state
+    b = drive * B_n
+    b = tl.where(o_l[None, :] == 0, b + a * h_n[:, None], b)
+    return tl.associative_scan((a, b), axis=1, combine_fn=_combine)
+
+
+@triton.jit
 def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
                           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """A backward tile's per-token inputs (fp32): u, Delta, Delta before softplus, resets, the
@@ -224,22 +248,12 @@ def selective_scan_fwd_kernel(
     for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
         m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        offs = row[:, None] + o_t[None, :]
-        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
-        delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
-        drive = delta * u
-        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+        offs, m, u, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
+                                                               HAS_BIAS, SOFTPLUS, HAS_SEQ)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):
-            a = tl.exp2(delta * _column(A, o_n, i_n)[:, None])
-            if HAS_SEQ:
-                a = tl.where(reset[None, :], 0.0, a)  # a new packed sequence forgets the state
-            b = drive * _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
-                                    B_VARIABLE, B_GROUPED)
-            # Enter the carried state through the first token: b_0 += a_0 h.
-            b = tl.where(o_l[None, :] == 0, b + a * _column(h, o_n, i_n)[:, None], b)
-            _, hs = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
+            B_n = _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N, B_VARIABLE, B_GROUPED)
+            _, hs = _scan_entry(delta, drive, reset, _column(A, o_n, i_n), B_n, _column(h, o_n, i_n), o_l, HAS_SEQ)
             y += hs * _projection(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
                                   C_VARIABLE, C_GROUPED)
             h = _set_column(h, o_n, i_n, _column(hs, o_l, BLOCK_L - 1))
@@ -285,21 +299,13 @@ def selective_scan_chunk_state_kernel(
     row = (i_b * dim + o_d).to(tl.int64) * length
     for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
-        m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        offs = row[:, None] + o_t[None, :]
-        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
-        delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
-        drive = delta * u
-        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+        _, _, _, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
+                                                            HAS_BIAS, SOFTPLUS, HAS_SEQ)
         for i_n in tl.static_range(N):
-            a = tl.exp2(delta * _column(A, o_n, i_n)[:, None])
-            if HAS_SEQ:
-                a = tl.where(reset[None, :], 0.0, a)
-            b = drive * _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
-                                    B_VARIABLE, B_GROUPED)
-            b = tl.where(o_l[None, :] == 0, b + a * _column(h, o_n, i_n)[:, None], b)
-            a_scan, hs = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
+            B_n = _projection(p_B, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, b_per_group, N, B_VARIABLE,
+                              B_GROUPED)
+            a_scan, hs = _scan_entry(delta, drive, reset, _column(A, o_n, i_n), B_n, _column(h, o_n, i_n), o_l,
+                                     HAS_SEQ)
             h = _set_column(h, o_n, i_n, _column(hs, o_l, BLOCK_L - 1))
             decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(a_scan, o_l, BLOCK_L - 1))
     o_chunk = ((i_b * n_chunks + i_c) * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]

@@ -15,9 +15,10 @@ from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
-# Programs (one warp each) per SM that the time split aims for: the sweep of
-# benchmarks/tune_selective_scan.py on an H100 was fastest at ~4096 programs (31 per SM) for both
-# benchmark shapes (b8 d2048 l4096: 512-token chunks; b1 d2048 l65536: 1024-token chunks).
+# Programs (one warp each) per SM that the time split aims for. The sweep of
+# benchmarks/tune_selective_scan.py on an H100 was fastest at ~4096 programs for both benchmark
+# shapes (b8 d2048 l4096: 512-token chunks; b1 d2048 l65536: 1024-token chunks); 24 per SM picks
+# those chunk lengths.
 _PROGRAMS_PER_SM = 24
 _MAX_CHUNKS = 128
 
@@ -125,8 +126,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     c_var, c_grp, c_pg = _layout(C, d)
     B32, C32 = _fp32(B), _fp32(C)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_SEQ=seq_idx is not None,
-                 B_VARIABLE=b_var, B_GROUPED=b_grp, N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d)
-    flags.update(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE_STATES=save_states,
+                 B_VARIABLE=b_var, B_GROUPED=b_grp, N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d,
+                 HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE_STATES=save_states,
                  C_VARIABLE=c_var, C_GROUPED=c_grp, SAVE_EVERY=p.save_every)
     d_blocks = triton.cdiv(d, p.fwd_block_d)
     if cplx:
