@@ -13,7 +13,13 @@ constant index). The (b, d, l, n) state never touches memory.
 
 For the backward the forward also stores the state at the end of every chunk of SAVE_EVERY
 tokens; the backward walks those chunks in reverse (one chunk per tile), recomputes the chunk's
-states from the stored start state and runs the adjoint recurrence as a reverse scan.
+states from the stored start state and runs the adjoint recurrence as a reverse scan. Its loop
+over state entries is not unrolled; the per-entry carries live in a per-program scratch.
+
+With few channels the sequence is also split over programs (CHUNK tokens each): a first kernel
+gives each chunk's end state (forward) or start adjoint (backward) from a zero start, with the
+product of its decays, and each program of the main kernel combines those of the chunks before
+(after) it into its own start.
 
 Why exp2: the hardware exponential is base 2; A is scaled by log2(e) on load.
 Why fp32: every decay, state and reduction is float32 whatever the input dtype. B and C arrive as
