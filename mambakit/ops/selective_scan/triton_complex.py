@@ -212,12 +212,9 @@ def selective_scan_complex_bwd_kernel(
         i_t = n_tiles - 1 - i_rev
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        offs = row[:, None] + o_t[None, :]
-        u, delta, delta_raw, reset, delta_next, reset_next, dy = _backward_tile_inputs(
-            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
+        offs, m, u, delta, delta_raw, drive, reset, delta_next, reset_next, dy = _backward_tile_inputs(
+            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        drive = delta * u
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):

@@ -172,10 +172,13 @@ def _scan_entry(delta, drive, reset, A_n, B_n, h_n, o_l, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
+def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
                           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """A backward tile's per-token inputs (fp32): u, Delta, Delta before softplus, resets, the
-    next token's Delta and reset, and the gradient reaching the scan's output; stores dz."""
+    """A backward tile's offsets and mask, and its per-token inputs (fp32): u, Delta, Delta
+    before softplus, the drive Delta u, resets, the next token's Delta and reset, and the
+    gradient reaching the scan's output; stores dz."""
+    m = m_d[:, None] & (o_t < length)[None, :]
+    offs = row[:, None] + o_t[None, :]
     u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
     delta, delta_raw = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
     reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
@@ -192,7 +195,7 @@ def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, of
         tl.store(p_dz + offs, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(p_dz.dtype.element_ty), mask=m)
     else:
         dy = dout
-    return u, delta, delta_raw, reset, delta_next, reset_next, dy
+    return offs, m, u, delta, delta_raw, delta * u, reset, delta_next, reset_next, dy
 
 
 @triton.jit
@@ -379,12 +382,9 @@ def selective_scan_bwd_kernel(
         i_t = first_tile + n_tiles - 1 - i_rev  # tile (and saved-state chunk) index in the sequence
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        offs = row[:, None] + o_t[None, :]
-        u, delta, delta_raw, reset, delta_next, reset_next, dy = _backward_tile_inputs(
-            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, offs, m, m_d, o_t, i_b, length,
+        offs, m, u, delta, delta_raw, drive, reset, delta_next, reset_next, dy = _backward_tile_inputs(
+            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        drive = delta * u
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in range(0, N):
@@ -429,10 +429,9 @@ def selective_scan_bwd_kernel(
 
     tl.debug_barrier()
     if HAS_H0:
-        # dL/dh_{-1} = a_0 g_0 (the first token never starts a new sequence).
-        delta0, _ = _delta(p_delta, row[:, None], m_d[:, None], bias, HAS_BIAS, SOFTPLUS)
-        A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
-        if i_c == 0:
+        if i_c == 0:  # dL/dh_{-1} = a_0 g_0 (the first token never starts a new sequence)
+            delta0, _ = _delta(p_delta, row[:, None], m_d[:, None], bias, HAS_BIAS, SOFTPLUS)
+            A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
             g_first = tl.load(carry[:, None] + o_n[None, :], mask=m_dn, other=0.0)
             tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_first, mask=m_dn)
     o_param = o_d[:, None] * N + o_n[None, :]
