@@ -119,11 +119,11 @@ def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_dy, p_dx, p_dw, p_dbi
         if j == 0:
             # This tile's own outputs: their weight and bias gradients.
             if HAS_BIAS:
-                tl.atomic_add(p_dbias + o_d, tl.sum(g, axis=1), mask=m_d)
+                tl.atomic_add(p_dbias + o_d, tl.sum(g, axis=1), mask=m_d, sem="relaxed")
             for k in tl.static_range(W):
                 x_k = _input_at(p_x_s, p_init_s, first_tile, o_s, m_d, start_t, length, stride_xl, k - (W - 1),
                                 W, HAS_INIT, HAS_SEQ)
-                tl.atomic_add(p_dw + o_d * W + k, tl.sum(g * x_k, axis=1), mask=m_d)
+                tl.atomic_add(p_dw + o_d * W + k, tl.sum(g * x_k, axis=1), mask=m_d, sem="relaxed")
     tl.store(p_dx + i_b * stride_dxb + o_d[:, None] * stride_dxd + o_s[None, :] * stride_dxl,
              dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
 

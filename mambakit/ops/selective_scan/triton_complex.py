@@ -78,12 +78,12 @@ def _add_projection_grad(p_dX, g_re, g_im, i_b, i_n: tl.constexpr, o_d, o_t, m_d
         row = ((i_b * (dim // per_group) + o_d // per_group) * N + i_n).to(tl.int64) * (2 * length)
         o = row[:, None] + 2 * o_t[None, :]
         m = m_d[:, None] & m_t[None, :]
-        tl.atomic_add(p_dX + o, g_re, mask=m)
-        tl.atomic_add(p_dX + o + 1, g_im, mask=m)
+        tl.atomic_add(p_dX + o, g_re, mask=m, sem="relaxed")
+        tl.atomic_add(p_dX + o + 1, g_im, mask=m, sem="relaxed")
     else:
         o = (i_b * N + i_n).to(tl.int64) * (2 * length) + 2 * o_t[None, :]
-        tl.atomic_add(p_dX + o, tl.sum(g_re, axis=0)[None, :], mask=m_t[None, :])
-        tl.atomic_add(p_dX + o + 1, tl.sum(g_im, axis=0)[None, :], mask=m_t[None, :])
+        tl.atomic_add(p_dX + o, tl.sum(g_re, axis=0)[None, :], mask=m_t[None, :], sem="relaxed")
+        tl.atomic_add(p_dX + o + 1, tl.sum(g_im, axis=0)[None, :], mask=m_t[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -297,15 +297,15 @@ def selective_scan_complex_bwd_kernel(
         tl.store(p_dh0 + o_state * 2, dh_re, mask=m_dn)
         tl.store(p_dh0 + o_state * 2 + 1, dh_im, mask=m_dn)
     o_param = (o_d[:, None] * N + o_n[None, :]) * 2
-    tl.atomic_add(p_dA + o_param, dA_re, mask=m_dn)
-    tl.atomic_add(p_dA + o_param + 1, dA_im, mask=m_dn)
+    tl.atomic_add(p_dA + o_param, dA_re, mask=m_dn, sem="relaxed")
+    tl.atomic_add(p_dA + o_param + 1, dA_im, mask=m_dn, sem="relaxed")
     if not B_VARIABLE:
-        tl.atomic_add(p_dB + o_param, dB_re, mask=m_dn)
-        tl.atomic_add(p_dB + o_param + 1, dB_im, mask=m_dn)
+        tl.atomic_add(p_dB + o_param, dB_re, mask=m_dn, sem="relaxed")
+        tl.atomic_add(p_dB + o_param + 1, dB_im, mask=m_dn, sem="relaxed")
     if not C_VARIABLE:
-        tl.atomic_add(p_dC + o_param, dC_re, mask=m_dn)
-        tl.atomic_add(p_dC + o_param + 1, dC_im, mask=m_dn)
+        tl.atomic_add(p_dC + o_param, dC_re, mask=m_dn, sem="relaxed")
+        tl.atomic_add(p_dC + o_param + 1, dC_im, mask=m_dn, sem="relaxed")
     if HAS_D:
-        tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d)
+        tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d)
+        tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d, sem="relaxed")

@@ -120,17 +120,24 @@ def _add_projection_grad(p_dX, grad, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, 
     summing the block's channels first when they share one row."""
     if GROUPED:
         row = ((i_b * (dim // per_group) + o_d // per_group) * N + i_n).to(tl.int64) * length
-        tl.atomic_add(p_dX + row[:, None] + o_t[None, :], grad, mask=m_d[:, None] & m_t[None, :])
+        tl.atomic_add(p_dX + row[:, None] + o_t[None, :], grad, mask=m_d[:, None] & m_t[None, :], sem="relaxed")
     else:
         row = (i_b * N + i_n).to(tl.int64) * length
         # Kept 2-D (1, BLOCK_L): the reduced row stays in the tile's layout, no conversion.
-        tl.atomic_add(p_dX + row + o_t[None, :], tl.sum(grad, axis=0)[None, :], mask=m_t[None, :])
+        tl.atomic_add(p_dX + row + o_t[None, :], tl.sum(grad, axis=0)[None, :], mask=m_t[None, :],
+                      sem="relaxed")
 
 
 @triton.jit
 def _accumulate(p, value, mask):
     """*p += value, for a thread's own entries (no other program touches them)."""
     tl.store(p, tl.load(p, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _flush_slot(p_param, p_slot, o_param, mask):
+    """Add a program's (BLOCK_D, NP) scratch accumulator into a (d, n) parameter gradient."""
+    tl.atomic_add(p_param + o_param, tl.load(p_slot, mask=mask, other=0.0), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -434,18 +441,18 @@ def selective_scan_bwd_kernel(
             A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
             g_first = tl.load(carry[:, None] + o_n[None, :], mask=m_dn, other=0.0)
             tl.store(p_dh0 + o_state, tl.exp2(delta0 * A) * g_first, mask=m_dn)
+    # Relaxed atomics throughout: plain sums read by later kernels (the default, acq_rel, puts a
+    # MEMBAR.GPU before each).
     o_param = o_d[:, None] * N + o_n[None, :]
-    tl.atomic_add(p_dA + o_param, tl.load(carry[:, None] + slot + o_n[None, :], mask=m_dn, other=0.0), mask=m_dn)
+    _flush_slot(p_dA, carry[:, None] + slot + o_n[None, :], o_param, m_dn)
     if not B_VARIABLE:
-        tl.atomic_add(p_dB + o_param, tl.load(carry[:, None] + 2 * slot + o_n[None, :], mask=m_dn, other=0.0),
-                      mask=m_dn)
+        _flush_slot(p_dB, carry[:, None] + 2 * slot + o_n[None, :], o_param, m_dn)
     if not C_VARIABLE:
-        tl.atomic_add(p_dC + o_param, tl.load(carry[:, None] + 3 * slot + o_n[None, :], mask=m_dn, other=0.0),
-                      mask=m_dn)
+        _flush_slot(p_dC, carry[:, None] + 3 * slot + o_n[None, :], o_param, m_dn)
     if HAS_D:
-        tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d)
+        tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d)
+        tl.atomic_add(p_dbias + o_d, dbias_acc, mask=m_d, sem="relaxed")
 
 
 @triton.jit

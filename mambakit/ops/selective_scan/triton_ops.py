@@ -54,22 +54,24 @@ def plan(batch: int, dim: int, length: int) -> Plan:
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
                     fwd_chunk=32, bwd_chunk=32)
     # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
-    # 4 channels of 64-token tiles backward (the fastest in the H100 sweep). The sequence is split
-    # into the longest power-of-two chunks, of at least 512 tokens, that still give every SM
-    # _PROGRAMS_PER_SM programs; at most _MAX_CHUNKS of them (each program combines the end
-    # states of the chunks before it, a cost that grows with their number).
+    # 8 channels of 32-token tiles backward (the fastest in the H100 sweep). The forward splits
+    # the sequence into the longest power-of-two chunks, of at least 512 tokens, that still give
+    # every SM _PROGRAMS_PER_SM programs; the backward, whose programs do ~5x the work per token,
+    # was fastest at 512-token chunks at both benchmark shapes. At most _MAX_CHUNKS of them (each
+    # program combines the end states of the chunks before it, a cost that grows with their number).
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     wanted = _PROGRAMS_PER_SM * sms
 
-    def chunk(block_d: int, save_every: int) -> int:
-        tokens = triton.next_power_of_2(max(length, save_every))
-        while (tokens > 8 * save_every and triton.cdiv(length, tokens) < _MAX_CHUNKS
-               and triton.cdiv(batch * dim, block_d) * triton.cdiv(length, tokens) < wanted):
-            tokens //= 2
+    def whole_if_longer(tokens: int) -> int:
         return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
 
-    return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=64, bwd_block_d=4, bwd_warps=1,
-                fwd_chunk=chunk(32, 64), bwd_chunk=chunk(4, 64))
+    fwd_tokens = triton.next_power_of_2(max(length, 512))
+    while (fwd_tokens > 512 and triton.cdiv(length, fwd_tokens) < _MAX_CHUNKS
+           and triton.cdiv(batch * dim, 32) * triton.cdiv(length, fwd_tokens) < wanted):
+        fwd_tokens //= 2
+    bwd_tokens = max(512, triton.next_power_of_2(triton.cdiv(length, _MAX_CHUNKS)))
+    return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
+                fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens))
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:

@@ -293,7 +293,7 @@ def ssd_bwd_state_kernel(
     if HAS_H0:
         tl.store(dh0_ptr + (bi * H + hi) * P * N + pn_offs, dS, mask=mask_pn)
     if HAS_D and writes_dy:
-        tl.atomic_add(dD_ptr + hi * P + offs_p, dD, mask=mask_p)
+        tl.atomic_add(dD_ptr + hi * P + offs_p, dD, mask=mask_p, sem="relaxed")
 
 
 @triton.jit
@@ -381,12 +381,12 @@ def ssd_bwd_dx_kernel(
         tl.store(dx_ptr + sp, dx.to(dx_ptr.dtype.element_ty), mask=mask_sp)
         tl.store(ddt_direct_ptr + scratch + offs_s, tl.sum(xs.to(tl.float32) * dxw, 1), mask=mask_s)
         tl.store(dcum_src_ptr + scratch + offs_s, dcum_src, mask=mask_s)
-        tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.sum(through_end, 0))
+        tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.sum(through_end, 0), sem="relaxed")
     dB_offs = (rows_s[:, None] * G + gi) * N + offs_n[None, :]
     if HEADS == H // G:
         tl.store(dB_ptr + dB_offs, dB.to(dB_ptr.dtype.element_ty), mask=mask_sn)
     else:  # the group's heads are split over programs: sum into a zeroed float32 dB
-        tl.atomic_add(dB_ptr + dB_offs, dB, mask=mask_sn)
+        tl.atomic_add(dB_ptr + dB_offs, dB, mask=mask_sn, sem="relaxed")
 
 
 @triton.jit
@@ -465,12 +465,12 @@ def ssd_bwd_dc_kernel(
             # d/dcum_last of <dS_end, exp(cum_last) S_in>: the decay carried across the whole chunk.
             dS = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)
             cum_last = tl.load(cum_ptr + scratch + chunk_end - 1)
-            tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), 1), 0))
+            tl.atomic_add(chunk_const_ptr + (bi * H + hi) * n_chunks + c, tl.exp(cum_last) * tl.sum(tl.sum(dS.to(tl.float32) * S.to(tl.float32), 1), 0), sem="relaxed")
     dC_offs = (rows_t[:, None] * G + gi) * N + offs_n[None, :]
     if HEADS == H // G:
         tl.store(dC_ptr + dC_offs, dC.to(dC_ptr.dtype.element_ty), mask=mask_tn)
     else:  # the group's heads are split over programs: sum into a zeroed float32 dC
-        tl.atomic_add(dC_ptr + dC_offs, dC, mask=mask_tn)
+        tl.atomic_add(dC_ptr + dC_offs, dC, mask=mask_tn, sem="relaxed")
 
 
 @triton.jit
@@ -493,7 +493,7 @@ def ssd_bwd_dt_kernel(
     A = tl.load(A_ptr + hi).to(tl.float32)
     dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
     ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
-    tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0))
+    tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0), sem="relaxed")
     v = tl.load(dt_ptr + bi * sdt_b + offs.to(tl.int64) * sdt_l + hi, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + hi).to(tl.float32)
@@ -507,4 +507,4 @@ def ssd_bwd_dt_kernel(
     ddt = tl.where(mask, ddt, 0.0)
     tl.store(ddt_ptr + (bi * length + offs) * H + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + hi, tl.sum(ddt, 0))
+        tl.atomic_add(dbias_ptr + hi, tl.sum(ddt, 0), sem="relaxed")
