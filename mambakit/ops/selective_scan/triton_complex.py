@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (LOG2E, _backward_tile_inputs, _backward_tile_outputs, _column, _delta,
-                             _forward_tile_inputs, _set_column)
+                             _forward_tile_inputs, _next_decay_inputs, _set_column)
 
 
 @triton.jit
@@ -207,14 +207,19 @@ def selective_scan_complex_bwd_kernel(
     o_chunks = (i_b * dim + o_d).to(tl.int64) * n_saved * N
     n_tiles = tl.cdiv(length, BLOCK_L)
     first = o_l[None, :] == 0
-    last = o_l[None, :] == BLOCK_L - 1
     for i_rev in range(0, n_tiles):
         i_t = n_tiles - 1 - i_rev
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
-        offs, m, u, delta, delta_raw, drive, reset, delta_next, reset_next, dy = _backward_tile_inputs(
+        offs, m, u, delta, delta_raw, drive, reset, dy = _backward_tile_inputs(
             p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        # The adjoint's inputs in descending time (see the real kernel): its reverse scan is a
+        # forward scan, and only its result is flipped back.
+        o_rev = i_t * BLOCK_L + BLOCK_L - 1 - o_l
+        delta_next, reset_next = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+                                                    HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        dy_rev = tl.flip(dy, 1)
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):
@@ -238,8 +243,14 @@ def selective_scan_complex_bwd_kernel(
                 an_im = tl.where(reset_next[None, :], 0.0, an_im)
             B_re, B_im = _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
                                      B_VARIABLE, B_GROUPED)
-            C_re, C_im = _projection(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
-                                     C_VARIABLE, C_GROUPED)
+            if C_GROUPED:  # descending time (see _next_decay_inputs)
+                C_re, C_im = _projection(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
+                                         C_VARIABLE, C_GROUPED)
+                C_re = tl.flip(C_re, 1)
+                C_im = tl.flip(C_im, 1)
+            else:
+                C_re, C_im = _projection(p_C, i_b, i_n, o_d, o_rev, m_d, o_rev < length, dim, length, c_per_group, N,
+                                         C_VARIABLE, C_GROUPED)
             # Recompute the states from the chunk's start state.
             b_re = drive * B_re
             b_im = drive * B_im
@@ -247,19 +258,18 @@ def selective_scan_complex_bwd_kernel(
             _, _, hs_re, hs_im = tl.associative_scan(
                 (a_re, a_im, tl.where(first, b_re + carried_re, b_re), tl.where(first, b_im + carried_im, b_im)),
                 axis=1, combine_fn=_combine_complex)
-            # Adjoint: reverse scan with the conjugate decay of the next token; the adjoint after
-            # the tile enters through the last token.
-            c_re = 2.0 * dy * C_re
-            c_im = -2.0 * dy * C_im
+            # Adjoint: reverse scan with the conjugate decay of the next token, in descending time;
+            # the adjoint after the tile enters through its last token, the first in that order.
+            c_re = 2.0 * dy_rev * C_re
+            c_im = -2.0 * dy_rev * C_im
             after_re, after_im = _cmul(an_re, -an_im, _column(g_re, o_n, i_n)[:, None], _column(g_im, o_n, i_n)[:, None])
-            # (A forward scan between flips: see _reverse_scan in triton_kernels.)
             _, _, gt_re, gt_im = tl.associative_scan(
-                (tl.flip(an_re, 1), tl.flip(-an_im, 1), tl.flip(tl.where(last, c_re + after_re, c_re), 1),
-                 tl.flip(tl.where(last, c_im + after_im, c_im), 1)), axis=1, combine_fn=_combine_complex)
+                (an_re, -an_im, tl.where(first, c_re + after_re, c_re), tl.where(first, c_im + after_im, c_im)),
+                axis=1, combine_fn=_combine_complex)
+            g_re = _set_column(g_re, o_n, i_n, _column(gt_re, o_l, BLOCK_L - 1))
+            g_im = _set_column(g_im, o_n, i_n, _column(gt_im, o_l, BLOCK_L - 1))
             gt_re = tl.flip(gt_re, 1)
             gt_im = tl.flip(gt_im, 1)
-            g_re = _set_column(g_re, o_n, i_n, _column(gt_re, o_l, 0))
-            g_im = _set_column(g_im, o_n, i_n, _column(gt_im, o_l, 0))
 
             mt_re = hs_re - b_re  # a_t h_{t-1}
             mt_im = hs_im - b_im

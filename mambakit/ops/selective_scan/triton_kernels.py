@@ -42,17 +42,6 @@ def _combine(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
-def _reverse_scan(a, b):
-    """Inclusive scan of affine maps along axis 1 from the last element to the first (element t
-    composes the maps t, t+1, ..., applied last to first), as ``tl.associative_scan`` with
-    ``reverse`` computes it, but through two flips and a forward scan: Triton 3.6 lowers the
-    reverse scan with butterfly shuffles even when the axis lies inside a thread (160 shuffles for
-    a (32, 8) tile), while flips of an in-thread axis are register renames."""
-    a_scan, b_scan = tl.associative_scan((tl.flip(a, 1), tl.flip(b, 1)), axis=1, combine_fn=_combine)
-    return tl.flip(a_scan, 1), tl.flip(b_scan, 1)
-
-
-@triton.jit
 def _softplus(x):
     # log(1 + e^x), switching to the identity above 20 like torch's threshold.
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
@@ -182,17 +171,13 @@ def _scan_entry(delta, drive, reset, A_n, B_n, h_n, o_l, HAS_SEQ: tl.constexpr):
 def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
                           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """A backward tile's offsets and mask, and its per-token inputs (fp32): u, Delta, Delta
-    before softplus, the drive Delta u, resets, the next token's Delta and reset, and the
-    gradient reaching the scan's output; stores dz."""
+    before softplus, the drive Delta u, resets and the gradient reaching the scan's output;
+    stores dz."""
     m = m_d[:, None] & (o_t < length)[None, :]
     offs = row[:, None] + o_t[None, :]
     u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
     delta, delta_raw = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
     reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
-    # Delta of the next token (0 past the end: the final state's adjoint enters with a = 1).
-    m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
-    delta_next, _ = _delta(p_delta, offs + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
-    reset_next = _resets(p_seq, i_b, o_t + 1, length, HAS_SEQ)
     dout = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_Z:
         y = tl.load(p_ypre + offs, mask=m, other=0.0).to(tl.float32)
@@ -202,7 +187,36 @@ def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, ro
         tl.store(p_dz + offs, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(p_dz.dtype.element_ty), mask=m)
     else:
         dy = dout
-    return offs, m, u, delta, delta_raw, delta * u, reset, delta_next, reset_next, dy
+    return offs, m, u, delta, delta_raw, delta * u, reset, dy
+
+
+@triton.jit
+def _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Delta (BLOCK_D, BLOCK_L) and resets (BLOCK_L,) of the token after each tile token, in
+    descending time (o_rev is o_t reversed); Delta 0 past the end, so that the final state's
+    adjoint enters with a = 1.
+
+    Descending time makes the adjoint's reverse scan a forward scan. The Delta tile is loaded in
+    ascending order and flipped once per tile: Triton sees no contiguity in descending offsets and
+    would load it one element per lane, in a layout that the whole tile computation then adopts.
+    1-D rows (resets here, B/C rows in ``_projection_rev``) go through a layout conversion anyway
+    and are loaded descending directly."""
+    m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
+    delta_next, _ = _delta(p_delta, row[:, None] + o_t[None, :] + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+    return tl.flip(delta_next, 1), _resets(p_seq, i_b, o_rev + 1, length, HAS_SEQ)
+
+
+@triton.jit
+def _projection_rev(p_X, i_b, i_n, o_d, o_t, o_rev, m_d, dim, length, per_group, N: tl.constexpr,
+                    VARIABLE: tl.constexpr, GROUPED: tl.constexpr):
+    """``_projection`` in descending time (o_rev is o_t reversed; see ``_next_decay_inputs``)."""
+    if GROUPED:
+        X = tl.flip(_projection(p_X, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, per_group, N, VARIABLE,
+                                GROUPED), 1)
+    else:
+        X = _projection(p_X, i_b, i_n, o_d, o_rev, m_d, o_rev < length, dim, length, per_group, N, VARIABLE, GROUPED)
+    return X
 
 
 @triton.jit
@@ -338,6 +352,7 @@ def selective_scan_bwd_kernel(
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Gradients of the scan, one BLOCK_L = SAVE_EVERY chunk per tile, walking backwards.
 
@@ -389,12 +404,18 @@ def selective_scan_bwd_kernel(
         i_t = first_tile + n_tiles - 1 - i_rev  # tile (and saved-state chunk) index in the sequence
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
-        offs, m, u, delta, delta_raw, drive, reset, delta_next, reset_next, dy = _backward_tile_inputs(
+        offs, m, u, delta, delta_raw, drive, reset, dy = _backward_tile_inputs(
             p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        # The adjoint's inputs in descending time (suffix _rev), so that its reverse scan is a
+        # forward scan; only its result g is flipped back.
+        o_rev = i_t * BLOCK_L + BLOCK_L - 1 - o_l
+        delta_next_rev, reset_next_rev = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+                                                            HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        dy_rev = tl.flip(dy, 1)
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        for i_n in range(0, N):
+        for i_n in tl.range(0, N, num_stages=STAGES):  # STAGES > 1 prefetches B, C and the carries
             if i_t > 0:
                 h_start = tl.load(p_chunks + (i_t - 1) * N + i_n, mask=m_d, other=0.0)
             elif HAS_H0:
@@ -403,18 +424,20 @@ def selective_scan_bwd_kernel(
                 h_start = tl.zeros((BLOCK_D,), dtype=tl.float32)
             A_n = tl.load(p_A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E
             a = tl.exp2(delta * A_n[:, None])
-            a_next = tl.exp2(delta_next * A_n[:, None])
+            a_next_rev = tl.exp2(delta_next_rev * A_n[:, None])
             if HAS_SEQ:
                 a = tl.where(reset[None, :], 0.0, a)
-                a_next = tl.where(reset_next[None, :], 0.0, a_next)
+                a_next_rev = tl.where(reset_next_rev[None, :], 0.0, a_next_rev)
             B_n = _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N, B_VARIABLE, B_GROUPED)
-            C_n = _projection(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N, C_VARIABLE, C_GROUPED)
+            C_rev = _projection_rev(p_C, i_b, i_n, o_d, o_t, o_rev, m_d, dim, length, c_per_group, N, C_VARIABLE,
+                                    C_GROUPED)
             b = drive * B_n
             a_scan, b_scan = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
             hs = b_scan + a_scan * h_start[:, None]  # recomputed states h_t
-            g_next, c_scan = _reverse_scan(a_next, C_n * dy)
-            g = c_scan + g_next * tl.load(carry + i_n, mask=m_d, other=0.0)[:, None]  # dL/dh_t
-            tl.store(carry + i_n, _column(g, o_l, 0), mask=m_d)
+            decay_rev, c_scan_rev = tl.associative_scan((a_next_rev, C_rev * dy_rev), axis=1, combine_fn=_combine)
+            g_rev = c_scan_rev + decay_rev * tl.load(carry + i_n, mask=m_d, other=0.0)[:, None]
+            tl.store(carry + i_n, _column(g_rev, o_l, BLOCK_L - 1), mask=m_d)
+            g = tl.flip(g_rev, 1)  # dL/dh_t
 
             g_decayed = g * (hs - b)  # g_t a_t h_{t-1} = dL/d(Delta_t A)
             gB = g * B_n
@@ -481,25 +504,27 @@ def selective_scan_chunk_adjoint_kernel(
     n_tiles = tl.cdiv(tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L) - first_tile
     for i_rev in range(0, n_tiles):
         o_t = (first_tile + n_tiles - 1 - i_rev) * BLOCK_L + o_l
+        o_rev = (first_tile + n_tiles - 1 - i_rev) * BLOCK_L + BLOCK_L - 1 - o_l  # descending time
+        delta_next, reset_next = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+                                                    HAS_BIAS, SOFTPLUS, HAS_SEQ)
         m = m_d[:, None] & (o_t < length)[None, :]
-        offs = row[:, None] + o_t[None, :]
-        m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
-        delta_next, _ = _delta(p_delta, offs + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
-        reset_next = _resets(p_seq, i_b, o_t + 1, length, HAS_SEQ)
-        dy = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(p_dy + row[:, None] + o_t[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
+            zv = tl.load(p_z + row[:, None] + o_t[None, :], mask=m, other=0.0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
+        dy = tl.flip(dy, 1)
         for i_n in tl.static_range(N):
             A_n = tl.load(p_A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E
             a_next = tl.exp2(delta_next * A_n[:, None])
             if HAS_SEQ:
                 a_next = tl.where(reset_next[None, :], 0.0, a_next)
-            C_n = _projection(p_C, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, c_per_group, N,
-                              C_VARIABLE, C_GROUPED)
-            q, c_scan = _reverse_scan(a_next, C_n * dy)
-            g = _set_column(g, o_n, i_n, _column(c_scan, o_l, 0) + _column(q, o_l, 0) * _column(g, o_n, i_n))
-            decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(q, o_l, 0))
+            C_n = _projection_rev(p_C, i_b, i_n, o_d, o_t, o_rev, m_d, dim, length, c_per_group, N, C_VARIABLE,
+                                  C_GROUPED)
+            q, c_scan = tl.associative_scan((a_next, C_n * dy), axis=1, combine_fn=_combine)
+            # The tile's last column is its first token: the maps composed over the whole tile.
+            g = _set_column(g, o_n, i_n, _column(c_scan, o_l, BLOCK_L - 1)
+                            + _column(q, o_l, BLOCK_L - 1) * _column(g, o_n, i_n))
+            decay = _set_column(decay, o_n, i_n, _column(decay, o_n, i_n) * _column(q, o_l, BLOCK_L - 1))
     rows = ((i_b * n_chunks + i_c) * dim + o_d).to(tl.int64) * N
     for i_n in tl.static_range(N):
         tl.store(p_chunk_g + rows + i_n, _column(g, o_n, i_n), mask=m_d)

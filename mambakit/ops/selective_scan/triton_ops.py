@@ -31,7 +31,9 @@ class Plan:
     program covers ``fwd_chunk`` (``bwd_chunk``) tokens: splitting the sequence over programs
     gives the GPU enough of them when there are few channels, for one extra pass over the inputs
     (the chunks' end states, combined by the programs of the main pass). Both chunks are
-    multiples of ``save_every``, itself a multiple of ``fwd_block_l``."""
+    multiples of ``save_every``, itself a multiple of ``fwd_block_l``. ``bwd_stages`` > 1 lets
+    Triton's software pipeliner prefetch the backward's per-entry loads (B and C rows, start
+    states, carries) that many entries ahead, through shared memory."""
 
     fwd_block_l: int
     fwd_block_d: int
@@ -41,6 +43,7 @@ class Plan:
     bwd_warps: int
     fwd_chunk: int = 1 << 30
     bwd_chunk: int = 1 << 30
+    bwd_stages: int = 1
 
     def __post_init__(self):
         if self.save_every % self.fwd_block_l or self.fwd_chunk % self.save_every or self.bwd_chunk % self.save_every:
@@ -213,7 +216,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
             u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, carry,
             d, length, b_pg, c_pg, n_saved, n_chunks,
-            **flags, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
+            **flags, CHUNK=p.bwd_chunk, STAGES=p.bwd_stages, num_warps=p.bwd_warps)
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return u.new_empty(0)
