@@ -13,8 +13,10 @@ constant index). The (b, d, l, n) state never touches memory.
 
 For the backward the forward also stores the state at the end of every chunk of SAVE_EVERY
 tokens; the backward walks those chunks in reverse (one chunk per tile), recomputes the chunk's
-states from the stored start state and runs the adjoint recurrence as a reverse scan. Its loop
-over state entries is not unrolled; the per-entry carries live in a per-program scratch.
+states from the stored start state and runs the adjoint recurrence as a forward scan of its
+inputs in descending time (Triton 3.6 lowers ``reverse=True`` scans and flips with many
+shuffles; only the result is flipped back). Its loop over state entries is not unrolled and is
+software-pipelined; the per-entry carries live in a per-program scratch.
 
 With few channels the sequence is also split over programs (CHUNK tokens each): a first kernel
 gives each chunk's end state (forward) or start adjoint (backward) from a zero start, with the

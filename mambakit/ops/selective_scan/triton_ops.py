@@ -33,7 +33,8 @@ class Plan:
     (the chunks' end states, combined by the programs of the main pass). Both chunks are
     multiples of ``save_every``, itself a multiple of ``fwd_block_l``. ``bwd_stages`` > 1 lets
     Triton's software pipeliner prefetch the backward's per-entry loads (B and C rows, start
-    states, carries) that many entries ahead, through shared memory."""
+    states, carries) that many entries ahead, through shared memory. (Pipelining the forward's
+    tile loop does not pay: 255 registers and spills with Triton 3.6.)"""
 
     fwd_block_l: int
     fwd_block_d: int
@@ -57,11 +58,12 @@ def plan(batch: int, dim: int, length: int) -> Plan:
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
                     fwd_chunk=32, bwd_chunk=32)
     # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
-    # 8 channels of 32-token tiles backward (the fastest in the H100 sweep). The forward splits
-    # the sequence into the longest power-of-two chunks, of at least 512 tokens, that still give
-    # every SM _PROGRAMS_PER_SM programs; the backward, whose programs do ~5x the work per token,
-    # was fastest at 512-token chunks at both benchmark shapes. At most _MAX_CHUNKS of them (each
-    # program combines the end states of the chunks before it, a cost that grows with their number).
+    # 8 channels of 32-token tiles backward with its entry loop's loads prefetched 2 entries ahead
+    # (3 stages; the fastest in the H100 sweep). The forward splits the sequence into the longest
+    # power-of-two chunks, of at least 512 tokens, that still give every SM _PROGRAMS_PER_SM
+    # programs; the backward, whose programs do ~5x the work per token, was fastest at 512-token
+    # chunks at both benchmark shapes. At most _MAX_CHUNKS of them (each program combines the end
+    # states of the chunks before it, a cost that grows with their number).
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     wanted = _PROGRAMS_PER_SM * sms
 
@@ -74,7 +76,7 @@ def plan(batch: int, dim: int, length: int) -> Plan:
         fwd_tokens //= 2
     bwd_tokens = max(512, triton.next_power_of_2(triton.cdiv(length, _MAX_CHUNKS)))
     return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
-                fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens))
+                fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens), bwd_stages=3)
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
