@@ -4,7 +4,8 @@ plan, at the benchmark shapes (no peer).
     python benchmarks/tune_selective_scan.py [--shapes 8,2048,4096,16 1,2048,65536,16]
         [--fwd 8x32x1x1024 ...] [--bwd 64x8x1x1024 ...] [--bc variable|invariant] [--jobs 8] [--out tune.json]
 
-A forward plan is BLOCK_L x BLOCK_D x warps x tokens-per-program; a backward plan is tile
+A forward plan is BLOCK_L x BLOCK_D x warps x tokens-per-program [x groups of state entries, a
+warp each, default 1]; a backward plan is tile
 (= saved-state spacing) x BLOCK_D x warps x tokens-per-program [x pipeline stages of the loop over
 state entries, default 1]; "all" for tokens per program means one program over the whole
 sequence. The forward of a backward plan uses 8 x 32 x 1 tiles; a forward plan is timed with
@@ -40,10 +41,11 @@ def _ints(spec: str) -> tuple[int, ...]:
 
 
 def make_plan(fwd: str | None = None, bwd: str | None = None) -> triton_ops.Plan:
-    fl, fd, fw, fc = _ints(fwd) if fwd else (8, 32, 1, 1 << 30)
+    fl, fd, fw, fc, *groups = _ints(fwd) if fwd else (8, 32, 1, 1 << 30)
     save, bd, bw, bc, *stages = _ints(bwd) if bwd else (32, 8, 1, 1 << 30, 3)
     return triton_ops.Plan(fwd_block_l=fl, fwd_block_d=fd, fwd_warps=fw, save_every=save, bwd_block_d=bd,
-                           bwd_warps=bw, fwd_chunk=fc, bwd_chunk=bc, bwd_stages=stages[0] if stages else 1)
+                           bwd_warps=bw, fwd_chunk=fc, bwd_chunk=bc, bwd_stages=stages[0] if stages else 1,
+                           fwd_groups=groups[0] if groups else 1)
 
 
 def _args(kw, save):

@@ -242,6 +242,31 @@ def _backward_tile_outputs(p_D, p_du, p_ddelta, du, ddelta, u, delta, delta_raw,
 
 
 @triton.jit
+def _group_projection(p_X, i_b, n, o_d, o_t, m_d, m_t, dim, length, per_group, N: tl.constexpr,
+                      VARIABLE: tl.constexpr, GROUPED: tl.constexpr):
+    """Entries n (G, 1, 1) of B or C (fp32) for a (G, BLOCK_D, BLOCK_L) tile: (G, BLOCK_D, 1) if
+    time-invariant (d, n), (G, 1, BLOCK_L) if variable and shared by all channels (b, n, l),
+    (G, BLOCK_D, BLOCK_L) if grouped (b, g, n, l); 0 for padded entries (n >= N)."""
+    m_n = n < N
+    if not VARIABLE:
+        X = tl.load(p_X + o_d * N + n, mask=m_d & m_n, other=0.0)
+    elif GROUPED:
+        row = ((i_b * (dim // per_group) + o_d // per_group) * N + n).to(tl.int64) * length
+        X = tl.load(p_X + row + o_t, mask=m_d & m_t & m_n, other=0.0)
+    else:
+        row = (i_b * N + n).to(tl.int64) * length
+        X = tl.load(p_X + row + o_t, mask=m_t & m_n, other=0.0)
+    return X
+
+
+@triton.jit
+def _entry(x, o_e, i_e: tl.constexpr):
+    """Element i_e of the last axis of a 3-D tile, o_e its (1, 1, E) index: (G, BLOCK_D, 1). With
+    that axis inside the thread and a constant i_e, a register read."""
+    return tl.sum(tl.where(o_e == i_e, x, 0.0), axis=2, keep_dims=True)
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq,
     p_y, p_ypre, p_last, p_states, p_chunk_h, p_chunk_decay,
@@ -249,61 +274,90 @@ def selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    CHUNK: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """y (b, d, l), the final state (b, d, n) and, if SAVE_STATES, the state at the end of each
     SAVE_EVERY-token chunk (b, d, n_saved, n) and the output before the z gate.
 
+    The NP (padded) state entries are split into G groups of E = NP / G, a warp each (launch
+    with G warps per program): tiles are (G, BLOCK_D, BLOCK_L), every warp reads the same token
+    inputs (L1 hits after the first) and scans its own E entries, and y is summed over the groups
+    at the end of each tile. More warps per channel block than one hides memory latency where
+    there are too few channel blocks to fill the GPU, without splitting the sequence.
+
     Program (i_d, i_b, i_c) covers tokens [i_c CHUNK, (i_c + 1) CHUNK). Its start state combines
     the initial state with the earlier chunks' zero-start end states and decays (from
     ``selective_scan_chunk_state_kernel``): h <- decay_k h + h_k for k < i_c."""
+    E: tl.constexpr = NP // G
     i_d, i_b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, NP)
-    o_l = tl.arange(0, BLOCK_L)
+    o_g = tl.arange(0, G)[:, None, None]
+    o_e = tl.arange(0, E)[None, None, :]
+    o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :, None]
+    o_l = tl.arange(0, BLOCK_L)[None, None, :]
     m_d = o_d < dim
-    m_dn = m_d[:, None] & (o_n < N)[None, :]
-    A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
+    n_ge = o_g * E + o_e  # (G, 1, E) state entry index
+    m_de = m_d & (n_ge < N)
+    A = tl.load(p_A + o_d * N + n_ge, mask=m_de, other=0.0).to(tl.float32) * LOG2E  # (G, BLOCK_D, E)
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
     D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_D else None
-    o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]  # (BLOCK_D, NP) into (b, d, n)
+    o_state = (i_b * dim + o_d).to(tl.int64) * N + n_ge  # (G, BLOCK_D, E) into (b, d, n)
     if HAS_H0:
-        h = tl.load(p_h0 + o_state, mask=m_dn, other=0.0).to(tl.float32)
+        h = tl.load(p_h0 + o_state, mask=m_de, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+        h = tl.zeros((G, BLOCK_D, E), dtype=tl.float32)
     for k in range(0, i_c):
-        o_chunk = ((i_b * n_chunks + k) * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
-        h = (tl.load(p_chunk_decay + o_chunk, mask=m_dn, other=0.0) * h
-             + tl.load(p_chunk_h + o_chunk, mask=m_dn, other=0.0))
-    row = (i_b * dim + o_d).to(tl.int64) * length  # (BLOCK_D,) start of each channel in (b, d, l)
+        o_chunk = ((i_b * n_chunks + k) * dim + o_d).to(tl.int64) * N + n_ge
+        h = (tl.load(p_chunk_decay + o_chunk, mask=m_de, other=0.0) * h
+             + tl.load(p_chunk_h + o_chunk, mask=m_de, other=0.0))
+    # (G, BLOCK_D, 1) start of each channel in (b, d, l), repeated per group: each warp loads the tile.
+    row = (i_b * dim + o_d).to(tl.int64) * length + o_g * 0
+    # The same in 2-D (BLOCK_D, BLOCK_L), for the output after the sum over groups.
+    o_d2 = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row2 = (i_b * dim + o_d2).to(tl.int64) * length
     for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
         m_t = o_t < length
-        offs, m, u, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
-                                                               HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        for i_n in tl.static_range(N):
-            B_n = _projection(p_B, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, b_per_group, N, B_VARIABLE, B_GROUPED)
-            _, hs = _scan_entry(delta, drive, reset, _column(A, o_n, i_n), B_n, _column(h, o_n, i_n), o_l, HAS_SEQ)
-            y += hs * _projection(p_C, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
-                                  C_VARIABLE, C_GROUPED)
-            h = _set_column(h, o_n, i_n, _column(hs, o_l, BLOCK_L - 1))
+        m = m_d & m_t
+        offs = row + o_t
+        u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
+        raw = tl.load(p_delta + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias
+        delta = tl.where(m, _softplus(raw) if SOFTPLUS else raw, 0.0)  # padded tokens: identity maps
+        drive = delta * u
+        reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
+        y = tl.zeros((G, BLOCK_D, BLOCK_L), dtype=tl.float32)
+        for i_e in tl.static_range(E):
+            n_i = o_g * E + i_e
+            a = tl.exp2(delta * _entry(A, o_e, i_e))
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)  # a new packed sequence forgets the state
+            b = drive * _group_projection(p_B, i_b, n_i, o_d, o_t, m_d, m_t, dim, length, b_per_group, N,
+                                          B_VARIABLE, B_GROUPED)
+            b = tl.where(o_l == 0, b + a * _entry(h, o_e, i_e), b)
+            _, hs = tl.associative_scan((a, b), axis=2, combine_fn=_combine)
+            y += hs * _group_projection(p_C, i_b, n_i, o_d, o_t, m_d, m_t, dim, length, c_per_group, N,
+                                        C_VARIABLE, C_GROUPED)
+            h = tl.where(o_e == i_e, _entry(hs, o_l, BLOCK_L - 1), h)  # the state after the tile
         if SAVE_STATES:
             # Padded tokens are identity maps, so at the last tile h is the final state.
             if ((t0 + BLOCK_L) % SAVE_EVERY == 0) | (t0 + BLOCK_L >= length):
-                p_chunk = p_states + ((i_b * dim + o_d[:, None]).to(tl.int64) * n_saved + t0 // SAVE_EVERY) * N
-                tl.store(p_chunk + o_n[None, :], h, mask=m_dn)
+                p_chunk = p_states + ((i_b * dim + o_d).to(tl.int64) * n_saved + t0 // SAVE_EVERY) * N
+                tl.store(p_chunk + n_ge, h, mask=m_de)
         if HAS_D:
-            y += D[:, None] * u
+            y += tl.where(o_g == 0, D * u, 0.0)  # once, in the first group
+        y_sum = tl.sum(y, axis=0)  # (BLOCK_D, BLOCK_L)
+        offs2 = row2[:, None] + (t0 + tl.arange(0, BLOCK_L))[None, :]
+        m2 = (o_d2 < dim)[:, None] & (t0 + tl.arange(0, BLOCK_L) < length)[None, :]
         if HAS_Z:
             if SAVE_STATES:  # the backward needs the output before the gate
-                tl.store(p_ypre + offs, y.to(p_ypre.dtype.element_ty), mask=m)
-            zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
-            y = y * zv * tl.sigmoid(zv)
-        tl.store(p_y + offs, y.to(p_y.dtype.element_ty), mask=m)
+                tl.store(p_ypre + offs2, y_sum.to(p_ypre.dtype.element_ty), mask=m2)
+            zv = tl.load(p_z + offs2, mask=m2, other=0.0).to(tl.float32)
+            y_sum = y_sum * zv * tl.sigmoid(zv)
+        tl.store(p_y + offs2, y_sum.to(p_y.dtype.element_ty), mask=m2)
     if i_c == n_chunks - 1:
-        tl.store(p_last + o_state, h, mask=m_dn)
+        tl.store(p_last + o_state, h, mask=m_de)
 
 
 @triton.jit

@@ -31,7 +31,9 @@ class Plan:
     program covers ``fwd_chunk`` (``bwd_chunk``) tokens: splitting the sequence over programs
     gives the GPU enough of them when there are few channels, for one extra pass over the inputs
     (the chunks' end states, combined by the programs of the main pass). Both chunks are
-    multiples of ``save_every``, itself a multiple of ``fwd_block_l``. ``bwd_stages`` > 1 lets
+    multiples of ``save_every``, itself a multiple of ``fwd_block_l``. ``fwd_groups`` > 1 splits
+    the state entries of the forward's main kernel over that many warps (more warps per channel
+    block without splitting the sequence). ``bwd_stages`` > 1 lets
     Triton's software pipeliner prefetch the backward's per-entry loads (B and C rows, start
     states, carries) that many entries ahead, through shared memory. (Pipelining the forward's
     tile loop does not pay: 255 registers and spills with Triton 3.6.)"""
@@ -45,6 +47,7 @@ class Plan:
     fwd_chunk: int = 1 << 30
     bwd_chunk: int = 1 << 30
     bwd_stages: int = 1
+    fwd_groups: int = 1
 
     def __post_init__(self):
         if self.save_every % self.fwd_block_l or self.fwd_chunk % self.save_every or self.bwd_chunk % self.save_every:
@@ -56,7 +59,7 @@ def plan(batch: int, dim: int, length: int) -> Plan:
     and the backward of one call must agree on ``save_every``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CI on CPU: small blocks, several programs
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
-                    fwd_chunk=32, bwd_chunk=32)
+                    fwd_chunk=32, bwd_chunk=32, fwd_groups=2)
     # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
     # 8 channels of 32-token tiles backward with its entry loop's loads prefetched 2 entries ahead
     # (3 stages; the fastest in the H100 sweep). The forward splits the sequence into the longest
@@ -151,9 +154,11 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
             HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=delta_softplus, HAS_SEQ=flags["HAS_SEQ"], B_VARIABLE=b_var,
             B_GROUPED=b_grp, N=n, NP=flags["NP"], BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, CHUNK=p.fwd_chunk,
             num_warps=p.fwd_warps)
+    groups = min(p.fwd_groups, flags["NP"])  # groups of state entries, a warp (or fwd_warps) each
     kernels.selective_scan_fwd_kernel[(d_blocks, bsz, n_chunks)](
         u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states, chunk_h, chunk_decay,
-        d, length, b_pg, c_pg, n_saved, n_chunks, **flags, CHUNK=p.fwd_chunk, num_warps=p.fwd_warps)
+        d, length, b_pg, c_pg, n_saved, n_chunks, **flags, G=groups, CHUNK=p.fwd_chunk,
+        num_warps=p.fwd_warps * groups)
     return y, last, states, y_pre
 
 
