@@ -15,10 +15,10 @@ from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
 F32 = torch.float32
-# Programs (one warp each) per SM that the time split aims for. The sweep of
-# benchmarks/tune_selective_scan.py on an H100 was fastest at ~4096 programs for both benchmark
-# shapes (b8 d2048 l4096: 512-token chunks; b1 d2048 l65536: 1024-token chunks); 24 per SM picks
-# those chunk lengths.
+# Forward programs (channel blocks x chunks) per SM that the time split aims for. The sweep of
+# benchmarks/tune_selective_scan.py on an H100 was fastest at 1024-token chunks for both benchmark
+# shapes (b8 d2048 l4096: 2048 programs of 2 warps; b1 d2048 l65536: 4096); 24 per SM with at
+# least 1024 tokens picks those.
 _PROGRAMS_PER_SM = 24
 _MAX_CHUNKS = 128
 
@@ -54,32 +54,37 @@ class Plan:
             raise ValueError(f"Plan: chunks must be multiples of save_every, itself of fwd_block_l; got {self}")
 
 
-def plan(batch: int, dim: int, length: int) -> Plan:
-    """The launch parameters for a (batch, dim, length) scan, from the shape alone: the forward
-    and the backward of one call must agree on ``save_every``."""
+def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
+    """The launch parameters for a (batch, dim, length) scan, from the shape alone (and whether
+    the forward saves states for a backward): the forward and the backward of one call must agree
+    on ``save_every``, which does not depend on ``save_states``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CI on CPU: small blocks, several programs
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
                     fwd_chunk=32, bwd_chunk=32, fwd_groups=2)
-    # One warp per program: 32 channels of 8-token tiles forward (the scan stays in each thread),
-    # 8 channels of 32-token tiles backward with its entry loop's loads prefetched 2 entries ahead
-    # (3 stages; the fastest in the H100 sweep). The forward splits the sequence into the longest
-    # power-of-two chunks, of at least 512 tokens, that still give every SM _PROGRAMS_PER_SM
-    # programs; the backward, whose programs do ~5x the work per token, was fastest at 512-token
-    # chunks at both benchmark shapes. At most _MAX_CHUNKS of them (each program combines the end
-    # states of the chunks before it, a cost that grows with their number).
+    # From the H100 sweeps (benchmarks/results/tune_selective_scan*.json). Forward: 32 channels of
+    # 8-token tiles (the scan stays in each thread), the state entries split over 2 warps. The
+    # sequence is split into the longest power-of-two chunks, of at least 1024 tokens, that still
+    # give every SM _PROGRAMS_PER_SM programs, at most _MAX_CHUNKS (each program combines the end
+    # states of the chunks before it); but a forward that saves states is not split when the
+    # channel blocks alone give 6 warps per SM (b8 d2048 l4096: 1.37 ms unsplit, 1.66 split).
+    # Backward: 8 channels of 32-token tiles, its entry loop's loads prefetched 2 entries ahead
+    # (3 stages), 512-token chunks (its programs do ~5x the work per token).
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    wanted = _PROGRAMS_PER_SM * sms
+    groups = 2
+    channel_blocks = triton.cdiv(batch * dim, 32)
 
     def whole_if_longer(tokens: int) -> int:
         return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
 
-    fwd_tokens = triton.next_power_of_2(max(length, 512))
-    while (fwd_tokens > 512 and triton.cdiv(length, fwd_tokens) < _MAX_CHUNKS
-           and triton.cdiv(batch * dim, 32) * triton.cdiv(length, fwd_tokens) < wanted):
-        fwd_tokens //= 2
+    fwd_tokens = triton.next_power_of_2(max(length, 1024))
+    if not (save_states and channel_blocks * groups >= 6 * sms):
+        while (fwd_tokens > 1024 and triton.cdiv(length, fwd_tokens) < _MAX_CHUNKS
+               and channel_blocks * triton.cdiv(length, fwd_tokens) < _PROGRAMS_PER_SM * sms):
+            fwd_tokens //= 2
     bwd_tokens = max(512, triton.next_power_of_2(triton.cdiv(length, _MAX_CHUNKS)))
     return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
-                fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens), bwd_stages=3)
+                fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens), bwd_stages=3,
+                fwd_groups=groups)
 
 
 def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
@@ -125,7 +130,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     ``save_states`` (and z, for the last)."""
     bsz, d, length = u.shape
     n = A.shape[1]
-    p = plan(bsz, d, length)
+    p = plan(bsz, d, length, save_states)
     n_saved = triton.cdiv(length, p.save_every)
     y = torch.empty_like(u)
     cplx = A.is_complex()
