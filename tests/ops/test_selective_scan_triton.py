@@ -84,10 +84,11 @@ FEATURES = [
 WHOLE = 1 << 30  # one program over the whole sequence
 TILINGS = {
     # forward tile, forward channels, backward tile (= saved-state spacing), backward channels,
-    # tokens per forward program, tokens per backward program
-    "8-token-tiles-split-16-32": (8, 4, 16, 4, 32, 16),
-    "16-token-tiles-split-32": (16, 2, 32, 8, WHOLE, 32),
-    "one-tile": (64, 4, 64, 2, WHOLE, WHOLE),
+    # tokens per forward program, tokens per backward program, forward entry groups (warps),
+    # backward pipeline stages
+    "8-token-tiles-split-16-32": (8, 4, 16, 4, 32, 16, 2, 3),
+    "16-token-tiles-split-32": (16, 2, 32, 8, WHOLE, 32, 4, 2),
+    "one-tile": (64, 4, 64, 2, WHOLE, WHOLE, 1, 1),
 }
 
 
@@ -97,10 +98,11 @@ def tiles(request, monkeypatch):
     and program boundaries (on the GPU too: the plan is replaced whatever the device)."""
     from mambakit.ops.selective_scan import triton_ops
 
-    fl, fd, save, bd, fwd_chunk, bwd_chunk = TILINGS[request.param]
+    fl, fd, save, bd, fwd_chunk, bwd_chunk, groups, stages = TILINGS[request.param]
     tiling = triton_ops.Plan(fwd_block_l=fl, fwd_block_d=fd, fwd_warps=1, save_every=save, bwd_block_d=bd,
-                             bwd_warps=1, fwd_chunk=fwd_chunk, bwd_chunk=bwd_chunk)
-    monkeypatch.setattr(triton_ops, "plan", lambda batch, dim, length: tiling)
+                             bwd_warps=1, fwd_chunk=fwd_chunk, bwd_chunk=bwd_chunk, fwd_groups=groups,
+                             bwd_stages=stages)
+    monkeypatch.setattr(triton_ops, "plan", lambda *shape_and_mode: tiling)
     return request.param
 
 
