@@ -96,11 +96,13 @@ def _add_task(commands) -> None:
     from .training.tasks import TASKS
 
     p = commands.add_parser(
-        "task", help="train and evaluate a small model on a synthetic task from the Mamba papers",
+        "task", help="train and evaluate a small model on a task from the Mamba papers",
         description="Synthetic tasks: selective copying, induction heads (with length extrapolation from 256), "
-                    "multi-query associative recall. Prints an accuracy table; writes results.json and accuracy.png.",
+                    "multi-query associative recall; prints an accuracy table and writes results.json and "
+                    "accuracy.png. 'vision': a bidirectional Vision Mamba on scikit-learn's 8x8 digits; writes "
+                    "results.json and confusion.png.",
         formatter_class=_Defaults)
-    p.add_argument("name", choices=list(TASKS), help="the task")
+    p.add_argument("name", choices=[*TASKS, "vision"], help="the task")
     p.add_argument("--layer", choices=list(LAYERS), default="mamba2", help="sequence mixer")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's CPU budget)")
     p.add_argument("--max-test-len", type=int, default=1 << 14,
@@ -181,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         _train(args)
     elif args.command == "forecast":
         _forecast(args)
+    elif args.command == "task" and args.name == "vision":
+        from .training.vision import run_vision
+
+        if args.steps is not None:
+            raise SystemExit("mambakit task vision: --steps does not apply (it trains for a fixed number of epochs)")
+        run_vision(layer=args.layer, out=args.out or "runs/task-vision", seed=args.seed, device=args.device)
     elif args.command == "task":
         from .training.tasks import run_task
 

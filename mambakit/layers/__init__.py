@@ -1,6 +1,7 @@
 """Modules built on the ops: norms, the Mamba mixers, attention, MLP and the residual block."""
 
 from .attention import MHA
+from .bidirectional import BidirectionalMixer
 from .block import Block
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
@@ -8,4 +9,4 @@ from .mamba3 import Mamba3
 from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
 
-__all__ = ["MHA", "Block", "GatedMLP", "Mamba1", "Mamba2", "Mamba3", "RMSNorm", "RMSNormGated"]
+__all__ = ["MHA", "BidirectionalMixer", "Block", "GatedMLP", "Mamba1", "Mamba2", "Mamba3", "RMSNorm", "RMSNormGated"]

@@ -140,7 +140,12 @@ class Mamba1(nn.Module):
         return out, conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False):
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 d_inner, l)
+        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
+
+    def mix_projected(self, projected, states=None, resume=False):
+        """The mixer between its projections: in_proj's output (b, l, 2 d_inner) -> the gated
+        scan output (b, l, d_inner) that out_proj takes."""
+        xz = projected.transpose(1, 2)  # (b, 2 d_inner, l)
         x, z = xz.chunk(2, dim=1)
         conv_state, ssm_state = states if states is not None else (None, None)
         keep = states is not None
@@ -174,7 +179,7 @@ class Mamba1(nn.Module):
         y, ssm_final = scan if keep else (scan, None)
         if keep:
             write_states(states, (conv_final, ssm_final))
-        return self.out_proj(y.transpose(1, 2))
+        return y.transpose(1, 2)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zero states (conv_state (b, d_inner, d_conv - 1) in ``dtype`` or the conv weight's dtype,

@@ -189,9 +189,14 @@ class Mamba2(nn.Module):
         return self.out_proj(y)[:, None], conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
-        b, l, _ = hidden_states.shape
+        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume, seq_idx))
+
+    def mix_projected(self, projected, states=None, resume=False, seq_idx=None):
+        """The mixer between its projections: in_proj's output (b, l, d_in_proj) -> the gated
+        (and normed) output (b, l, d_inner) that out_proj takes."""
+        b, l, _ = projected.shape
         gn = self.ngroups * self.d_state
-        zxbcdt = self.in_proj(hidden_states)
+        zxbcdt = projected
         d_mlp = self.d_inner - self.d_ssm
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * gn, self.nheads], dim=-1)
         conv_state, ssm_state = states if states is not None else (None, None)
@@ -237,7 +242,7 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         if d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y)
+        return y
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zero states (conv_state (b, d_ssm + 2 g n, d_conv - 1) in ``dtype`` or the conv weight's

@@ -152,9 +152,14 @@ class Mamba3(nn.Module):
         return (out, *states)
 
     def _mix(self, hidden_states, states=None, resume=False):
-        b, l, _ = hidden_states.shape
+        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
+
+    def mix_projected(self, projected, states=None, resume=False):
+        """The mixer between its projections: in_proj's output (b, l, d_in_proj) -> the gated
+        (and normed) output (b, l, d_inner) that out_proj takes, in the input's dtype."""
+        b, l, _ = projected.shape
         r, g, h, p, n = self.mimo_rank, self.num_bc_heads, self.nheads, self.headdim, self.d_state
-        proj = self.in_proj(hidden_states)
+        proj = projected
         z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
             proj, [self.d_inner, self.d_inner, r * g * n, r * g * n, h, h, h, self.num_rope_angles], dim=-1
         )
@@ -207,7 +212,7 @@ class Mamba3(nn.Module):
                 y = self.norm(y, z.reshape(b, l, self.d_inner))
         if keep:
             write_states(states, final)
-        return self.out_proj(y.to(x.dtype))
+        return y.to(x.dtype)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zero states, the official layout (and the op's :class:`~mambakit.ops.Mamba3State`):

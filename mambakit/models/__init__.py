@@ -2,5 +2,6 @@
 
 from .config import MambaConfig
 from .lm import MambaLM
+from .vision import VisionMamba
 
-__all__ = ["MambaConfig", "MambaLM"]
+__all__ = ["MambaConfig", "MambaLM", "VisionMamba"]
