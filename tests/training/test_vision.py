@@ -1,10 +1,14 @@
 """The vision task: split, augmentation, confusion matrix, and a short run end to end."""
 
 import json
+import sys
 
+import pytest
 import torch
 
-from mambakit.training.vision import VisionSpec, confusion_matrix, random_shift, run_vision, stratified_split
+from mambakit.cli import main
+from mambakit.training.vision import (VisionSpec, confusion_matrix, load_digits_split, random_shift, run_vision,
+                                      stratified_split)
 
 
 def test_stratified_split_keeps_class_proportions_and_is_disjoint():
@@ -50,3 +54,14 @@ def test_short_run_writes_results_and_plot(tmp_path):
     assert abs(saved["test_accuracy"] - confusion.diag().sum().item() / confusion.sum().item()) < 1e-9
     assert summary["test_accuracy"] > 0.9
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_scikit_learn_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        load_digits_split(0)
+
+
+def test_cli_rejects_steps_for_vision():
+    with pytest.raises(SystemExit, match="--steps"):
+        main(["task", "vision", "--steps", "5"])
