@@ -2,6 +2,7 @@
 
 from .attention import MHA
 from .bidirectional import BidirectionalMixer
+from .binary import BinaryLinear, binarize_projections, pack_binary, unpack_binary
 from .block import Block
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
@@ -9,4 +10,7 @@ from .mamba3 import Mamba3
 from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
 
-__all__ = ["MHA", "BidirectionalMixer", "Block", "GatedMLP", "Mamba1", "Mamba2", "Mamba3", "RMSNorm", "RMSNormGated"]
+__all__ = [
+    "MHA", "BidirectionalMixer", "BinaryLinear", "Block", "GatedMLP", "Mamba1", "Mamba2", "Mamba3", "RMSNorm",
+    "RMSNormGated", "binarize_projections", "pack_binary", "unpack_binary",
+]
