@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..checkpoints import atomic_write
 from ..models import VisionMamba
 from ..models.vision import LAYERS
+from .optim import no_decay
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,10 @@ def run_vision(layer: str = "mamba1", out: str = "runs/task-vision", seed: int =
         layer_kwargs.update(headdim=16, chunk_size=64)
     model = VisionMamba(tuple(train_x.shape[2:]), spec.patch_size, train_x.shape[1], n_classes, d_model=spec.d_model,
                         n_layers=spec.n_layers, layer=layer, layer_kwargs=layer_kwargs).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    params = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": spec.weight_decay},
+         {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0}], lr=spec.lr)
     steps_per_epoch = math.ceil(len(train_x) / spec.batch_size)
     total = spec.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -126,7 +127,8 @@ def run_vision(layer: str = "mamba1", out: str = "runs/task-vision", seed: int =
                 bar.update()
     model.eval()
     with torch.no_grad():
-        predicted = torch.cat([model(test_x[i:i + 256].to(device)).argmax(-1).cpu() for i in range(0, len(test_x), 256)])
+        predicted = torch.cat([model(test_x[i:i + 256].to(device)).argmax(-1).cpu()
+                               for i in range(0, len(test_x), 256)])
     confusion = confusion_matrix(predicted, test_y, n_classes)
     accuracy = (predicted == test_y).float().mean().item()
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()

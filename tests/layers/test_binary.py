@@ -46,7 +46,8 @@ def test_binarize_swaps_only_the_mixer_projections(layer):
     torch.manual_seed(1)
     model = _small_lm(layer)
     replaced = binarize_projections(model)
-    assert sorted(replaced) == sorted(f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "out_proj"))
+    expected = [f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "out_proj")]
+    assert sorted(replaced) == sorted(expected)
     binary = {n for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
     assert binary == set(replaced)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, BinaryLinear)
