@@ -9,7 +9,9 @@ holds 32 channels per warp and the scan never leaves the thread; longer tiles sp
 tokens over BLOCK_L / 8 lanes (more programs for few channels, at the cost of shuffles). The state
 carried from tile to tile is a (BLOCK_D, n) register tile: each thread keeps the entries of its
 own channels, so reading and writing one entry compiles to register moves (``_column`` with a
-constant index). The (b, d, l, n) state never touches memory.
+constant index). The (b, d, l, n) state never touches memory. The forward's main kernel can
+also split the entries over G warps of a program (tiles gain a leading group axis; y is summed
+over the groups once per tile).
 
 For the backward the forward also stores the state at the end of every chunk of SAVE_EVERY
 tokens; the backward walks those chunks in reverse (one chunk per tile), recomputes the chunk's
