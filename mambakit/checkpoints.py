@@ -91,6 +91,8 @@ def _config_from_hf(hf: dict) -> tuple[MambaConfig, dict]:
 
 
 def _config_to_hf(config: MambaConfig, model: MambaLM) -> dict:
+    if config.binary_projections:
+        raise ValueError("format: 'hf' has no 1-bit projections (binary_projections=True); use format='mamba_ssm'")
     layer = config.ssm_cfg.get("layer", "Mamba1")
     if config.attn_layer_idx or config.d_intermediate or not config.rms_norm or layer == "Mamba3":
         raise ValueError("format: 'hf' holds pure Mamba-1 or Mamba-2 models with RMSNorm and no attention or MLP; "

@@ -76,6 +76,8 @@ def _add_train(commands) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and the batch order")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--binary", action="store_true",
+                   help="1-bit in_proj/out_proj in every Mamba mixer (Bi-Mamba; other weights stay full precision)")
     p.add_argument("--device", default=d.device, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dist", choices=["fsdp", "ddp"], default=d.dist, help="data parallelism under torchrun")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens to sample at the end (0 = none)")

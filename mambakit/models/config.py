@@ -29,6 +29,9 @@ class MambaConfig:
         tie_embeddings: the LM head shares the embedding matrix.
         norm_epsilon: epsilon of the block and final norms (the official ``MixerModel`` argument;
             1e-5 there too).
+        binary_projections: the Mamba mixers' in_proj and out_proj are 1-bit
+            :class:`~mambakit.layers.BinaryLinear` layers (Bi-Mamba); everything else stays full
+            precision. Not an official field: only ``format="mamba_ssm"`` checkpoints hold it.
     """
 
     d_model: int = 2560
@@ -44,8 +47,11 @@ class MambaConfig:
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5
+    binary_projections: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.binary_projections, bool):
+            raise TypeError(f"binary_projections: expected a bool, got {self.binary_projections!r}")
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..cache import InferenceCache
-from ..layers import MHA, Block, GatedMLP, Mamba1, Mamba2, Mamba3, RMSNorm
+from ..layers import MHA, Block, GatedMLP, Mamba1, Mamba2, Mamba3, RMSNorm, binarize_projections
 from ..ops.norm import add_norm
 from .config import MambaConfig
 
@@ -90,6 +90,8 @@ class MambaLM(nn.Module):
         # The official model applies its initialisation twice (backbone, then whole model with one
         # residual per layer); the second pass decides the result, so one pass of it is the same.
         self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {})))
+        if config.binary_projections:  # after the init: alpha and beta come from the initial weights
+            binarize_projections(self)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -65,14 +65,16 @@ PRESETS: dict[str, Callable[[str], dict]] = {
 }
 
 
-def model_config(preset: str, layer: str, vocab_size: int) -> MambaConfig:
+def model_config(preset: str, layer: str, vocab_size: int, binary: bool = False) -> MambaConfig:
     """The :class:`MambaConfig` of ``preset`` with mixer ``layer`` ("mamba1" | "mamba2" | "mamba3")
-    over ``vocab_size`` tokens (tied embeddings, vocabulary padded to a multiple of 8)."""
+    over ``vocab_size`` tokens (tied embeddings, vocabulary padded to a multiple of 8); ``binary``:
+    1-bit mixer projections."""
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     if layer not in LAYERS:
         raise ValueError(f"--layer: expected one of {sorted(LAYERS)}, got {layer!r}")
-    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=True, **PRESETS[preset](layer))
+    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=True,
+                       binary_projections=binary, **PRESETS[preset](layer))
 
 
 @dataclass
@@ -108,6 +110,7 @@ class TrainConfig:
         resume: continue from the checkpoint in ``out``.
         seed: seeds the model initialisation and the batch order.
         compile: ``torch.compile`` the model.
+        binary: 1-bit in_proj / out_proj in every Mamba mixer (Bi-Mamba).
         device: torch device (None = cuda if available, else cpu).
         dist: "fsdp" or "ddp" when launched with torchrun on several processes.
         sample_tokens: tokens sampled from the model at the end (0 = none).
@@ -137,6 +140,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     compile: bool = False
+    binary: bool = False
     device: str | None = None
     dist: str = "fsdp"
     sample_tokens: int = 300
@@ -181,4 +185,4 @@ class TrainConfig:
 
 # Settings that change the sequence of losses; a resumed run must keep them.
 TRAJECTORY_FIELDS = ("preset", "layer", "data", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr",
-                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "seed")
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "seed", "binary")

@@ -59,8 +59,9 @@ def evaluate(model, corpus: Corpus, cfg: TrainConfig, env: distributed.Env) -> f
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY_FIELDS
-               if saved.get(k) != getattr(cfg, k)]
+    defaults = TrainConfig()  # a setting missing from an older checkpoint had its default
+    changed = [f"--{k.replace('_', '-')} {saved.get(k, getattr(defaults, k))!r} -> {getattr(cfg, k)!r}"
+               for k in TRAJECTORY_FIELDS if saved.get(k, getattr(defaults, k)) != getattr(cfg, k)]
     if changed:
         raise ValueError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
                          f"resume with the original ones, or start a new run in another --out")
@@ -105,7 +106,7 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
     baseline_bits = unigram_bits(corpus.train, corpus.vocab_size)
     baseline_bpb = None if corpus.bytes_per_token is None else baseline_bits / corpus.bytes_per_token
     torch.manual_seed(cfg.seed)
-    config = model_config(cfg.preset, cfg.layer, corpus.vocab_size)
+    config = model_config(cfg.preset, cfg.layer, corpus.vocab_size, cfg.binary)
     model = MambaLM(config).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
     exempt = {name for name, p in model.named_parameters() if no_decay(name, p)}

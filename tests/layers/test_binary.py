@@ -91,3 +91,23 @@ def test_unpack_errors():
     bad["backbone.layers.0.mixer.in_proj.shape"] = torch.tensor([1, 1])
     with pytest.raises(ValueError, match="shape"):
         unpack_binary(model, bad)
+
+
+def test_config_flag_builds_binary_projections_and_round_trips(tmp_path):
+    from mambakit import load_pretrained
+
+    torch.manual_seed(4)
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=32, ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8},
+                         binary_projections=True)
+    model = MambaLM(config)
+    assert sum(isinstance(m, BinaryLinear) for m in model.modules()) == 4
+    model.save_pretrained(tmp_path, format="mamba_ssm")
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config.binary_projections
+    tokens = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(ValueError, match="1-bit"):
+        model.save_pretrained(tmp_path / "hf", format="hf")
+    with pytest.raises(TypeError, match="binary_projections"):
+        MambaConfig(d_model=16, n_layer=1, vocab_size=32, binary_projections=1)

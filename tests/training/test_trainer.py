@@ -117,3 +117,18 @@ def test_same_size_corruption_is_caught_when_reading(trained, corpus, tmp_path):
 def test_other_layers_train(corpus, tmp_path, layer):
     summary = train(tiny_settings(corpus, tmp_path, layer=layer, max_steps=2, eval_every=2, seq_len=16, batch_size=2))
     assert summary["steps"] == 2 and summary["eval_loss"] > 0
+
+
+def test_binary_run_resumes_bit_for_bit_and_loads(corpus, tmp_path):
+    whole = tmp_path / "whole"
+    train(tiny_settings(corpus, whole, max_steps=8, binary=True))
+    split = tmp_path / "split"
+    train(tiny_settings(corpus, split, max_steps=8, binary=True, stop_at=4))
+    with pytest.raises(ValueError, match="--binary"):  # the flag is part of the trajectory
+        train(tiny_settings(corpus, split, max_steps=8, resume=True))
+    train(tiny_settings(corpus, split, max_steps=8, binary=True, resume=True))
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(whole)]
+    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(split)]
+    model = load_pretrained(split)
+    assert model.config.binary_projections
+    assert "backbone.layers.0.mixer.in_proj.alpha" in model.state_dict()
