@@ -5,12 +5,12 @@ plan, at the benchmark shapes (no peer).
         [--fwd 8x32x1x1024 ...] [--bwd 64x8x1x1024 ...] [--bc variable|invariant] [--jobs 8] [--out tune.json]
 
 A forward plan is BLOCK_L x BLOCK_D x warps x tokens-per-program [x groups of state entries, a
-warp each, default 1]; a backward plan is tile
-(= saved-state spacing) x BLOCK_D x warps x tokens-per-program [x pipeline stages of the loop over
-state entries, default 1]; "all" for tokens per program means one program over the whole
-sequence. The forward of a backward plan uses 8 x 32 x 1 tiles; a forward plan is timed with
-32-token saved-state spacing. Every plan is compiled first, in ``--jobs`` worker processes (ptxas is the slow
-part), then timed one after the other. Prints ms per plan, fastest first.
+warp each, default 1]; a backward plan is tile (= saved-state spacing) x BLOCK_D x warps x
+tokens-per-program [x pipeline stages of the loop over state entries, default 1]; "all" for tokens
+per program means one program over the whole sequence. The forward of a backward plan uses
+8 x 32 x 1 tiles; a forward plan is timed with 32-token saved-state spacing. Every plan is compiled
+first, in ``--jobs`` worker processes (ptxas is the slow part), then timed one after the other.
+Prints ms per plan, fastest first.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import BidirectionalMixer, Block, Mamba1, Mamba2, Mamba3, RMSNorm
+from ..layers import BidirectionalMixer, Block, RMSNorm
+from .lm import MIXERS
 
-LAYERS = {"mamba1": Mamba1, "mamba2": Mamba2, "mamba3": Mamba3}
+LAYERS = {name.lower(): cls for name, cls in MIXERS.items()}  # "mamba1" -> Mamba1, ...
 
 
 class VisionMamba(nn.Module):
