@@ -111,7 +111,7 @@ def selective_scan_complex_fwd_kernel(
     o_l = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
-    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_D else None
     o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
     if HAS_H0:
@@ -188,7 +188,7 @@ def selective_scan_complex_bwd_kernel(
     o_l = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
-    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
     if HAS_DLAST:
         g_re, g_im = _load_state(p_dlast, o_state, m_dn)  # the adjoint of the state after the tile

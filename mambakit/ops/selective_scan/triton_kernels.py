@@ -78,10 +78,11 @@ def _load_columns(p_X, rows, m_rows, N: tl.constexpr, NP: tl.constexpr):
 
 @triton.jit
 def _delta(p_delta, offs, m, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(Delta, pre-softplus value) tiles in fp32; Delta is 0 where ``m`` is False."""
+    """(Delta, pre-softplus value) tiles in fp32; Delta is 0 where ``m`` is False. ``bias``: the
+    channels' delta_bias shaped to broadcast against the tile ((BLOCK_D, 1) for 2-D tiles)."""
     raw = tl.load(p_delta + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw += bias[:, None]
+        raw += bias
     value = raw
     if SOFTPLUS:
         value = _softplus(raw)
@@ -323,10 +324,7 @@ def selective_scan_fwd_kernel(
         m = m_d & m_t
         offs = row + o_t
         u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
-        raw = tl.load(p_delta + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += bias
-        delta = tl.where(m, _softplus(raw) if SOFTPLUS else raw, 0.0)  # padded tokens: identity maps
+        delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)  # padded tokens: identity maps
         drive = delta * u
         reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
         y = tl.zeros((G, BLOCK_D, BLOCK_L), dtype=tl.float32)
@@ -381,7 +379,7 @@ def selective_scan_chunk_state_kernel(
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
     A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     decay = h + 1.0
     row = (i_b * dim + o_d).to(tl.int64) * length
@@ -430,7 +428,7 @@ def selective_scan_bwd_kernel(
     o_l = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
     m_dn = m_d[:, None] & (o_n < N)[None, :]
-    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     o_state = (i_b * dim + o_d[:, None]).to(tl.int64) * N + o_n[None, :]
     # The adjoint of the state just after the chunk: dL/dh_last combined with the later chunks'.
     zeros = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
@@ -554,7 +552,7 @@ def selective_scan_chunk_adjoint_kernel(
     o_n = tl.arange(0, NP)
     o_l = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
-    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     g = _load_columns(p_A, o_d, m_d, N, NP) * 0.0
     decay = g + 1.0
     row = (i_b * dim + o_d).to(tl.int64) * length
