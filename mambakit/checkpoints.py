@@ -94,8 +94,9 @@ def _config_to_hf(config: MambaConfig, model: MambaLM) -> dict:
     if config.binary_projections:
         raise ValueError("format: 'hf' has no 1-bit projections (binary_projections=True); use format='mamba_ssm'")
     layer = config.ssm_cfg.get("layer", "Mamba1")
-    if config.attn_layer_idx or config.d_intermediate or not config.rms_norm or layer == "Mamba3":
-        raise ValueError("format: 'hf' holds pure Mamba-1 or Mamba-2 models with RMSNorm and no attention or MLP; "
+    if (config.attn_layer_idx or config.moe_layer_idx or config.d_intermediate or not config.rms_norm
+            or layer == "Mamba3" or config.ssm_cfg.get("inner_norms")):
+        raise ValueError("format: 'hf' holds pure Mamba-1 or Mamba-2 models with RMSNorm and no attention, MLP or experts; "
                          "use format='mamba_ssm' for this model")
     if config.padded_vocab_size != config.vocab_size:
         raise ValueError(f"format: 'hf' needs an unpadded vocabulary; vocab_size {config.vocab_size} pads to "

@@ -52,7 +52,8 @@ def _add_train(commands) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default=d.preset,
                    help="model size: tiny (tests), small (CPU), or the Mamba paper's 130m/370m/790m/1.4b")
     p.add_argument("--layer", choices=list(LAYERS), default=d.layer, help="sequence mixer of every block")
-    p.add_argument("--data", default=d.data, help="text file, directory of text files, or .bin of uint16 token ids "
+    p.add_argument("--data", default=d.data, help="text file, directory of text files, .bin of uint16 token ids, or "
+                   "'gensim-wiki' (the Wikipedia XML sample in gensim's test data; pip install gensim) "
                    "(default: the Python standard library's *.py files as bytes)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="directory with a tokenizer.json for text data "
                    "(default: bytes, vocabulary 256)")
@@ -78,6 +79,13 @@ def _add_train(commands) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--binary", action="store_true",
                    help="1-bit in_proj/out_proj in every Mamba mixer (Bi-Mamba; other weights stay full precision)")
+    p.add_argument("--arch", choices=["mamba", "moe-mamba", "jamba"], default=d.arch,
+                   help="mamba: the preset's stack; moe-mamba: a Switch (top-1) MoE after every Mamba block; jamba: "
+                        "Mamba-1 with RMSNorm on Delta/B/C, attention at 4 of every 8 blocks, top-2 MoE every 2nd block")
+    p.add_argument("--mlp-size", type=int, default=d.mlp_size,
+                   help="inner size of the gated MLP after every mixer and of each expert (0 = no MLP)")
+    p.add_argument("--experts", type=int, default=d.experts, help="experts per MoE layer (default 8 moe-mamba, 16 jamba)")
+    p.add_argument("--n-layer", type=int, default=d.n_layer, help="blocks (default: the preset's)")
     p.add_argument("--device", default=d.device, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dist", choices=["fsdp", "ddp"], default=d.dist, help="data parallelism under torchrun")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens to sample at the end (0 = none)")

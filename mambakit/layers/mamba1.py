@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..ops.conv1d import causal_conv1d
 from ..ops.selective_scan import selective_scan
 from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .norm import RMSNorm
 
 
 class Mamba1(nn.Module):
@@ -31,6 +32,8 @@ class Mamba1(nn.Module):
             "constant" (all equal to that bound).
         dt_scale: default 1.0. dt_init_floor: lower bound of the initial dt, default 1e-4.
         conv_bias: bias on the conv, default True. bias: biases on in_proj/out_proj, default False.
+        inner_norms: RMSNorm on Delta (before dt_proj), B and C, as Jamba's Mamba layers (default
+            False; parameters dt_layernorm (dt_rank,), b_layernorm and c_layernorm (d_state,)).
         use_fast_path: accepted for signature compatibility, ignored.
         layer_idx: key of this layer in an :class:`~mambakit.cache.InferenceCache`.
         device, dtype: factory arguments (A_log and D stay float32, as in the official module).
@@ -59,6 +62,7 @@ class Mamba1(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        inner_norms: bool = False,
         use_fast_path: bool = True,
         layer_idx: int | None = None,
         device=None,
@@ -113,6 +117,11 @@ class Mamba1(nn.Module):
         self.D._no_weight_decay = True
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.inner_norms = inner_norms
+        if inner_norms:
+            self.dt_layernorm = RMSNorm(self.dt_rank, eps=1e-6, **factory)
+            self.b_layernorm = RMSNorm(d_state, eps=1e-6, **factory)
+            self.c_layernorm = RMSNorm(d_state, eps=1e-6, **factory)
 
     def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
         """hidden_states (b, l, d_model) -> (b, l, d_model).
@@ -161,6 +170,8 @@ class Mamba1(nn.Module):
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias goes in the scan
         A = -torch.exp(at_least_fp32(self.A_log))
         scan = selective_scan(

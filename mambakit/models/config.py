@@ -32,6 +32,12 @@ class MambaConfig:
         binary_projections: the Mamba mixers' in_proj and out_proj are 1-bit
             :class:`~mambakit.layers.BinaryLinear` layers (Bi-Mamba); everything else stays full
             precision. Not an official field: only ``format="mamba_ssm"`` checkpoints hold it.
+        moe_layer_idx: blocks whose MLP is a routed mixture of experts (:class:`~mambakit.layers.MoE`)
+            instead of the dense GatedMLP (hybrids such as MoE-Mamba and Jamba). Not official.
+        moe_cfg: keyword arguments of :class:`~mambakit.layers.MoE` for those blocks; each expert's
+            inner size defaults to ``d_intermediate``. Not official.
+
+    :func:`moe_mamba_config` and :func:`jamba_config` build the two published layouts.
     """
 
     d_model: int = 2560
@@ -48,6 +54,8 @@ class MambaConfig:
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5
     binary_projections: bool = False
+    moe_layer_idx: list = field(default_factory=list)
+    moe_cfg: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.binary_projections, bool):
@@ -68,6 +76,14 @@ class MambaConfig:
         bad = [i for i in self.attn_layer_idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"attn_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
+        if not isinstance(self.moe_cfg, dict):
+            raise TypeError(f"moe_cfg: expected a dict, got {type(self.moe_cfg).__name__}")
+        bad = [i for i in self.moe_layer_idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"moe_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
+        if self.moe_layer_idx and not self.d_intermediate and "hidden_features" not in self.moe_cfg:
+            raise ValueError("moe_layer_idx: the experts need an inner size: set d_intermediate or "
+                             "moe_cfg['hidden_features']")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -88,3 +104,38 @@ class MambaConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def moe_mamba_config(base: MambaConfig, num_experts: int = 8, capacity_factor: float = 1.25,
+                     aux_loss_coef: float = 0.01) -> MambaConfig:
+    """MoE-Mamba (Pioro et al. 2024): every Mamba block followed by a Switch (top-1) layer of
+    ``num_experts`` experts, each the size of ``base``'s dense MLP (``base.d_intermediate`` > 0), so
+    the active parameters per token equal ``base``'s."""
+    if base.d_intermediate <= 0:
+        raise ValueError("base: expected d_intermediate > 0 (the size of each expert)")
+    return dataclasses.replace(
+        base, moe_layer_idx=list(range(base.n_layer)),
+        moe_cfg={"num_experts": num_experts, "top_k": 1, "capacity_factor": capacity_factor,
+                 "aux_loss_coef": aux_loss_coef})
+
+
+def jamba_config(base: MambaConfig, num_experts: int = 16, top_k: int = 2, attn_period: int = 8,
+                 attn_offset: int = 4, moe_period: int = 2, moe_offset: int = 1, num_heads: int | None = None,
+                 capacity_factor: float = 1.25, aux_loss_coef: float = 0.01) -> MambaConfig:
+    """Jamba (Lieber et al. 2024) over ``base`` (d_model, n_layer, d_intermediate): one attention
+    block per ``attn_period`` (at ``attn_offset`` in each), the others Mamba-1 with RMSNorm on
+    Delta, B and C; the MLP of every ``moe_period``-th block (from ``moe_offset``) a top-``top_k`` MoE
+    over ``num_experts`` experts, the rest dense. ``base.n_layer`` must hold one whole period."""
+    if base.d_intermediate <= 0:
+        raise ValueError("base: expected d_intermediate > 0 (the MLP and expert size)")
+    if base.n_layer < attn_period or base.n_layer % attn_period:
+        raise ValueError(f"base: expected n_layer a multiple of attn_period = {attn_period}, got {base.n_layer}")
+    heads = num_heads or max(1, base.d_model // 64)
+    ssm_cfg = {k: v for k, v in base.ssm_cfg.items() if k in ("d_state", "d_conv", "expand", "dt_rank")}
+    return dataclasses.replace(
+        base, ssm_cfg={**ssm_cfg, "layer": "Mamba1", "inner_norms": True},
+        attn_layer_idx=[i for i in range(base.n_layer) if i % attn_period == attn_offset],
+        attn_cfg={"num_heads": heads, "causal": True},  # no positional encoding, as in Jamba
+        moe_layer_idx=[i for i in range(base.n_layer) if i % moe_period == moe_offset],
+        moe_cfg={"num_experts": num_experts, "top_k": top_k, "capacity_factor": capacity_factor,
+                 "aux_loss_coef": aux_loss_coef})

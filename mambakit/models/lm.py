@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..cache import InferenceCache
-from ..layers import MHA, Block, GatedMLP, Mamba1, Mamba2, Mamba3, RMSNorm, binarize_projections
+from ..layers import MHA, Block, GatedMLP, Mamba1, Mamba2, Mamba3, MoE, RMSNorm, binarize_projections
 from ..ops.norm import add_norm
 from .config import MambaConfig
 
@@ -28,6 +28,9 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=initializer_range)
+    if rescale_prenorm_residual and isinstance(module, MoE):  # each expert's fc2 as a dense fc2 below
+        with torch.no_grad():
+            module.fc2.uniform_(-1, 1).mul_(1 / math.sqrt(module.hidden * n_residuals_per_layer * n_layer))
     if rescale_prenorm_residual:
         for name, p in module.named_parameters():
             if name in ("out_proj.weight", "fc2.weight"):
@@ -57,7 +60,10 @@ class MixerModel(nn.Module):
             layer = ssm_cfg.pop("layer", "Mamba1")
             mixer = MIXERS[layer](config.d_model, layer_idx=layer_idx, **ssm_cfg, **factory)
         mlp = None
-        if config.d_intermediate > 0:
+        if layer_idx in config.moe_layer_idx:
+            moe_cfg = {"hidden_features": config.d_intermediate, **config.moe_cfg}
+            mlp = MoE(config.d_model, **moe_cfg, **factory)
+        elif config.d_intermediate > 0:
             mlp = GatedMLP(config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory)
         return Block(config.d_model, mixer, mlp, norm_cls=norm_cls, residual_in_fp32=config.residual_in_fp32)
 
@@ -97,6 +103,29 @@ class MambaLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The mixture-of-experts load-balancing losses of the last forward, summed over layers and
+        already weighted by each layer's ``aux_loss_coef``; None for a model without experts."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def active_parameters(self) -> int:
+        """Parameters that process each token: all of them, less the experts a token is not routed
+        to (``num_experts - top_k`` of each MoE block's experts)."""
+        idle = sum((m.num_experts - m.top_k) * (m.fc1[0].numel() + m.fc2[0].numel())
+                   for m in self.modules() if isinstance(m, MoE))
+        return sum(p.numel() for p in self.parameters()) - idle
+
+    def expert_stats(self) -> dict:
+        """Routing of the last forward, per MoE block: ``{"load": {layer: [fraction of assignments
+        per expert]}, "dropped": {layer: fraction dropped by capacity}}``; empty without experts."""
+        stats = {"load": {}, "dropped": {}}
+        for i, layer in enumerate(self.backbone.layers):
+            if isinstance(layer.mlp, MoE) and layer.mlp.last_load is not None:
+                stats["load"][i] = layer.mlp.last_load.tolist()
+                stats["dropped"][i] = float(layer.mlp.last_dropped)
+        return stats if stats["load"] else {}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> InferenceCache:
         """A cache whose per-layer states are allocated now (fixed shapes, reused in place)."""

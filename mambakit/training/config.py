@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from ..models.config import MambaConfig
+from ..models.config import MambaConfig, jamba_config, moe_mamba_config
 
 LAYERS = {"mamba1": "Mamba1", "mamba2": "Mamba2", "mamba3": "Mamba3"}
 # Mixer settings that are not d_model, per mixer (Mamba-1 has no heads and no chunking).
@@ -65,16 +65,38 @@ PRESETS: dict[str, Callable[[str], dict]] = {
 }
 
 
-def model_config(preset: str, layer: str, vocab_size: int, binary: bool = False) -> MambaConfig:
+ARCHS = ("mamba", "moe-mamba", "jamba")
+
+
+def model_config(preset: str, layer: str, vocab_size: int, binary: bool = False, arch: str = "mamba",
+                 mlp_size: int = 0, experts: int | None = None, n_layer: int | None = None) -> MambaConfig:
     """The :class:`MambaConfig` of ``preset`` with mixer ``layer`` ("mamba1" | "mamba2" | "mamba3")
-    over ``vocab_size`` tokens (tied embeddings, vocabulary padded to a multiple of 8); ``binary``:
-    1-bit mixer projections."""
+    over ``vocab_size`` tokens (tied embeddings, vocabulary padded to a multiple of 8).
+
+    ``binary``: 1-bit mixer projections. ``mlp_size``: a dense GatedMLP of this inner size after
+    every mixer (0 = none). ``n_layer``: overrides the preset's depth. ``arch``: "mamba" (that
+    stack), "moe-mamba" (every MLP a Switch layer of ``experts`` experts, default 8, each of
+    ``mlp_size``) or "jamba" (:func:`~mambakit.models.config.jamba_config`: Mamba-1 with inner
+    norms, attention at 4 of every 8 blocks, top-2 MoE of ``experts`` (default 16) every 2nd block).
+    """
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     if layer not in LAYERS:
         raise ValueError(f"--layer: expected one of {sorted(LAYERS)}, got {layer!r}")
-    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=True,
-                       binary_projections=binary, **PRESETS[preset](layer))
+    if arch not in ARCHS:
+        raise ValueError(f"--arch: expected one of {ARCHS}, got {arch!r}")
+    if arch != "mamba" and mlp_size <= 0:
+        raise ValueError(f"--mlp-size: --arch {arch} needs the experts' inner size, got {mlp_size}")
+    settings = PRESETS[preset](layer)
+    if n_layer is not None:
+        settings["n_layer"] = n_layer
+    config = MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=True,
+                         binary_projections=binary, d_intermediate=mlp_size, **settings)
+    if arch == "moe-mamba":
+        return moe_mamba_config(config, num_experts=experts or 8)
+    if arch == "jamba":
+        return jamba_config(config, num_experts=experts or 16)
+    return config
 
 
 @dataclass
@@ -111,6 +133,10 @@ class TrainConfig:
         seed: seeds the model initialisation and the batch order.
         compile: ``torch.compile`` the model.
         binary: 1-bit in_proj / out_proj in every Mamba mixer (Bi-Mamba).
+        arch: "mamba", "moe-mamba" or "jamba" (see :func:`model_config`).
+        mlp_size: inner size of the MLP after every mixer, and of each expert (0 = no MLP).
+        experts: experts per MoE layer (None = the architecture's default).
+        n_layer: blocks, overriding the preset's (None = the preset's).
         device: torch device (None = cuda if available, else cpu).
         dist: "fsdp" or "ddp" when launched with torchrun on several processes.
         sample_tokens: tokens sampled from the model at the end (0 = none).
@@ -141,6 +167,10 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     binary: bool = False
+    arch: str = "mamba"
+    mlp_size: int = 0
+    experts: int | None = None
+    n_layer: int | None = None
     device: str | None = None
     dist: str = "fsdp"
     sample_tokens: int = 300
@@ -160,7 +190,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{flag(name)}: expected a positive integer, got {value!r}")
-        for name in ("warmup_steps", "sample_tokens"):
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch: expected one of {ARCHS}, got {self.arch!r}")
+        for name in ("experts", "n_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{flag(name)}: expected a positive integer, got {value!r}")
+        for name in ("warmup_steps", "sample_tokens", "mlp_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{flag(name)}: expected an integer >= 0, got {value!r}")
@@ -185,4 +221,5 @@ class TrainConfig:
 
 # Settings that change the sequence of losses; a resumed run must keep them.
 TRAJECTORY_FIELDS = ("preset", "layer", "data", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr",
-                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "seed", "binary")
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "seed", "binary",
+                     "arch", "mlp_size", "experts", "n_layer")

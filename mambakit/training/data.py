@@ -1,8 +1,10 @@
 """Training data: a token stream split into train and held-out parts, and the batches drawn from it.
 
 Sources: the Python standard library's own ``*.py`` files as bytes (the default: on every machine,
-nothing to download), a text file, a directory of text files (bytes, or ids from a
-``tokenizer.json``), or a ``.bin`` of uint16 token ids (memory-mapped, never read whole).
+nothing to download), ``gensim-wiki`` (the 6 MB English Wikipedia XML sample that ships in
+``gensim``'s test data, read as bytes; gensim need only be installed, not importable), a text
+file, a directory of text files (bytes, or ids from a ``tokenizer.json``), or a ``.bin`` of uint16
+token ids (memory-mapped, never read whole).
 
 Batch ``step`` is a pure function of (seed, step): random windows drawn by a generator seeded
 with both. A resumed run therefore needs only the step to continue the same data order.
@@ -10,7 +12,9 @@ with both. A resumed run therefore needs only the step to continue the same data
 
 from __future__ import annotations
 
+import bz2
 import hashlib
+import importlib.util
 import math
 import sysconfig
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ import torch
 
 VAL_PERCENT = 5  # share of files (by path hash) or of the token stream held out
 _UNIGRAM_MAX_TOKENS = 1 << 27  # count at most this many tokens for the unigram baseline
+GENSIM_WIKI = "gensim-wiki"
+_GENSIM_WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
 @dataclass
@@ -57,6 +63,19 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     if not files:
         raise ValueError(f"--data: the standard library at {root} has no .py files; pass --data PATH")
     return root, files
+
+
+def gensim_wiki_bytes() -> tuple[Path, bytes]:
+    """-> (path, the decompressed XML) of gensim's English Wikipedia test sample. The package is
+    located without being imported (its own dependencies need not be installed)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"--data {GENSIM_WIKI}: needs the gensim package installed (pip install gensim), "
+                         "whose test data holds the Wikipedia sample")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GENSIM_WIKI_FILE
+    if not path.is_file():
+        raise ValueError(f"--data {GENSIM_WIKI}: {path} is missing from the installed gensim")
+    return path, bz2.decompress(path.read_bytes())
 
 
 def _text_files(directory: Path) -> list[Path]:
@@ -104,6 +123,13 @@ def load_corpus(data: str | None = None, tokenizer_dir: str | None = None) -> Co
         cut = len(tokens) - max(1, len(tokens) * VAL_PERCENT // 100)
         vocab = tokenizer.vocab_size if tokenizer else int(tokens[:_UNIGRAM_MAX_TOKENS].max()) + 1
         return Corpus(tokens[:cut], tokens[cut:], vocab, None, f"{path}: {len(tokens):,} uint16 token ids")
+    if data == GENSIM_WIKI:
+        path, stream = gensim_wiki_bytes()
+        cut = len(stream) - len(stream) * VAL_PERCENT // 100
+        train, val = _encode([stream[:cut]], tokenizer), _encode([stream[cut:]], tokenizer)
+        unit = "tokens" if tokenizer else "bytes"
+        return Corpus(train, val, tokenizer.vocab_size if tokenizer else 256, (len(stream) - cut) / len(val),
+                      f"Wikipedia XML sample of gensim ({path}): {len(train):,} train / {len(val):,} held-out {unit}")
     if data is None:
         root, files = stdlib_files()
         name = f"Python {sysconfig.get_python_version()} standard library ({root})"

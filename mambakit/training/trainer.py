@@ -106,9 +106,11 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
     baseline_bits = unigram_bits(corpus.train, corpus.vocab_size)
     baseline_bpb = None if corpus.bytes_per_token is None else baseline_bits / corpus.bytes_per_token
     torch.manual_seed(cfg.seed)
-    config = model_config(cfg.preset, cfg.layer, corpus.vocab_size, cfg.binary)
+    config = model_config(cfg.preset, cfg.layer, corpus.vocab_size, cfg.binary, cfg.arch, cfg.mlp_size, cfg.experts,
+                          cfg.n_layer)
     model = MambaLM(config).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
+    n_active = model.active_parameters()
     exempt = {name for name, p in model.named_parameters() if no_decay(name, p)}
     wrapped = distributed.parallelize(model, env, cfg.dist)
     optimizer = build_optimizer(model, cfg, exempt)
@@ -131,8 +133,10 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
 
     bpb_note = "" if baseline_bpb is None else f" = {baseline_bpb:.3f} bits/byte"
     _log(env, f"data: {corpus.description}")
-    _log(env, f"model: {cfg.preset} {cfg.layer}, d_model {config.d_model}, {config.n_layer} layers, {n_params / 1e6:.2f}M "
-              f"parameters, vocab {corpus.vocab_size}; device {env.device} x {env.world_size}"
+    active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
+    arch = "" if cfg.arch == "mamba" else f" {cfg.arch}"
+    _log(env, f"model: {cfg.preset} {cfg.layer}{arch}, d_model {config.d_model}, {config.n_layer} layers, "
+              f"{n_params / 1e6:.2f}M parameters{active}, vocab {corpus.vocab_size}; device {env.device} x {env.world_size}"
               f"{' (' + cfg.dist + ')' if env.distributed else ''}")
     _log(env, f"unigram baseline (train split): {baseline_bits:.3f} bits/token{bpb_note}")
     if checkpoint is not None:
@@ -148,6 +152,7 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
     for step in range(start_step, stop):
         starts = batch_starts(len(corpus.train), cfg.seq_len, cfg.batch_size, cfg.seed, step)
         loss_sum = torch.zeros((), device=env.device)
+        aux_sum = torch.zeros((), device=env.device)
         for k in range(cfg.grad_accum):
             rows = starts[k * micro:(k + 1) * micro]
             rows = rows[env.rank * (micro // env.world_size):(env.rank + 1) * (micro // env.world_size)]
@@ -156,7 +161,11 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
                 with _autocast(env.device):
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-                loss.backward()
+                aux = model.aux_loss()  # mixture-of-experts load balancing (None without experts)
+                if aux is not None:
+                    aux = aux / cfg.grad_accum
+                    aux_sum += aux.detach()
+                (loss if aux is None else loss + aux).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -172,6 +181,10 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
             loss_value = distributed.all_reduce_sum([loss_sum.item()], env)[0] / env.world_size
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": window_steps * tokens_per_step / elapsed}
+            experts = model.expert_stats()  # routing of the last micro-batch, per MoE block
+            if experts:
+                record.update(aux_loss=distributed.all_reduce_sum([aux_sum.item()], env)[0] / env.world_size,
+                              expert_load=experts["load"], expert_dropped=experts["dropped"])
             window_start, window_steps = time.perf_counter(), 0
             if evaluate_now:
                 last_eval = evaluate(forward, corpus, cfg, env)
@@ -193,10 +206,10 @@ def _train(cfg: TrainConfig, env: distributed.Env, started: float) -> dict:
 
     summary = {"steps": stop, "eval_loss": last_eval, "eval_bpb": bits_per_byte(last_eval, corpus.bytes_per_token)
                if last_eval is not None else None, "baseline_bpb": baseline_bpb, "baseline_bits_per_token": baseline_bits,
-               "parameters": n_params}
+               "parameters": n_params, "active_parameters": n_active}
     if env.is_main:
         baseline_nats = baseline_bits * math.log(2)
-        plot = plot_losses(out, baseline_nats, title=f"{cfg.preset} {cfg.layer}")
+        plot = plot_losses(out, baseline_nats, title=f"{cfg.preset} {cfg.layer}{arch}")
         summary["seconds"] = time.perf_counter() - started
         if summary["eval_bpb"] is not None:
             _log(env, f"held-out {summary['eval_bpb']:.3f} bits/byte vs unigram baseline {baseline_bpb:.3f}")

@@ -38,3 +38,20 @@ def test_small_presets_build_for_every_layer(preset, layer):
 def test_bad_settings_name_the_option(overrides, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(**overrides)
+
+
+def test_architectures():
+    build = model_config
+    assert build("tiny", "mamba2", 256, mlp_size=16).d_intermediate == 16
+    moe = build("tiny", "mamba2", 256, arch="moe-mamba", mlp_size=16, experts=3)
+    assert moe.moe_layer_idx == [0, 1] and moe.moe_cfg["num_experts"] == 3 and moe.moe_cfg["top_k"] == 1
+    jamba = build("tiny", "mamba2", 256, arch="jamba", mlp_size=16, n_layer=8)
+    assert jamba.ssm_cfg["layer"] == "Mamba1" and jamba.moe_cfg["num_experts"] == 16 and jamba.n_layer == 8
+    with pytest.raises(ValueError, match="--mlp-size"):
+        build("tiny", "mamba1", 256, arch="moe-mamba")
+    with pytest.raises(ValueError, match="--arch"):
+        TrainConfig(arch="moe")
+    with pytest.raises(ValueError, match="--experts"):
+        TrainConfig(experts=0)
+    with pytest.raises(ValueError, match="--mlp-size"):
+        TrainConfig(mlp_size=-1)

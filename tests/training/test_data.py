@@ -82,3 +82,30 @@ def test_unigram_bits_and_bits_per_byte():
     assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
     assert bits_per_byte(math.log(2) * 4, 2.0) == pytest.approx(2.0)
     assert bits_per_byte(1.0, None) is None
+
+
+def test_gensim_wiki_sample_is_found_without_importing_gensim(tmp_path, monkeypatch):
+    """A stand-in gensim package (its __init__ would fail if imported) holding the sample file."""
+    import bz2
+    import sys
+
+    from mambakit.training import data
+
+    package = tmp_path / "gensim"
+    sample = package / data._GENSIM_WIKI_FILE
+    sample.parent.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('gensim needs scipy')\n")
+    text = b"<page><title>Anarchism</title><text>" + bytes(range(32, 127)) * 300 + b"</text></page>"
+    sample.write_bytes(bz2.compress(text))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gensim", raising=False)
+    corpus = load_corpus("gensim-wiki")
+    cut = len(text) - len(text) * 5 // 100
+    assert bytes(corpus.train) == text[:cut] and bytes(corpus.val) == text[cut:]
+    assert corpus.vocab_size == 256 and corpus.bytes_per_token == 1.0 and "gensim" in corpus.description
+    sample.unlink()
+    with pytest.raises(ValueError, match="missing from the installed gensim"):
+        load_corpus("gensim-wiki")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install gensim"):
+        load_corpus("gensim-wiki")

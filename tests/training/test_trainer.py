@@ -132,3 +132,34 @@ def test_binary_run_resumes_bit_for_bit_and_loads(corpus, tmp_path):
     model = load_pretrained(split)
     assert model.config.binary_projections
     assert "backbone.layers.0.mixer.in_proj.alpha" in model.state_dict()
+
+
+def test_moe_mamba_run_logs_expert_utilisation_and_resumes_bit_for_bit(corpus, tmp_path):
+    settings = dict(arch="moe-mamba", mlp_size=16, experts=4, max_steps=6, eval_every=3, log_every=1)
+    whole = tmp_path / "whole"
+    summary = train(tiny_settings(corpus, whole, **settings))
+    records = read_metrics(whole)
+    assert len(records) == 6
+    for record in records:
+        assert record["aux_loss"] > 0
+        assert sorted(record["expert_load"]) == ["0", "1"]  # the two tiny blocks, JSON keys
+        for load in record["expert_load"].values():
+            assert len(load) == 4 and abs(sum(load) - 1) < 1e-6
+        assert all(0 <= d <= 1 for d in record["expert_dropped"].values())
+    assert summary["active_parameters"] < summary["parameters"]
+    split = tmp_path / "split"
+    train(tiny_settings(corpus, split, stop_at=3, **settings))
+    with pytest.raises(ValueError, match="--experts"):  # part of the trajectory
+        train(tiny_settings(corpus, split, resume=True, **{**settings, "experts": 8}))
+    train(tiny_settings(corpus, split, resume=True, **settings))
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(split)]
+    assert load_pretrained(split).config.moe_layer_idx == [0, 1]
+
+
+def test_jamba_run_trains(corpus, tmp_path):
+    summary = train(tiny_settings(corpus, tmp_path, arch="jamba", mlp_size=16, n_layer=8, max_steps=2, eval_every=2,
+                                  seq_len=16, batch_size=2))
+    assert summary["steps"] == 2 and summary["eval_loss"] > 0
+    model = load_pretrained(tmp_path)
+    assert model.config.attn_layer_idx == [4] and model.config.moe_layer_idx == [1, 3, 5, 7]
