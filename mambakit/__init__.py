@@ -6,5 +6,7 @@ from .cache import InferenceCache
 from .checkpoints import load_pretrained, save_pretrained
 from .generation import generate, stream_generate
 from .models import MambaConfig, MambaLM
+from .speculative import SpeculativeStats, speculative_generate
 
-__all__ = ["InferenceCache", "MambaConfig", "MambaLM", "generate", "load_pretrained", "save_pretrained", "stream_generate"]
+__all__ = ["InferenceCache", "MambaConfig", "MambaLM", "SpeculativeStats", "generate", "load_pretrained", "save_pretrained",
+           "speculative_generate", "stream_generate"]

@@ -10,12 +10,19 @@ def _generate(args) -> None:
     from .checkpoints import load_pretrained
     from .generation import stream_generate
 
+    if args.draft is not None and (args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.min_p
+                                   or args.repetition_penalty != 1.0):
+        raise SystemExit("error: --draft (speculative decoding) is greedy only: pass --temperature 0 and no "
+                         "--top-k/--top-p/--min-p/--repetition-penalty")
     model = load_pretrained(args.model, device=args.device)
     tokenizer = model.tokenizer
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise SystemExit("error: --prompt encodes to no tokens")
     eos = args.eos_token_id if args.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if args.draft is not None:
+        _speculative(model, load_pretrained(args.draft, device=args.device), prompt_ids, eos, args)
+        return
     decode = tokenizer.stream_decoder()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -28,6 +35,23 @@ def _generate(args) -> None:
         sys.stdout.write(decode(token))
         sys.stdout.flush()
     sys.stdout.write(decode(None) + "\n")
+
+
+def _speculative(model, draft, prompt_ids: list[int], eos, args) -> None:
+    """Print the greedy continuation from speculative decoding, then its acceptance statistics."""
+    import torch
+
+    from .speculative import speculative_generate
+
+    device = next(model.parameters()).device
+    ids, stats = speculative_generate(model.eval(), draft.eval(), torch.tensor([prompt_ids], device=device),
+                                      max_new_tokens=args.max_new_tokens, k=args.draft_tokens, eos_token_id=eos)
+    new = ids[0, len(prompt_ids):].tolist()
+    if new and new[-1] == eos:
+        new = new[:-1]
+    print(args.prompt + model.tokenizer.decode(new))
+    print(f"[speculative: {stats.rounds} rounds, {stats.accepted}/{stats.drafted} draft tokens accepted "
+          f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per target forward]", file=sys.stderr)
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -181,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--eos-token-id", type=int, default=None, help="stop at this token (default: the tokenizer's)")
     gen.add_argument("--seed", type=int, default=None, help="random seed for repeatable sampling")
     gen.add_argument("--device", default=None, help="torch device (default cpu)")
+    gen.add_argument("--draft", default=None, help="checkpoint of a smaller draft model with the same vocabulary: "
+                     "speculative decoding (greedy only: needs --temperature 0; same output, fewer target passes)")
+    gen.add_argument("--draft-tokens", type=int, default=4, help="with --draft: tokens the draft proposes per round")
     _add_train(commands)
     _add_task(commands)
     _add_forecast(commands)

@@ -53,6 +53,21 @@ def test_generate_samples_from_the_trained_model(trained, capsys):
     assert printed == bytes(expected).decode("utf-8", errors="replace") + "\n"
 
 
+def test_generate_with_a_draft_prints_the_greedy_output(trained, corpus, tmp_path, capsys):
+    out, _ = trained
+    draft = tmp_path / "draft"
+    train(tiny_settings(corpus, draft, max_steps=4, seed=3))
+    capsys.readouterr()  # the draft's training log
+    main(["generate", "--model", str(out), "--draft", str(draft), "--prompt", "def ", "--max-new-tokens", "16",
+          "--temperature", "0", "--draft-tokens", "3"])
+    captured = capsys.readouterr()
+    expected = load_pretrained(out).generate([list(b"def ")], max_new_tokens=16, temperature=0)[0]
+    assert captured.out == bytes(expected).decode("utf-8", errors="replace") + "\n"
+    assert "draft tokens accepted" in captured.err
+    with pytest.raises(SystemExit, match="greedy only"):
+        main(["generate", "--model", str(out), "--draft", str(draft), "--prompt", "def "])
+
+
 def test_resumed_run_gives_the_same_losses_bit_for_bit(corpus, tmp_path):
     whole = tmp_path / "whole"
     train(tiny_settings(corpus, whole, max_steps=8, grad_accum=2))
