@@ -86,6 +86,7 @@ def plot(path: Path, runs: list[dict], target: float) -> None:
         grid = [run["expert_load_last"][k] for k in layers]
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(layers)), [f"block {k}" for k in layers])
+        ax.set_xticks(range(0, len(grid[0]), max(1, len(grid[0]) // 8)))
         ax.set_xlabel("expert")
         ax.set_title(f"{run['name']}: share of routed tokens\n(last logged step)", fontsize=9)
         fig.colorbar(image, ax=ax)
