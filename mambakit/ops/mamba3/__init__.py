@@ -1,5 +1,6 @@
 """Mamba-3: exponential-trapezoidal SSM with rotary phase, SISO and MIMO (MATH.md section 4)."""
 
-from .reference import Mamba3State, mamba3
+from .api import mamba3
+from .reference import Mamba3State, mamba3_reference
 
-__all__ = ["Mamba3State", "mamba3"]
+__all__ = ["Mamba3State", "mamba3", "mamba3_reference"]

@@ -77,13 +77,30 @@ def rotate(v: torch.Tensor, phi: torch.Tensor, layout: str) -> torch.Tensor:
     )
 
 
-def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
+def rotary_phase(angles: torch.Tensor, dt: torch.Tensor, phi0: torch.Tensor) -> torch.Tensor:
+    """phi_t = phi0 + sum_{s <= t} pi tanh(angles_s) dt_s, reduced mod 2 pi: angles (b, l, h, a),
+    dt (b, l, h), phi0 (b, h, a) -> (b, l, h, a) in angles' dtype. Accumulated in float64, so
+    long sequences keep their angle to float64 precision before the reduction (all that matters
+    of it for the cos/sin)."""
+    increments = math.pi * torch.tanh(angles) * dt[..., None]
+    total = phi0.double()[:, None] + torch.cumsum(increments.double(), dim=1)
+    return torch.remainder(total, 2 * math.pi).to(angles.dtype)
+
+
+def trapezoid_weights(dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor):
+    """(b, l, h) each -> (log_decay = dt A, gamma = lambda dt, c = (1 - lambda) dt) with
+    lambda = sigmoid(trap); the trapezoid's previous-token weight is beta_t = c_t exp(dt_t A_t)."""
+    lam = torch.sigmoid(trap)
+    return dt * A, lam * dt, (1 - lam) * dt
+
+
+def group_to_heads(t: torch.Tensor, h: int) -> torch.Tensor:
     """(b, l, r, g, n) -> (b, l, h, r, n): head j reads group j // (h // g)."""
     g = t.shape[3]
     return t.repeat_interleave(h // g, dim=3).permute(0, 1, 3, 2, 4)
 
 
-def _validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size, algorithm, rope_layout):
+def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size, algorithm, rope_layout):
     expect_tensor("x", x, ndim=4)
     b, l, h, p = x.shape
     expect_tensor("B", B, ndim=5)
@@ -152,7 +169,7 @@ def _validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z
         raise ValueError("x: expected a sequence length l >= 1, got 0")
 
 
-def mamba3(
+def mamba3_reference(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -173,7 +190,8 @@ def mamba3(
     algorithm: str = "chunked",
     rope_layout: str | None = None,
 ):
-    """Mamba-3 sequence mixing: exponential-trapezoidal SSM with rotary (complex) state, SISO or MIMO.
+    """Mamba-3 sequence mixing: exponential-trapezoidal SSM with rotary (complex) state, SISO or MIMO
+    (the PyTorch reference; inputs already checked by :func:`validate`).
 
     Per token t and head (MATH.md section 4)::
 
@@ -215,13 +233,12 @@ def mamba3(
 
     Example:
         >>> b, l, h, p, n = 1, 10, 2, 4, 8
-        >>> y = mamba3(torch.randn(b, l, h, p), torch.rand(b, l, h), -torch.rand(b, l, h),
+        >>> y = mamba3_reference(torch.randn(b, l, h, p), torch.rand(b, l, h), -torch.rand(b, l, h),
         ...            torch.randn(b, l, 1, 1, n), torch.randn(b, l, 1, 1, n),
         ...            torch.randn(b, l, h), torch.randn(b, l, h, n // 4))
         >>> y.shape
         torch.Size([1, 10, 2, 4])
     """
-    _validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size, algorithm, rope_layout)
     b, l, h, p = x.shape
     r, n, n_angles = B.shape[2], B.shape[4], angles.shape[3]
     layout = rope_layout or ("interleaved" if r == 1 else "halves")
@@ -239,12 +256,9 @@ def mamba3(
     else:
         phi0, H0, K0, x0 = (t.to(dtype) for t in initial_state)
 
-    # Phase: accumulate in float64 so long sequences keep their angle to float64 precision, then
-    # reduce mod 2 pi before the cos/sin (which is all that matters of it).
-    increments = math.pi * torch.tanh(f(angles)) * dtf[..., None]
-    phi = torch.remainder(phi0.double()[:, None] + torch.cumsum(increments.double(), dim=1), 2 * math.pi).to(dtype)
+    phi = rotary_phase(f(angles), dtf, phi0)
 
-    Bh, Ch = _heads(f(B), h), _heads(f(C), h)  # (b, l, h, r, n)
+    Bh, Ch = group_to_heads(f(B), h), group_to_heads(f(C), h)  # (b, l, h, r, n)
     if B_bias is not None:
         Bh = Bh + f(B_bias)
     if C_bias is not None:
@@ -259,10 +273,7 @@ def mamba3(
         v0 = x0[:, :, None, :] * f(mimo_x)
     K0_heads = K0.permute(0, 2, 1, 3)  # (b, h, r, n)
 
-    lam = torch.sigmoid(trapf)
-    log_decay = dtf * Af
-    gamma = lam * dtf
-    c = (1 - lam) * dtf  # beta_t = c_t alpha_t
+    log_decay, gamma, c = trapezoid_weights(dtf, Af, trapf)
 
     if algorithm == "recurrent":
         alpha = torch.exp(log_decay)

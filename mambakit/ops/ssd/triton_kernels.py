@@ -87,8 +87,8 @@ def ssd_fwd_state_kernel(
     length, n_chunks, dt_lo, dt_hi, sx_b, sx_l, sdt_b, sdt_l, sB_b, sB_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    HAS_SEQ: tl.constexpr, PER_TOKEN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi = (pid_bh // H).to(tl.int64)
@@ -98,7 +98,8 @@ def ssd_fwd_state_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
     pn_offs = offs_p[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + hi).to(tl.float32)
+    if not PER_TOKEN:
+        A = tl.load(A_ptr + hi).to(tl.float32)
     bias = tl.load(bias_ptr + hi).to(tl.float32) if HAS_BIAS else 0.0
     if HAS_H0:
         S = tl.load(h0_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
@@ -118,7 +119,10 @@ def ssd_fwd_state_kernel(
         rows = bi * length + offs_t
         raw = tl.load(dt_ptr + bi * sdt_b + offs_t.to(tl.int64) * sdt_l + hi, mask=mask_t, other=0.0).to(tl.float32)
         dt = tl.where(mask_t, _discretize(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, CLAMP), 0.0)
-        a = dt * A
+        if PER_TOKEN:  # A holds each token's log-decay, (b, l, h) contiguous
+            a = tl.load(A_ptr + rows * H + hi, mask=mask_t, other=0.0).to(tl.float32)
+        else:
+            a = dt * A
         local = tl.cumsum(a, 0)
         total = tl.sum(a, 0)
         if writes_dt:
@@ -228,8 +232,8 @@ def ssd_bwd_state_kernel(
     length, n_chunks, sx_b, sx_l, sC_b, sC_l, sz_b, sz_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, PER_TOKEN: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi = (pid_bh // H).to(tl.int64)
@@ -240,7 +244,8 @@ def ssd_bwd_state_kernel(
     mask_p = offs_p < P
     mask_pn = mask_p[:, None] & (offs_n[None, :] < N)
     pn_offs = offs_p[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + hi).to(tl.float32)
+    if not PER_TOKEN:
+        A = tl.load(A_ptr + hi).to(tl.float32)
     if HAS_DLAST:
         dS = tl.load(dlast_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
     else:
@@ -257,8 +262,10 @@ def ssd_bwd_state_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
-        dt = tl.load(dtp_ptr + (bi * H + hi) * length + offs_t, mask=mask_t, other=0.0)
-        a = dt * A
+        if PER_TOKEN:
+            a = tl.load(A_ptr + rows * H + hi, mask=mask_t, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(dtp_ptr + (bi * H + hi) * length + offs_t, mask=mask_t, other=0.0) * A
         decay_in = tl.exp(tl.cumsum(a, 0))  # from the block's start through t
         carry = tl.exp(tl.sum(a, 0))
         if HAS_SEQ:
@@ -478,7 +485,8 @@ def ssd_bwd_dt_kernel(
     dt_ptr, A_ptr, bias_ptr, dtp_ptr, ddt_direct_ptr, dcum_src_ptr, dcum_dst_ptr, chunk_const_ptr,
     ddt_ptr, dA_ptr, dbias_ptr,
     length, n_chunks, dt_lo, dt_hi, sdt_b, sdt_l,
-    H: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, CHUNK: tl.constexpr,
+    H: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, PER_TOKEN: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     c, pid_bh = tl.program_id(0), tl.program_id(1)
     bi = (pid_bh // H).to(tl.int64)
@@ -490,10 +498,14 @@ def ssd_bwd_dt_kernel(
     # da_r = sum over t >= r in the chunk of dL/dcum_t, plus what the chunk's last token collects.
     da = tl.cumsum(dcum, 0, reverse=True) + tl.load(chunk_const_ptr + (bi * H + hi) * n_chunks + c)
     da = tl.where(mask, da, 0.0)
-    A = tl.load(A_ptr + hi).to(tl.float32)
-    dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
-    ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
-    tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0), sem="relaxed")
+    if PER_TOKEN:  # da is the gradient of each token's log-decay; dt is the input weight itself
+        tl.store(dA_ptr + (bi * length + offs) * H + hi, da, mask=mask)
+        ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0)
+    else:
+        A = tl.load(A_ptr + hi).to(tl.float32)
+        dt = tl.load(dtp_ptr + scratch, mask=mask, other=0.0)
+        ddt = tl.load(ddt_direct_ptr + scratch, mask=mask, other=0.0) + A * da
+        tl.atomic_add(dA_ptr + hi, tl.sum(dt * da, 0), sem="relaxed")
     v = tl.load(dt_ptr + bi * sdt_b + offs.to(tl.int64) * sdt_l + hi, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + hi).to(tl.float32)

@@ -89,11 +89,14 @@ def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
 @torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
-            dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool
+            dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool, per_token: bool = False,
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
     (b, n_chunks, h, p, n) (bf16 for bf16 inputs, else fp32), dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
-    before the z gate (b, l, h, p), empty unless ``save`` and z)."""
+    before the z gate (b, l, h, p), empty unless ``save`` and z).
+
+    ``per_token``: A is (b, l, h) contiguous, each token's log-decay itself (the state decays by
+    exp(A_t), not exp(dt_t A)), and dt weighs the input as given (Mamba-3's core)."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
@@ -109,7 +112,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
         x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
         *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec, **cfg,
     )
     cfg = _launch("fwd_output", chunk, p, n)
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
@@ -123,7 +126,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
 
 
 @ssd_fwd.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save):
+def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save, per_token=False):
     bsz, length, h, p = x.shape
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
@@ -136,8 +139,9 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
 def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
             seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, dt_softplus: bool,
-            dt_lo: float, dt_hi: float, clamp: bool, chunk: int) -> list[Tensor]:
-    """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty."""
+            dt_lo: float, dt_hi: float, clamp: bool, chunk: int, per_token: bool = False) -> list[Tensor]:
+    """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty (dA per
+    token for ``per_token``)."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = states.shape[1]
@@ -153,7 +157,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
         *_rows(x), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec, **cfg,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec, **cfg,
     )
     dx = x.new_empty(x.shape)
     ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
@@ -183,12 +187,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         *_rows(x), *_rows(B), *_rows(C), **common, **cfg,
     )
     ddt = dt.new_empty(dt.shape)
-    dA = torch.zeros(h, device=dev, dtype=F32)
+    dA = torch.empty(A.shape, device=dev, dtype=F32) if per_token else torch.zeros(h, device=dev, dtype=F32)
     dbias = torch.zeros(h if dt_bias is not None else 1, device=dev, dtype=F32)
     kernels.ssd_bwd_dt_kernel[(n_chunks, bsz * h)](
         dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
-        dt_lo, dt_hi, *_rows(dt), H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, CHUNK=chunk,
-        **CONFIGS["bwd_dt"],
+        dt_lo, dt_hi, *_rows(dt), H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+        PER_TOKEN=per_token, CHUNK=chunk, **CONFIGS["bwd_dt"],
     )
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
@@ -206,7 +210,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
 
 @ssd_bwd.register_fake
 def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi,
-      clamp, chunk):
+      clamp, chunk, per_token=False):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(0)
 
@@ -214,9 +218,9 @@ def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save = inputs
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save, per_token = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, output[2], output[3], output[4], output[5])
-    ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk)
+    ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
 def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
@@ -228,7 +232,7 @@ def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if dt_bias is not None else None, dh0 if h0 is not None else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
