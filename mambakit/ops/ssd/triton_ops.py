@@ -28,10 +28,17 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _states_dtype(x: Tensor) -> torch.dtype:
+def _states_dtype(x: Tensor, per_token: bool = False) -> torch.dtype:
     """Chunk states (and their gradients) between kernels: bfloat16 for bfloat16 inputs (they
-    enter the products in bfloat16 anyway), float32 otherwise (float16 could overflow)."""
-    return torch.bfloat16 if x.dtype == torch.bfloat16 else F32
+    enter the products in bfloat16 anyway), float32 otherwise (float16 could overflow) and in
+    ``per_token`` mode (Mamba-3, whose phase gradients sum many state products: bfloat16 states
+    cost them several times the error of the inputs' rounding)."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 and not per_token else F32
+
+
+def _narrow(x: Tensor, per_token: bool) -> bool:
+    """Whether the kernels round float32 states to the inputs' bfloat16 for the tensor cores."""
+    return x.dtype == torch.bfloat16 and not per_token
 
 
 def _rows(t: Optional[Tensor]) -> tuple[int, int]:
@@ -100,7 +107,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
-    states = x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x))
+    states = x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x, per_token))
     final = x.new_empty(bsz, h, p, n, dtype=F32)
     dtp = x.new_empty(bsz, h, length, dtype=F32)
     cum = x.new_empty(bsz, h, length, dtype=F32)
@@ -120,7 +127,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
         x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks, *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
-        NARROW=x.dtype == torch.bfloat16, **cfg,
+        NARROW=_narrow(x, per_token), **cfg,
     )
     return y, final, states, dtp, cum, y_pre
 
@@ -131,7 +138,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
-    return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x)),
+    return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x, per_token)),
             x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
@@ -164,7 +171,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
     chunk_const = torch.zeros(bsz, h, n_chunks, device=dev, dtype=F32)
     common = dict(H=h, G=g, P=p, N=n, PP=_pow2(p), NP=_pow2(n), HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
-                  NARROW=x.dtype == torch.bfloat16)
+                  NARROW=_narrow(x, per_token))
 
     def group_grad(heads):
         """dB/dC target (b, l, g, n): B's dtype when a program takes all heads of a group, else
