@@ -1,10 +1,10 @@
 """Fused rotary keys/queries for the Triton Mamba-3 path: per head, K = Rot(phi)(B + bias).
 
 B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
-the rotated keys are per head (b, l, h, n). One program takes a block of tokens and one group:
-it reads the group's rows once and writes every head of the group (forward), or sums the heads'
-gradients back into the group's rows without atomics (backward). The bias gradient (summed over
-tokens) and the phase gradient (per token and head) come from the same pass.
+the rotated keys are per head (b, l, h, n). Forward: one program per block of tokens and head.
+Backward: one program per block of tokens and group, which sums its heads' gradients back into the
+group's rows without atomics; the bias gradient (summed over tokens) and the phase gradient (per
+token and head, the two entries of each pair summed in registers) come from the same pass.
 
 Rotation of pair (f, s) by angle phi: (f, s) -> (cos f - sin s, sin f + cos s); its transpose
 rotates by -phi, and d(out)/d(phi) = (-out_s, out_f).
@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 F32 = torch.float32
-BLOCK_T = 32
+BLOCK_T = 32  # tokens per program; the forward's grid also spans heads
+BWD_BLOCK_T = 8  # the backward loops over a group's heads, so more, smaller programs
 
 
 @triton.jit
@@ -47,27 +48,23 @@ def rotate_heads_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_t, gi = tl.program_id(0), tl.program_id(1)
+    pid_t, hi = tl.program_id(0), tl.program_id(1)
+    gi = hi // (H // G)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, NP)
     mask_t = offs_t < rows
     mask = mask_t[:, None] & (offs_n[None, :] < N)
     angle, partner, first, rotated = _pairs(offs_n, N, NA, HALVES)
     v_row = v_ptr + (offs_t[:, None] * G + gi) * N
-    v = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    v_partner = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        b += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
     sign = tl.where(first, -1.0, 1.0)
-    for k in range(H // G):
-        hi = gi * (H // G) + k
-        a, b = v, v_partner
-        if HAS_BIAS:
-            a += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
-            b += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
-        phi = tl.load(phi_ptr + (offs_t[:, None] * H + hi) * NA + angle[None, :], mask=mask & rotated[None, :],
-                      other=0.0)
-        out = tl.where(rotated[None, :], tl.cos(phi) * a + sign[None, :] * tl.sin(phi) * b, a)
-        tl.store(out_ptr + (offs_t[:, None] * H + hi) * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    phi = tl.load(phi_ptr + (offs_t[:, None] * H + hi) * NA + angle[None, :], mask=mask & rotated[None, :], other=0.0)
+    out = tl.where(rotated[None, :], tl.cos(phi) * a + sign[None, :] * tl.sin(phi) * b, a)
+    tl.store(out_ptr + (offs_t[:, None] * H + hi) * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -104,10 +101,20 @@ def rotate_heads_bwd_kernel(
         dv += dk
         if HAS_BIAS:
             tl.atomic_add(dbias_ptr + hi * N + offs_n, tl.sum(dk, 0), mask=offs_n < N, sem="relaxed")
-        # d(phi) = -d_f out_s + d_s out_f: each entry adds d_entry * (sign-flipped rotated partner).
+        # d(phi) = -d_f out_s + d_s out_f: each entry adds d_entry * (sign-flipped rotated partner),
+        # and the two entries of a pair are summed: adjacent ones (interleaved) or the two halves.
         out_partner = cos * b - sign[None, :] * sin * a
         contribution = tl.where(mask & rotated[None, :], sign[None, :] * d * out_partner, 0.0)
-        tl.atomic_add(dphi_ptr + phi_at, contribution, mask=mask & rotated[None, :], sem="relaxed")
+        if N == NP:
+            if HALVES:
+                per_angle = tl.sum(tl.reshape(contribution, (BLOCK_T, 2, NP // 2)), 1)
+            else:
+                per_angle = tl.sum(tl.reshape(contribution, (BLOCK_T, NP // 2, 2)), 2)
+            offs_a = tl.arange(0, NP // 2)
+            tl.store(dphi_ptr + (offs_t[:, None] * H + hi) * NA + offs_a[None, :], per_angle,
+                     mask=mask_t[:, None] & (offs_a[None, :] < NA))
+        else:  # a padded state size: pairs do not line up with a reshape
+            tl.atomic_add(dphi_ptr + phi_at, contribution, mask=mask & rotated[None, :], sem="relaxed")
     tl.store(dv_ptr + (offs_t[:, None] * G + gi) * N + offs_n[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
@@ -118,7 +125,7 @@ def rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, o
     rows, g, n = v.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     out = torch.empty(rows, h, n, device=v.device, dtype=out_dtype)
-    rotate_heads_fwd_kernel[(triton.cdiv(rows, BLOCK_T), g)](
+    rotate_heads_fwd_kernel[(triton.cdiv(rows, BLOCK_T), h)](
         v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n), HALVES=halves,
         HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T)
     return out
@@ -138,9 +145,9 @@ def rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tenso
     dv = torch.empty_like(v)
     dbias = torch.zeros(h, n, device=v.device, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
     dphi = torch.zeros_like(phi)
-    rotate_heads_bwd_kernel[(triton.cdiv(rows, BLOCK_T), g)](
+    rotate_heads_bwd_kernel[(triton.cdiv(rows, BWD_BLOCK_T), g)](
         dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n),
-        HALVES=halves, HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T)
+        HALVES=halves, HAS_BIAS=bias is not None, BLOCK_T=BWD_BLOCK_T)
     return dv, dbias, dphi
 
 
@@ -163,3 +170,121 @@ def _backward(ctx, dout):
 
 
 rotate_heads.register_autograd(_backward, setup_context=_setup)
+
+
+@triton.jit
+def rotary_phase_fwd_kernel(
+    angles_ptr, dt_ptr, phi0_ptr, phi_ptr, length, sa_b, sa_l, sa_h, sdt_b, sdt_l,
+    H: tl.constexpr, NA: tl.constexpr, AP: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """phi_t = (phi0 + sum_{s <= t} pi tanh(angles_s) dt_s) mod 2 pi for one (batch, head): the
+    running phase is reduced mod 2 pi after every block, so float32 keeps it to ~1e-7 rad per block."""
+    pid = tl.program_id(0)
+    bi, hi = (pid // H).to(tl.int64), pid % H
+    offs_a = tl.arange(0, AP)
+    mask_a = offs_a < NA
+    carry = tl.load(phi0_ptr + (bi * H + hi) * NA + offs_a, mask=mask_a, other=0.0)
+    two_pi = 6.283185307179586
+    for l0 in range(0, length, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask = (offs_l[:, None] < length) & mask_a[None, :]
+        raw = tl.load(angles_ptr + bi * sa_b + offs_l.to(tl.int64)[:, None] * sa_l + hi * sa_h + offs_a[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * sdt_b + offs_l.to(tl.int64) * sdt_l + hi, mask=offs_l < length, other=0.0)
+        # tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both tails
+        inc = 3.141592653589793 * (1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0)) * dt[:, None]
+        phi = carry[None, :] + tl.cumsum(inc, 0)
+        phi = phi - two_pi * tl.floor(phi / two_pi)
+        tl.store(phi_ptr + ((bi * length + offs_l.to(tl.int64))[:, None] * H + hi) * NA + offs_a[None, :], phi,
+                 mask=mask)
+        carry = carry + tl.sum(inc, 0)
+        carry = carry - two_pi * tl.floor(carry / two_pi)
+
+
+@triton.jit
+def rotary_phase_bwd_kernel(
+    dphi_ptr, angles_ptr, dt_ptr, dangles_ptr, ddt_ptr, dphi0_ptr, length, sa_b, sa_l, sa_h, sdt_b, sdt_l,
+    H: tl.constexpr, NA: tl.constexpr, AP: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """d(inc_t) = sum_{s >= t} dphi_s (a reverse cumulative sum, block by block from the end), then
+    dangles = d(inc) pi dt (1 - tanh^2), ddt = sum_a d(inc) pi tanh, dphi0 = sum_t dphi_t."""
+    pid = tl.program_id(0)
+    bi, hi = (pid // H).to(tl.int64), pid % H
+    offs_a = tl.arange(0, AP)
+    mask_a = offs_a < NA
+    after = tl.zeros((AP,), dtype=tl.float32)  # sum of dphi over the tokens after the block
+    n_blocks = tl.cdiv(length, BLOCK_L)
+    for i in range(n_blocks):
+        l0 = (n_blocks - 1 - i) * BLOCK_L
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < length
+        mask = mask_l[:, None] & mask_a[None, :]
+        rows = (bi * length + offs_l.to(tl.int64))[:, None] * H + hi
+        dphi = tl.load(dphi_ptr + rows * NA + offs_a[None, :], mask=mask, other=0.0)
+        dinc = after[None, :] + tl.sum(dphi, 0)[None, :] - tl.cumsum(dphi, 0) + dphi
+        after += tl.sum(dphi, 0)
+        raw = tl.load(angles_ptr + bi * sa_b + offs_l.to(tl.int64)[:, None] * sa_l + hi * sa_h + offs_a[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * sdt_b + offs_l.to(tl.int64) * sdt_l + hi, mask=mask_l, other=0.0)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0)
+        pi = 3.141592653589793
+        tl.store(dangles_ptr + rows * NA + offs_a[None, :], dinc * pi * dt[:, None] * (1.0 - th * th), mask=mask)
+        ddt = tl.sum(tl.where(mask, dinc * pi * th, 0.0), 1)
+        tl.store(ddt_ptr + (bi * length + offs_l) * H + hi, ddt, mask=mask_l)
+    tl.store(dphi0_ptr + (bi * H + hi) * NA + offs_a, after, mask=mask_a)
+
+
+PHASE_BLOCK_L = 64
+
+
+@torch.library.custom_op("mambakit::rotary_phase", mutates_args=())
+def rotary_phase_triton(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:
+    """angles (b, l, h, a) any strides, dt (b, l, h) float32, phi0 (b, h, a) float32 contiguous ->
+    phi (b, l, h, a) float32 contiguous, in [0, 2 pi)."""
+    b, length, h, n_angles = angles.shape
+    phi = torch.empty(b, length, h, n_angles, device=angles.device, dtype=F32)
+    if n_angles:
+        rotary_phase_fwd_kernel[(b * h,)](
+            angles, dt, phi0, phi, length, angles.stride(0), angles.stride(1), angles.stride(2), dt.stride(0),
+            dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
+    return phi
+
+
+@rotary_phase_triton.register_fake
+def _(angles, dt, phi0):
+    return angles.new_empty(angles.shape, dtype=F32)
+
+
+@torch.library.custom_op("mambakit::rotary_phase_bwd", mutates_args=())
+def rotary_phase_bwd(dphi: Tensor, angles: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dangles (b, l, h, a) float32, ddt (b, l, h) float32, dphi0 (b, h, a) float32)."""
+    b, length, h, n_angles = angles.shape
+    dangles = torch.empty(b, length, h, n_angles, device=angles.device, dtype=F32)
+    ddt = torch.zeros(b, length, h, device=angles.device, dtype=F32)
+    dphi0 = torch.zeros(b, h, n_angles, device=angles.device, dtype=F32)
+    if n_angles:
+        rotary_phase_bwd_kernel[(b * h,)](
+            dphi, angles, dt, dangles, ddt, dphi0, length, angles.stride(0), angles.stride(1), angles.stride(2),
+            dt.stride(0), dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
+    return dangles, ddt, dphi0
+
+
+@rotary_phase_bwd.register_fake
+def _(dphi, angles, dt):
+    b, length, h, n_angles = angles.shape
+    return (angles.new_empty(angles.shape, dtype=F32), dt.new_empty(b, length, h, dtype=F32),
+            dt.new_empty(b, h, n_angles, dtype=F32))
+
+
+def _phase_setup(ctx, inputs, output):
+    angles, dt, _ = inputs
+    ctx.save_for_backward(angles, dt)
+
+
+def _phase_backward(ctx, dphi):
+    angles, dt = ctx.saved_tensors
+    dangles, ddt, dphi0 = rotary_phase_bwd(dphi.contiguous(), angles, dt)
+    return dangles.to(angles.dtype), ddt, dphi0
+
+
+rotary_phase_triton.register_autograd(_phase_backward, setup_context=_phase_setup)

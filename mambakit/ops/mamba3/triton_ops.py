@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
-from .reference import Mamba3State, rotary_phase, trapezoid_weights
-from .rotary_triton import rotate_heads
+from .reference import Mamba3State, trapezoid_weights
+from .rotary_triton import rotary_phase_triton, rotate_heads
 
 F32 = torch.float32
 
@@ -41,7 +41,7 @@ def mamba3_siso_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
     dtf = dt.to(F32)
-    phi = rotary_phase(angles.to(F32), dtf, phi0)  # (b, l, h, n_angles)
+    phi = rotary_phase_triton(angles, dtf, phi0.contiguous())  # (b, l, h, n_angles) float32
     g, n = B.shape[3], B.shape[4]
     phi_rows = phi.reshape(b * l, h, n_angles)
 
