@@ -171,6 +171,41 @@ class MultiScaleMamba(nn.Module):
         return torch.stack([m(x) for m in self.mixers]).mean(0)
 
 
+class PooledAttention(nn.Module):
+    """Attention Mamba's mixer (b, t, d_model) -> (b, t, d_model): queries and keys are projected,
+    then shortened along the feature axis to ``pooled`` entries by adaptive average pooling plus
+    adaptive max pooling (summed), which keeps their coarse shape and their peaks at a fraction of
+    the cost; values come from a bidirectional Mamba over the tokens (forward mixer + flipped
+    backward mixer, summed), so the attention mixes sequence-aware values. Single head, softmax
+    over the tokens, scaled by pooled^-0.5, then an output projection.
+
+    Args: d_model; make_mixer: () -> module (b, t, d) -> (b, t, d), called twice (the value
+    Mamba's two directions); pooled: pooled query/key width, default d_model // 4 (at least 1);
+    dropout on the attention weights, default 0.1.
+    """
+
+    def __init__(self, d_model: int, make_mixer: Callable[[], nn.Module], pooled: int | None = None,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.pooled = pooled if pooled is not None else max(1, d_model // 4)
+        positive_ints(d_model=d_model, pooled=self.pooled)
+        if self.pooled > d_model:
+            raise ValueError(f"pooled: expected at most d_model = {d_model}, got {self.pooled}")
+        self.query, self.key = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.value_forward, self.value_backward = make_mixer(), make_mixer()
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool1d(t, self.pooled) + F.adaptive_max_pool1d(t, self.pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self._pool(self.query(x)), self._pool(self.key(x))  # (b, t, pooled)
+        v = self.value_forward(x) + self.value_backward(x.flip(1)).flip(1)  # (b, t, d_model)
+        weights = self.dropout(torch.softmax(q @ k.transpose(1, 2) * self.pooled ** -0.5, dim=-1))
+        return self.out(weights @ v)
+
+
 def patchify(x: torch.Tensor, patch_len: int, stride: int) -> torch.Tensor:
     """Patches of each series, PatchTST-style (the end padded by repeating the last value
     ``stride`` times): x (b, n, L) -> (b, n, (L - patch_len) // stride + 2, patch_len), a view of

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.mamba1 import Mamba1
-from .blocks import BiMambaLayer, MambaPlus, MultiScaleMamba, RevIN, check_series, patchify, positive_ints
+from .blocks import (FFN, BiMambaLayer, MambaPlus, MultiScaleMamba, PooledAttention, RevIN, check_series, patchify,
+                     positive_ints)
 
 
 class _Forecaster(nn.Module):
@@ -179,6 +180,84 @@ class SORMamba(_Forecaster):
         return self.reg_weight * (self._encode(x) - self._encode(x.flip(-1)).flip(1)).square().mean()
 
 
+class AttentionMamba(_Forecaster):
+    """Attention Mamba (Xiong et al., "Attention Mamba: time series modeling with adaptive pooling
+    acceleration and receptive field enhancements", 2025), on variate tokens as S-Mamba.
+
+    Instance normalisation, Linear(L -> D) per variable; ``n_layers`` x [x = LN(x +
+    PooledAttention(x)), x = LN(x + FFN(x))] where :class:`~mambakit.forecasting.blocks.PooledAttention`
+    pools queries and keys (adaptive average + max) and takes its values from a bidirectional
+    Mamba; a final LN and Linear(D -> H). Sizes default to S-Mamba's ETTh1 ones (the paper's exact
+    settings are not encoded): d_model 256, d_state 2, d_ff 256, 2 layers, pooled width D / 4.
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 256, d_state: int = 2,
+                 d_ff: int = 256, n_layers: int = 2, d_conv: int = 2, expand: int = 1, pooled: int | None = None,
+                 dropout: float = 0.1):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
+        self.norm = RevIN(n_vars, affine=False)
+        self.embed = nn.Linear(lookback, d_model)
+        self.dropout = nn.Dropout(dropout)
+        mamba = dict(d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mixers = nn.ModuleList(PooledAttention(d_model, lambda: Mamba1(d_model, **mamba), pooled, dropout)
+                                    for _ in range(n_layers))
+        self.mixer_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(FFN(d_model, d_ff, dropout) for _ in range(n_layers))
+        self.ffn_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, horizon)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        x, stats = self.norm.normalize(x)
+        tokens = self.dropout(self.embed(x.transpose(1, 2)))  # (b, n, D)
+        for mixer, mixer_norm, ffn, ffn_norm in zip(self.mixers, self.mixer_norms, self.ffns, self.ffn_norms):
+            tokens = mixer_norm(tokens + self.dropout(mixer(tokens)))
+            tokens = ffn_norm(tokens + ffn(tokens))
+        y = self.head(self.final_norm(tokens)).transpose(1, 2)
+        return self.norm.denormalize(y, stats)
+
+
+class ProbMamba(_Forecaster):
+    """Mamba-ProbTSF (Pessoa et al., "Mamba time series forecasting with uncertainty
+    quantification", 2025): two S-Mamba networks, one for the mean and one for the log-variance of
+    a Gaussian forecast.
+
+    ``forward`` returns the mean (b, H, n), so MSE/MAE compare as for every model;
+    :meth:`predict_distribution` returns (mean, variance) in the data's units (the variance
+    network works on instance-normalised values; its variance is scaled by each window's
+    variance). :meth:`training_loss` replaces the trainer's MSE: MSE of the mean plus the Gaussian
+    negative log-likelihood of the target under (mean, variance) with the mean detached, so the
+    variance network learns the spread of the mean network's errors without pulling the mean.
+    Both networks take S-Mamba's settings (``SMamba``'s keyword arguments).
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, **smamba):
+        super().__init__(n_vars, lookback, horizon)
+        self.mean_net = SMamba(n_vars, lookback, horizon, **smamba)
+        self.log_var_net = SMamba(n_vars, lookback, horizon, **smamba)
+        self.n_time_features = self.mean_net.n_time_features
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> mean forecast (b, H, n)."""
+        return self.mean_net(x, x_time)
+
+    def predict_distribution(self, x: torch.Tensor, x_time: torch.Tensor | None = None):
+        """-> (mean, variance), each (b, H, n); variance > 0. The variance network's output is
+        taken before its instance de-normalisation (a log-variance must not get the window's mean
+        added) and exponentiated, then scaled by the window's variance."""
+        mean = self.mean_net(x, x_time)
+        _, (window_mean, window_std) = self.log_var_net.norm.normalize(x)
+        log_var = (self.log_var_net(x, x_time) - window_mean) / window_std  # undo the de-normalisation
+        return mean, torch.exp(log_var) * window_std.square()
+
+    def training_loss(self, x: torch.Tensor, x_time: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        mean, variance = self.predict_distribution(x, x_time)
+        return F.mse_loss(mean, y) + F.gaussian_nll_loss(mean.detach(), y, variance, eps=1e-6)
+
+
 class DLinear(_Forecaster):
     """DLinear (Zeng et al., AAAI 2023): a moving average (``kernel``, replicate-padded) splits
     each series into trend and remainder; one Linear(L -> H) each, shared by the variables,
@@ -223,7 +302,7 @@ class LSTMForecaster(_Forecaster):
 
 
 MODELS = {"s-mamba": SMamba, "bi-mamba+": BiMambaPlus, "ms-mamba": SMamba, "sor-mamba": SORMamba,
-          "dlinear": DLinear, "lstm": LSTMForecaster}
+          "attention-mamba": AttentionMamba, "mamba-probtsf": ProbMamba, "dlinear": DLinear, "lstm": LSTMForecaster}
 
 # Published ETTh1 (L = 96) settings, model part; training settings are in train.PAPER_TRAINING.
 PAPER_CONFIGS = {
@@ -232,6 +311,9 @@ PAPER_CONFIGS = {
     # ms-Mamba and SOR-Mamba: S-Mamba's ETTh1 sizes (their papers' exact settings are not encoded here)
     "ms-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2, n_time_features=4, scales=(1.0, 2.0, 4.0)),
     "sor-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
+    # Attention Mamba and Mamba-ProbTSF: S-Mamba's ETTh1 sizes as well
+    "attention-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
+    "mamba-probtsf": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
     "dlinear": dict(kernel=25),
     "lstm": dict(hidden=128, n_layers=2),
 }

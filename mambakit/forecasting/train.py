@@ -28,6 +28,8 @@ PAPER_TRAINING = {
     "bi-mamba+": dict(lr=4e-5, batch_size=32, epochs=10, patience=3),
     "ms-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "sor-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
+    "attention-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
+    "mamba-probtsf": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "dlinear": dict(lr=5e-3, batch_size=32, epochs=10, patience=3),
     "lstm": dict(lr=1e-3, batch_size=32, epochs=10, patience=3),
 }
@@ -79,6 +81,19 @@ def predict(model, windows: Windows, batch_size: int = 256, device="cpu") -> tup
         preds.append(model(x, xt).float().cpu())
         targets.append(y.cpu())
     return torch.cat(preds), torch.cat(targets)
+
+
+@torch.no_grad()
+def two_sigma_coverage(model, windows: Windows, batch_size: int = 256, device="cpu") -> float:
+    """Fraction of target values inside mean +- 2 standard deviations of a probabilistic model's
+    forecast (0.954 for a calibrated Gaussian)."""
+    model.eval()
+    inside = total = 0
+    for x, y, xt in _batches(windows, batch_size, None, device):
+        mean, variance = model.predict_distribution(x, xt)
+        inside += int(((y - mean).abs() <= 2 * variance.sqrt()).sum())
+        total += y.numel()
+    return inside / total
 
 
 def _resolve(cfg: ForecastConfig) -> dict:
@@ -139,7 +154,10 @@ def _run(cfg: ForecastConfig, settings: dict) -> dict:
         for step, (x, y, xt) in enumerate(_batches(train_w, settings["batch_size"], generator, cfg.device)):
             if step == steps:
                 break
-            loss = torch.nn.functional.mse_loss(model(x, xt), y)
+            if hasattr(model, "training_loss"):  # a model with its own objective (Mamba-ProbTSF)
+                loss = model.training_loss(x, xt, y)
+            else:
+                loss = torch.nn.functional.mse_loss(model(x, xt), y)
             if hasattr(model, "regularizer"):
                 loss = loss + model.regularizer(x, xt)
             optimizer.zero_grad(set_to_none=True)
@@ -163,9 +181,12 @@ def _run(cfg: ForecastConfig, settings: dict) -> dict:
     model.load_state_dict(best_state)
     pred, target = predict(model, test_w, device=cfg.device)
     mse, mae = mse_mae(pred, target)
+    extra = {}
+    if hasattr(model, "predict_distribution"):
+        extra["coverage_2sigma"] = two_sigma_coverage(model, test_w, device=cfg.device)
     record = dict(model=cfg.model, dataset=Path(cfg.data).stem, lookback=cfg.lookback, horizon=cfg.horizon,
                   seed=cfg.seed, mse=mse, mae=mae, val_mse=best_val, best_epoch=best_epoch, epochs_run=epochs_run,
-                  **settings, seconds=round(time.time() - start, 1), device=cfg.device,
+                  **extra, **settings, seconds=round(time.time() - start, 1), device=cfg.device,
                   model_options=dict(overrides))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ SMALL = {
     "bi-mamba+": dict(d_model=16, d_state=4, d_ff=32, patch_len=8, stride=4, dropout=0.0),
     "ms-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1, scales=(1.0, 4.0)),
     "sor-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
+    "attention-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
+    "mamba-probtsf": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "dlinear": dict(),
     "lstm": dict(hidden=32, n_layers=1),
 }
@@ -32,7 +34,10 @@ def test_shapes(name, n_vars, lookback, horizon):
     x_time = torch.rand(2, lookback, 4, generator=g) - 0.5
     y = model(x, x_time)
     assert y.shape == (2, horizon, n_vars) and torch.isfinite(y).all()
-    y.square().mean().backward()
+    if hasattr(model, "training_loss"):  # its own objective, which also trains the variance network
+        model.training_loss(x, x_time, torch.randn(2, horizon, n_vars, generator=g)).backward()
+    else:
+        y.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -136,7 +141,8 @@ def test_sra_decider():
 
 
 @pytest.mark.parametrize("name, lr", [("s-mamba", 3e-3), ("bi-mamba+", 3e-3), ("ms-mamba", 3e-3), ("sor-mamba", 3e-3),
-                                      ("dlinear", 1e-2), ("lstm", 1e-2)])
+                                      ("attention-mamba", 3e-3), ("mamba-probtsf", 3e-3), ("dlinear", 1e-2),
+                                      ("lstm", 1e-2)])
 def test_learns_periodic_signal(periodic_csv, tmp_path, name, lr):
     r = run_forecast(ForecastConfig(data=str(periodic_csv), model=name, lookback=48, horizon=24, epochs=6,
                                     lr=lr, batch_size=16, borders=BORDERS, out=str(tmp_path / "run"), seed=1,
@@ -145,6 +151,10 @@ def test_learns_periodic_signal(periodic_csv, tmp_path, name, lr):
     mean_baseline = float(splits.test[48:].square().mean())  # predicting the training mean (0 after standardising)
     assert r["mse"] < 0.25 * mean_baseline, (r["mse"], mean_baseline)
     assert (tmp_path / "run" / "results.json").exists() and (tmp_path / "run" / "forecast.png").exists()
+    if name == "mamba-probtsf":  # the noisy periodic series: most targets inside the 2-sigma band
+        assert 0.5 < r["coverage_2sigma"] <= 1.0, r["coverage_2sigma"]
+    else:
+        assert "coverage_2sigma" not in r
 
 
 def test_multiscale_mamba_scales_step_sizes():
@@ -170,3 +180,41 @@ def test_sor_mamba_regularizer():
     assert single.regularizer(torch.randn(4, 24, 1, generator=g)) == 0  # one channel: reversing is identity
     with pytest.raises(ValueError, match="reg_weight"):
         build_model("sor-mamba", 3, 24, 8, reg_weight=-1.0)
+
+
+def test_pooled_attention_mixes_tokens_through_pooled_scores():
+    from mambakit.forecasting.blocks import PooledAttention
+
+    torch.manual_seed(0)
+    attn = PooledAttention(16, lambda: Mamba1(16, d_state=4), pooled=4, dropout=0.0).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    q, k = attn._pool(attn.query(x)), attn._pool(attn.key(x))
+    assert q.shape == (2, 5, 4)
+    # Pooling: the average of each quarter of the features plus its maximum.
+    full_q = attn.query(x).view(2, 5, 4, 4)
+    assert torch.allclose(q, full_q.mean(-1) + full_q.amax(-1))
+    v = attn.value_forward(x) + attn.value_backward(x.flip(1)).flip(1)
+    expected = attn.out(torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1) @ v)
+    assert torch.allclose(attn(x), expected)
+    with pytest.raises(ValueError, match="pooled"):
+        PooledAttention(16, lambda: Mamba1(16), pooled=32)
+
+
+def test_prob_mamba_distribution_and_loss():
+    torch.manual_seed(0)
+    model = build_model("mamba-probtsf", 3, 24, 8, **SMALL["mamba-probtsf"]).eval()  # no dropout
+    x, y = 5 + 3 * torch.randn(4, 24, 3), torch.randn(4, 8, 3)
+    mean, variance = model.predict_distribution(x)
+    assert torch.equal(mean, model(x)) and (variance > 0).all()
+    # The variance follows the window's scale: scaling the input by 10 scales the variance by 100.
+    _, scaled = model.predict_distribution(10 * x)
+    assert torch.allclose(scaled, 100 * variance, rtol=1e-3)
+    loss = model.training_loss(x, None, y)
+    expected = torch.nn.functional.mse_loss(mean, y) + 0.5 * (variance.log() + (y - mean) ** 2 / variance).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    loss.backward()  # the NLL reaches the variance network, not the mean network
+    model.zero_grad()
+    nll = torch.nn.functional.gaussian_nll_loss(mean.detach(), y, model.predict_distribution(x)[1])
+    nll.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.mean_net.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.log_var_net.parameters())
