@@ -21,3 +21,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = relative_error(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_all_close(actual, expected, tol: float, what: str = "") -> None:
+    """assert_close, compared in float32, for each pair of two sequences of tensors."""
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert_close(a.float(), e.float(), tol, f"{what}[{i}]")
+
+
+def output_and_grads(module, x: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """[module(x, **kwargs), gradients of mean(output^2) with respect to x and every parameter]."""
+    out = module(x, **kwargs)
+    grads = torch.autograd.grad(out.float().square().mean(), [x] + list(module.parameters()))
+    return [out] + list(grads)
+
+
+def assert_compiles_like_eager(layer, x: torch.Tensor, tol: float = 1e-4) -> None:
+    """torch.compile(layer, fullgraph=True) traces without a graph break and gives the eager
+    output and gradients."""
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_all_close(output_and_grads(compiled, x), output_and_grads(layer, x), tol, "compiled vs eager")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mambakit.layers import Mamba2
+from tests.utils import assert_all_close, assert_compiles_like_eager, output_and_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -16,12 +17,6 @@ def _layer_and_input(dtype=torch.bfloat16, **options):
     return layer, x
 
 
-def _grads(layer, x, **kwargs):
-    out = layer(x, **kwargs)
-    grads = torch.autograd.grad(out.float().square().mean(), [x] + list(layer.parameters()))
-    return [out] + list(grads)
-
-
 @pytest.mark.parametrize("options", [dict(), dict(rmsnorm=False, D_has_hdim=True)], ids=["rmsnorm", "z-in-ssd"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
 def test_triton_path_matches_reference_path(monkeypatch, options, packed):
@@ -29,19 +24,11 @@ def test_triton_path_matches_reference_path(monkeypatch, options, packed):
     kwargs = {}
     if packed:
         kwargs["seq_idx"] = (torch.arange(1000, device="cuda") // 300).int().expand(2, -1).contiguous()
-    fast = _grads(layer, x, **kwargs)
+    fast = output_and_grads(layer, x, **kwargs)
     monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
-    slow = _grads(layer, x, **kwargs)
-    for a, b in zip(fast, slow):
-        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        assert err < 3e-2, err
+    slow = output_and_grads(layer, x, **kwargs)
+    assert_all_close(fast, slow, 3e-2, "triton vs reference")
 
 
 def test_torch_compile_without_graph_breaks():
-    layer, x = _layer_and_input(torch.float32)
-    compiled = torch.compile(layer, fullgraph=True)
-    eager = _grads(layer, x)
-    traced = _grads(compiled, x)
-    for a, b in zip(traced, eager):
-        err = ((a - b).norm() / b.norm()).item()
-        assert err < 1e-4, err
+    assert_compiles_like_eager(*_layer_and_input(torch.float32))

@@ -6,6 +6,7 @@ import torch
 
 from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba3
+from tests.utils import assert_all_close, assert_compiles_like_eager, output_and_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -17,21 +18,13 @@ def _layer_and_input(dtype=torch.bfloat16, rope_fraction=0.5):
     return layer, x
 
 
-def _grads(layer, x):
-    out = layer(x)
-    grads = torch.autograd.grad(out.float().square().mean(), [x] + list(layer.parameters()))
-    return [out] + list(grads)
-
-
 @pytest.mark.parametrize("rope_fraction", [0.5, 1.0])
 def test_triton_path_matches_reference_path(monkeypatch, rope_fraction):
     layer, x = _layer_and_input(rope_fraction=rope_fraction)
-    fast = _grads(layer, x)
+    fast = output_and_grads(layer, x)
     monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
-    slow = _grads(layer, x)
-    for a, b in zip(fast, slow):
-        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        assert err < 3e-2, err
+    slow = output_and_grads(layer, x)
+    assert_all_close(fast, slow, 3e-2, "triton vs reference")
 
 
 def test_prefill_then_steps_equal_full_forward():
@@ -50,10 +43,4 @@ def test_prefill_then_steps_equal_full_forward():
 
 
 def test_torch_compile_without_graph_breaks():
-    layer, x = _layer_and_input(torch.float32)
-    compiled = torch.compile(layer, fullgraph=True)
-    eager = _grads(layer, x)
-    traced = _grads(compiled, x)
-    for a, b in zip(traced, eager):
-        err = ((a - b).norm() / b.norm()).item()
-        assert err < 1e-4, err
+    assert_compiles_like_eager(*_layer_and_input(torch.float32))

@@ -43,25 +43,41 @@ def _pairs(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
-def rotate_heads_fwd_kernel(
-    v_ptr, bias_ptr, phi_ptr, out_ptr, rows,
-    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
-    HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid_t, hi = tl.program_id(0), tl.program_id(1)
-    gi = hi // (H // G)
+def _group_rows(v_ptr, pid_t, gi, rows, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
+                HALVES: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A block of tokens of group gi: -> (offs_t, offs_n, mask_t, mask, its entries v and their
+    pair partners (BLOCK_T, NP) float32, angle index, partner index, rotation sign, rotated?)."""
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = tl.arange(0, NP)
     mask_t = offs_t < rows
     mask = mask_t[:, None] & (offs_n[None, :] < N)
     angle, partner, first, rotated = _pairs(offs_n, N, NA, HALVES)
     v_row = v_ptr + (offs_t[:, None] * G + gi) * N
-    a = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        a += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        b += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
+    v = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    v_partner = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     sign = tl.where(first, -1.0, 1.0)
+    return offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated
+
+
+@triton.jit
+def _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head hi's pre-rotation entries: v (+ bias[hi]) and their partners (+ the partners' bias)."""
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        v_partner += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
+    return v, v_partner
+
+
+@triton.jit
+def rotate_heads_fwd_kernel(
+    v_ptr, bias_ptr, phi_ptr, out_ptr, rows,
+    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
+    HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_t, hi = tl.program_id(0), tl.program_id(1)
+    offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated = _group_rows(
+        v_ptr, pid_t, hi // (H // G), rows, G, N, NA, NP, HALVES, BLOCK_T)
+    a, b = _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N, HAS_BIAS)
     phi = tl.load(phi_ptr + (offs_t[:, None] * H + hi) * NA + angle[None, :], mask=mask & rotated[None, :], other=0.0)
     out = tl.where(rotated[None, :], tl.cos(phi) * a + sign[None, :] * tl.sin(phi) * b, a)
     tl.store(out_ptr + (offs_t[:, None] * H + hi) * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -74,22 +90,12 @@ def rotate_heads_bwd_kernel(
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_t, gi = tl.program_id(0), tl.program_id(1)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_n = tl.arange(0, NP)
-    mask_t = offs_t < rows
-    mask = mask_t[:, None] & (offs_n[None, :] < N)
-    angle, partner, first, rotated = _pairs(offs_n, N, NA, HALVES)
-    v_row = v_ptr + (offs_t[:, None] * G + gi) * N
-    v = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    v_partner = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    sign = tl.where(first, -1.0, 1.0)
+    offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated = _group_rows(
+        v_ptr, pid_t, gi, rows, G, N, NA, NP, HALVES, BLOCK_T)
     dv = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
     for k in range(H // G):
         hi = gi * (H // G) + k
-        a, b = v, v_partner
-        if HAS_BIAS:
-            a += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
-            b += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
+        a, b = _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N, HAS_BIAS)
         phi_at = (offs_t[:, None] * H + hi) * NA + angle[None, :]
         phi = tl.load(phi_ptr + phi_at, mask=mask & rotated[None, :], other=0.0)
         cos, sin = tl.cos(phi), tl.sin(phi)
