@@ -7,6 +7,7 @@ sequences inside are (b, tokens, d_model).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -204,6 +205,56 @@ class PooledAttention(nn.Module):
         v = self.value_forward(x) + self.value_backward(x.flip(1)).flip(1)  # (b, t, d_model)
         weights = self.dropout(torch.softmax(q @ k.transpose(1, 2) * self.pooled ** -0.5, dim=-1))
         return self.out(weights @ v)
+
+
+def temporal_mamba(d_model: int, dropout: float = 0.1, **mamba_kwargs) -> Mamba1:
+    """MambaTS's temporal Mamba block: a Mamba-1 mixer without the causal convolution (``d_conv=1``,
+    a per-channel scale) and with dropout on the Delta/B/C projection's output (``x_proj``
+    becomes Linear -> Dropout, so its weight is ``x_proj.0.weight``)."""
+    mixer = Mamba1(d_model, d_conv=1, **mamba_kwargs)
+    mixer.x_proj = nn.Sequential(mixer.x_proj, nn.Dropout(dropout))
+    return mixer
+
+
+def shortest_path_order(cost: torch.Tensor, steps: int = 5000, seed: int = 0, start_temperature: float = 1.0
+                        ) -> list[int]:
+    """An order of the n nodes (an open path visiting each once) with a low total of
+    cost[i, j] over consecutive (i, j): the asymmetric travelling-salesman path, by simulated
+    annealing from the identity order. Moves keep the direction of the untouched edges (the costs
+    are asymmetric): move one node elsewhere, or swap two; geometric cooling from
+    ``start_temperature`` times the mean cost to 1e-3 of it; the best order seen is returned.
+    Deterministic for a given seed. cost: (n, n) float."""
+    n = cost.shape[0]
+    if cost.dim() != 2 or cost.shape != (n, n):
+        raise ValueError(f"cost: expected a square (n, n) matrix, got {tuple(cost.shape)}")
+    c = cost.double().tolist()
+
+    def total(order):
+        return sum(c[a][b] for a, b in zip(order, order[1:]))
+
+    order = list(range(n))
+    if n < 3:
+        return min([order, order[::-1]], key=total)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.rand(steps, 4, generator=generator).tolist()
+    current = best_cost = total(order)
+    best = order[:]
+    scale = max(float(cost.abs().mean()), 1e-12) * start_temperature
+    for step, (u_move, u_i, u_j, u_accept) in enumerate(draws):
+        temperature = scale * (1e-3 ** (step / max(steps - 1, 1)))
+        i, j = int(u_i * n), int(u_j * (n - 1))
+        j += j >= i  # j != i
+        candidate = order[:]
+        if u_move < 0.7:
+            candidate.insert(j, candidate.pop(i))
+        else:
+            candidate[i], candidate[j] = candidate[j], candidate[i]
+        new = total(candidate)
+        if new <= current or u_accept < math.exp((current - new) / temperature):
+            order, current = candidate, new
+            if new < best_cost:
+                best, best_cost = order[:], new
+    return best
 
 
 def patchify(x: torch.Tensor, patch_len: int, stride: int) -> torch.Tensor:

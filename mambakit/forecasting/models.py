@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..layers.mamba1 import Mamba1
 from .blocks import (FFN, BiMambaLayer, MambaPlus, MultiScaleMamba, PooledAttention, RevIN, check_series, patchify,
-                     positive_ints)
+                     positive_ints, shortest_path_order, temporal_mamba)
 
 
 class _Forecaster(nn.Module):
@@ -180,6 +180,93 @@ class SORMamba(_Forecaster):
         return self.reg_weight * (self._encode(x) - self._encode(x.flip(-1)).flip(1)).square().mean()
 
 
+class MambaTS(_Forecaster):
+    """MambaTS (Cai et al., "MambaTS: improved selective state space models for long-term time
+    series forecasting", 2024).
+
+    RevIN; every variable's series cut into patches (``patch_len``, ``stride``), Linear(patch_len
+    -> D) plus a learned position per patch; all variables' patches in ONE scan, time-major
+    (patch 1 of every variable, then patch 2, ...), the variables in a chosen order within each
+    step; ``n_layers`` x [x = LN(x + TMB(x)), x = LN(x + FFN(x))] with the temporal Mamba block
+    (:func:`~mambakit.forecasting.blocks.temporal_mamba`: no convolution, dropout on Delta/B/C);
+    per variable, its patch tokens flattened and Linear(P * D -> H).
+
+    Variable order: while training, :meth:`training_loss` draws a random permutation per batch
+    (variable permutation training) and adds the batch's loss to the running cost of every
+    consecutive pair (i, j) in it; in eval mode the order is the variable-aware scan order, the
+    open path through the variables with the lowest mean pair cost found by simulated annealing
+    (:func:`~mambakit.forecasting.blocks.shortest_path_order`), recomputed when the costs change.
+    Pairs never seen cost their mean. Defaults: d_model 128, d_state 16, d_ff 256, 2 layers,
+    patch 16, stride 8, dropout 0.1 (our choices; the paper's per-dataset settings are not encoded).
+    """
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 128, d_state: int = 16,
+                 d_ff: int = 256, n_layers: int = 2, patch_len: int = 16, stride: int = 8, expand: int = 2,
+                 dropout: float = 0.1, anneal_steps: int = 2000):
+        super().__init__(n_vars, lookback, horizon)
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers, patch_len=patch_len, stride=stride)
+        if patch_len > lookback:
+            raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
+        self.patch_len, self.stride, self.anneal_steps = patch_len, stride, anneal_steps
+        self.n_patches = (lookback - patch_len) // stride + 2
+        self.revin = RevIN(n_vars, affine=True)
+        self.embed = nn.Linear(patch_len, d_model)
+        self.position = nn.Parameter(torch.zeros(self.n_patches, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.mixers = nn.ModuleList(temporal_mamba(d_model, dropout, d_state=d_state, expand=expand)
+                                    for _ in range(n_layers))
+        self.mixer_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(FFN(d_model, d_ff, dropout) for _ in range(n_layers))
+        self.ffn_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.head = nn.Linear(self.n_patches * d_model, horizon)
+        self.register_buffer("pair_cost_sum", torch.zeros(n_vars, n_vars, dtype=torch.float64))
+        self.register_buffer("pair_count", torch.zeros(n_vars, n_vars, dtype=torch.float64))
+        self._order_cache = None  # (the mean costs it was computed from, order)
+
+    def scan_order(self) -> list[int]:
+        """The variable-aware scan order from the pair costs gathered so far (identity before any);
+        recomputed only when the mean costs change."""
+        cost = self.pair_cost_sum / self.pair_count.clamp(min=1)
+        seen = self.pair_count > 0
+        if seen.any():
+            cost = torch.where(seen, cost, cost[seen].mean())
+        key = tuple(cost.flatten().tolist())
+        if self._order_cache is None or self._order_cache[0] != key:
+            self._order_cache = (key, shortest_path_order(cost, self.anneal_steps))
+        return self._order_cache[1]
+
+    def _forecast(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """normalised x (b, L, n), variable order (n,) -> normalised forecast (b, H, n)."""
+        b, n, P = x.shape[0], self.n_vars, self.n_patches
+        tokens = self.embed(patchify(x.transpose(1, 2)[:, order], self.patch_len, self.stride)) + self.position
+        tokens = self.dropout(tokens).transpose(1, 2).reshape(b, P * n, -1)  # time-major: (b, P * n, D)
+        for mixer, mixer_norm, ffn, ffn_norm in zip(self.mixers, self.mixer_norms, self.ffns, self.ffn_norms):
+            tokens = mixer_norm(tokens + self.dropout(mixer(tokens)))
+            tokens = ffn_norm(tokens + ffn(tokens))
+        per_var = tokens.reshape(b, P, n, -1).transpose(1, 2).reshape(b, n, -1)  # (b, n, P * D), scan order
+        y = self.head(per_var)[:, torch.argsort(order)]  # back to the variables' own order
+        return y.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n) in the variable-aware scan order; x_time is ignored."""
+        self._check(x, x_time)
+        order = torch.tensor(self.scan_order(), device=x.device)
+        x, stats = self.revin.normalize(x)
+        return self.revin.denormalize(self._forecast(x, order), stats)
+
+    def training_loss(self, x: torch.Tensor, x_time: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """MSE under a random variable order; the loss is charged to every consecutive pair of it."""
+        self._check(x, x_time)
+        order = torch.randperm(self.n_vars).to(x.device)
+        x_norm, stats = self.revin.normalize(x)
+        loss = F.mse_loss(self.revin.denormalize(self._forecast(x_norm, order), stats), y)
+        with torch.no_grad():
+            i, j = order[:-1].cpu(), order[1:].cpu()
+            self.pair_cost_sum[i, j] += float(loss)
+            self.pair_count[i, j] += 1
+        return loss
+
+
 class AttentionMamba(_Forecaster):
     """Attention Mamba (Xiong et al., "Attention Mamba: time series modeling with adaptive pooling
     acceleration and receptive field enhancements", 2025), on variate tokens as S-Mamba.
@@ -302,7 +389,7 @@ class LSTMForecaster(_Forecaster):
 
 
 MODELS = {"s-mamba": SMamba, "bi-mamba+": BiMambaPlus, "ms-mamba": SMamba, "sor-mamba": SORMamba,
-          "attention-mamba": AttentionMamba, "mamba-probtsf": ProbMamba, "dlinear": DLinear, "lstm": LSTMForecaster}
+          "mambats": MambaTS, "attention-mamba": AttentionMamba, "mamba-probtsf": ProbMamba, "dlinear": DLinear, "lstm": LSTMForecaster}
 
 # Published ETTh1 (L = 96) settings, model part; training settings are in train.PAPER_TRAINING.
 PAPER_CONFIGS = {
@@ -311,6 +398,7 @@ PAPER_CONFIGS = {
     # ms-Mamba and SOR-Mamba: S-Mamba's ETTh1 sizes (their papers' exact settings are not encoded here)
     "ms-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2, n_time_features=4, scales=(1.0, 2.0, 4.0)),
     "sor-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
+    "mambats": dict(d_model=128, d_state=16, d_ff=256, n_layers=2, patch_len=16, stride=8),
     # Attention Mamba and Mamba-ProbTSF: S-Mamba's ETTh1 sizes as well
     "attention-mamba": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),
     "mamba-probtsf": dict(d_model=256, d_state=2, d_ff=256, n_layers=2),

@@ -15,6 +15,7 @@ SMALL = {
     "bi-mamba+": dict(d_model=16, d_state=4, d_ff=32, patch_len=8, stride=4, dropout=0.0),
     "ms-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1, scales=(1.0, 4.0)),
     "sor-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
+    "mambats": dict(d_model=16, d_state=4, d_ff=32, n_layers=1, patch_len=8, stride=4, anneal_steps=500),
     "attention-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "mamba-probtsf": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "dlinear": dict(),
@@ -141,7 +142,8 @@ def test_sra_decider():
 
 
 @pytest.mark.parametrize("name, lr", [("s-mamba", 3e-3), ("bi-mamba+", 3e-3), ("ms-mamba", 3e-3), ("sor-mamba", 3e-3),
-                                      ("attention-mamba", 3e-3), ("mamba-probtsf", 3e-3), ("dlinear", 1e-2),
+                                      ("mambats", 3e-3), ("attention-mamba", 3e-3), ("mamba-probtsf", 3e-3),
+                                      ("dlinear", 1e-2),
                                       ("lstm", 1e-2)])
 def test_learns_periodic_signal(periodic_csv, tmp_path, name, lr):
     r = run_forecast(ForecastConfig(data=str(periodic_csv), model=name, lookback=48, horizon=24, epochs=6,
@@ -218,3 +220,44 @@ def test_prob_mamba_distribution_and_loss():
     nll.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.mean_net.parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.log_var_net.parameters())
+
+
+def test_shortest_path_order_finds_a_hidden_zero_cost_path():
+    from mambakit.forecasting.blocks import shortest_path_order
+
+    g = torch.Generator().manual_seed(0)
+    for n in (4, 7, 9):
+        hidden = torch.randperm(n, generator=g).tolist()
+        cost = 1 + torch.rand(n, n, generator=g)
+        for a, b in zip(hidden, hidden[1:]):
+            cost[a, b] = 0.0  # the reverse direction stays expensive: the problem is asymmetric
+        assert shortest_path_order(cost, steps=3000) == hidden
+    assert shortest_path_order(torch.tensor([[0.0, 5.0], [1.0, 0.0]])) == [1, 0]
+    with pytest.raises(ValueError, match="square"):
+        shortest_path_order(torch.zeros(2, 3))
+
+
+def test_mambats_variable_order_from_training_losses():
+    torch.manual_seed(0)
+    model = build_model("mambats", 4, 24, 8, **SMALL["mambats"])
+    assert model.scan_order() == [0, 1, 2, 3]  # nothing seen yet
+    x, y = torch.randn(8, 24, 4), torch.randn(8, 8, 4)
+    model.train()
+    for _ in range(3):
+        model.training_loss(x, None, y).backward()
+    assert model.pair_count.sum() == 3 * 3  # three permutations of four variables, three pairs each
+    # Rigged costs: the path 2 -> 0 -> 3 -> 1 is cheap, every other pair expensive.
+    model.pair_count.fill_(1.0)
+    model.pair_cost_sum.fill_(5.0)
+    for a, b in ((2, 0), (0, 3), (3, 1)):
+        model.pair_cost_sum[a, b] = 1.0
+    assert model.scan_order() == [2, 0, 3, 1]
+    model.eval()
+    out = model(x)
+    # The forecast is returned in the variables' own order: permuting the input variables
+    # permutes the output the same way when the scan order is permuted alongside.
+    perm = torch.tensor([1, 3, 0, 2])
+    rank = torch.argsort(perm)
+    model.pair_cost_sum.copy_(model.pair_cost_sum[perm][:, perm].clone())
+    assert model.scan_order() == [rank[v].item() for v in [2, 0, 3, 1]]
+    assert torch.allclose(model(x[..., perm]), out[..., perm], atol=1e-5)
