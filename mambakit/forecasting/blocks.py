@@ -207,6 +207,51 @@ class PooledAttention(nn.Module):
         return self.out(weights @ v)
 
 
+class SpectralAttention(nn.Module):
+    """SpectroMamba's (BV-Mamba's) spectral attention over variable tokens: (b, n, L) series ->
+    (b, n, d_model) tokens, from two branches whose outputs are summed.
+
+    - time branch: Linear(L -> D) per variable, then single-head softmax attention across the
+      variables (residual).
+    - frequency branch: the real FFT of each series, (b, n, L // 2 + 1) complex, through a
+      complex Linear (F -> D; real and imaginary weights) to complex queries, keys and values;
+      scores softmax(Re(Q K^H) / sqrt(D)) across the variables weigh the complex values; the real
+      and imaginary parts of the result are layer-normalised separately, concatenated and
+      projected Linear(2 D -> D).
+
+    Args: lookback L; d_model D; dropout on both branches' attention weights, default 0.1.
+    """
+
+    def __init__(self, lookback: int, d_model: int, dropout: float = 0.1):
+        super().__init__()
+        positive_ints(lookback=lookback, d_model=d_model)
+        n_freq = lookback // 2 + 1
+        self.embed = nn.Linear(lookback, d_model)
+        self.time_qkv = nn.Linear(d_model, 3 * d_model)
+        self.freq_qkv_re = nn.Linear(n_freq, 3 * d_model, bias=False)
+        self.freq_qkv_im = nn.Linear(n_freq, 3 * d_model, bias=False)
+        self.norm_re, self.norm_im = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.freq_out = nn.Linear(2 * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = d_model ** -0.5
+
+    def forward(self, series: torch.Tensor) -> torch.Tensor:
+        """series (b, n, L) -> tokens (b, n, d_model)."""
+        tokens = self.embed(series)
+        q, k, v = self.time_qkv(tokens).chunk(3, dim=-1)
+        time = tokens + self.dropout(torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=-1)) @ v
+        spectrum = torch.fft.rfft(series, dim=-1)  # (b, n, F) complex
+        re, im = spectrum.real, spectrum.imag
+        # (re + i im)(W_re + i W_im) = (re W_re - im W_im) + i (re W_im + im W_re)
+        qkv_re = self.freq_qkv_re(re) - self.freq_qkv_im(im)
+        qkv_im = self.freq_qkv_im(re) + self.freq_qkv_re(im)
+        (q_re, k_re, v_re), (q_im, k_im, v_im) = qkv_re.chunk(3, dim=-1), qkv_im.chunk(3, dim=-1)
+        scores = (q_re @ k_re.transpose(1, 2) + q_im @ k_im.transpose(1, 2)) * self.scale  # Re(Q K^H)
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        freq = self.freq_out(torch.cat([self.norm_re(weights @ v_re), self.norm_im(weights @ v_im)], dim=-1))
+        return time + freq
+
+
 def temporal_mamba(d_model: int, dropout: float = 0.1, **mamba_kwargs) -> Mamba1:
     """MambaTS's temporal Mamba block: a Mamba-1 mixer without the causal convolution (``d_conv=1``,
     a per-channel scale) and with dropout on the Delta/B/C projection's output (``x_proj``

@@ -29,6 +29,7 @@ PAPER_TRAINING = {
     "ms-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "sor-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "mambats": dict(lr=1e-4, batch_size=32, epochs=10, patience=3),
+    "spectromamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "attention-mamba": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "mamba-probtsf": dict(lr=7e-5, batch_size=32, epochs=10, patience=3),
     "dlinear": dict(lr=5e-3, batch_size=32, epochs=10, patience=3),

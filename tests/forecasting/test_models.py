@@ -16,6 +16,7 @@ SMALL = {
     "ms-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1, scales=(1.0, 4.0)),
     "sor-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "mambats": dict(d_model=16, d_state=4, d_ff=32, n_layers=1, patch_len=8, stride=4, anneal_steps=500),
+    "spectromamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "attention-mamba": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "mamba-probtsf": dict(d_model=32, d_state=4, d_ff=32, n_layers=1),
     "dlinear": dict(),
@@ -142,7 +143,7 @@ def test_sra_decider():
 
 
 @pytest.mark.parametrize("name, lr", [("s-mamba", 3e-3), ("bi-mamba+", 3e-3), ("ms-mamba", 3e-3), ("sor-mamba", 3e-3),
-                                      ("mambats", 3e-3), ("attention-mamba", 3e-3), ("mamba-probtsf", 3e-3),
+                                      ("mambats", 3e-3), ("spectromamba", 3e-3), ("attention-mamba", 3e-3), ("mamba-probtsf", 3e-3),
                                       ("dlinear", 1e-2),
                                       ("lstm", 1e-2)])
 def test_learns_periodic_signal(periodic_csv, tmp_path, name, lr):
@@ -261,3 +262,22 @@ def test_mambats_variable_order_from_training_losses():
     model.pair_cost_sum.copy_(model.pair_cost_sum[perm][:, perm].clone())
     assert model.scan_order() == [rank[v].item() for v in [2, 0, 3, 1]]
     assert torch.allclose(model(x[..., perm]), out[..., perm], atol=1e-5)
+
+
+def test_spectral_attention_frequency_branch_is_complex_attention():
+    """The frequency branch against complex arithmetic written out with torch.complex tensors."""
+    from mambakit.forecasting.blocks import SpectralAttention
+
+    torch.manual_seed(0)
+    attn = SpectralAttention(12, 8, dropout=0.0).double()
+    series = torch.randn(2, 5, 12, dtype=torch.float64)
+    spectrum = torch.fft.rfft(series, dim=-1)
+    weight = torch.complex(attn.freq_qkv_re.weight, attn.freq_qkv_im.weight)  # (3 D, F)
+    q, k, v = (spectrum @ weight.t()).chunk(3, dim=-1)
+    scores = torch.softmax((q @ k.conj().transpose(1, 2)).real / 8 ** 0.5, dim=-1)
+    mixed = scores.to(v.dtype) @ v
+    freq = attn.freq_out(torch.cat([attn.norm_re(mixed.real), attn.norm_im(mixed.imag)], dim=-1))
+    tokens = attn.embed(series)
+    tq, tk, tv = attn.time_qkv(tokens).chunk(3, dim=-1)
+    time = tokens + torch.softmax(tq @ tk.transpose(1, 2) / 8 ** 0.5, dim=-1) @ tv
+    assert torch.allclose(attn(series), time + freq)
