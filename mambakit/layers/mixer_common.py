@@ -66,8 +66,3 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     ).clamp(min=dt_init_floor)
     # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt.
     return dt + torch.log(-torch.expm1(-dt))
-
-
-# ----------------------------------------------------------------------------------------------
-# The mixer
-# ----------------------------------------------------------------------------------------------
