@@ -132,7 +132,9 @@ def make_record(runs: list[dict], args, command: str, device: str) -> dict:
         lr=runs[0]["lr"], batch_size=runs[0]["batch_size"], model_options=runs[0]["model_options"],
         seconds_per_seed=round(sum(r["seconds"] for r in runs) / len(runs)),
         gpu="none (CPU)" if device == "cpu" else torch.cuda.get_device_name(),
-        command=command, date=datetime.date.today().isoformat(), torch=torch.__version__)
+        command=command, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        **({"coverage_2sigma": sum(r["coverage_2sigma"] for r in runs) / len(runs)}
+           if "coverage_2sigma" in runs[0] else {}))
 
 
 if __name__ == "__main__":
