@@ -1,4 +1,9 @@
-"""Fused rotary keys/queries for the Triton Mamba-3 path: per head, K = Rot(phi)(B + bias).
+"""Rotary phase and rotated keys/queries for the Triton Mamba-3 path, as custom ops with backward.
+
+``rotary_phase_triton``: phi_t = (phi0 + sum_{s <= t} pi tanh(angles_s) dt_s) mod 2 pi per batch
+and head, one program walking the sequence (reverse cumulative sum for the backward).
+
+``rotate_heads``: per head, K = Rot(phi)(B + bias).
 
 B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
 the rotated keys are per head (b, l, h, n). Forward: one program per block of tokens and head.
