@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.mamba1 import Mamba1
-from .blocks import (FFN, BiMambaLayer, MambaPlus, MultiScaleMamba, PooledAttention, RevIN, SpectralAttention,
+from .blocks import (BiMambaLayer, MambaPlus, MultiScaleMamba, PooledAttention, RevIN, SpectralAttention,
                      check_series, patchify, positive_ints, shortest_path_order, temporal_mamba)
 
 
@@ -187,7 +187,8 @@ class MambaTS(_Forecaster):
     RevIN; every variable's series cut into patches (``patch_len``, ``stride``), Linear(patch_len
     -> D) plus a learned position per patch; all variables' patches in ONE scan, time-major
     (patch 1 of every variable, then patch 2, ...), the variables in a chosen order within each
-    step; ``n_layers`` x [x = LN(x + TMB(x)), x = LN(x + FFN(x))] with the temporal Mamba block
+    step; ``n_layers`` x [x = LN(x + TMB(x)), x = LN(x + FFN(x))] (:class:`BiMambaLayer`, one direction)
+    with the temporal Mamba block
     (:func:`~mambakit.forecasting.blocks.temporal_mamba`: no convolution, dropout on Delta/B/C);
     per variable, its patch tokens flattened and Linear(P * D -> H).
 
@@ -213,11 +214,10 @@ class MambaTS(_Forecaster):
         self.embed = nn.Linear(patch_len, d_model)
         self.position = nn.Parameter(torch.zeros(self.n_patches, d_model))
         self.dropout = nn.Dropout(dropout)
-        self.mixers = nn.ModuleList(temporal_mamba(d_model, dropout, d_state=d_state, expand=expand)
-                                    for _ in range(n_layers))
-        self.mixer_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
-        self.ffns = nn.ModuleList(FFN(d_model, d_ff, dropout) for _ in range(n_layers))
-        self.ffn_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            BiMambaLayer(d_model, lambda: temporal_mamba(d_model, dropout, d_state=d_state, expand=expand), d_ff,
+                         dropout, bidirectional=False)
+            for _ in range(n_layers))
         self.head = nn.Linear(self.n_patches * d_model, horizon)
         self.register_buffer("pair_cost_sum", torch.zeros(n_vars, n_vars, dtype=torch.float64))
         self.register_buffer("pair_count", torch.zeros(n_vars, n_vars, dtype=torch.float64))
@@ -240,9 +240,8 @@ class MambaTS(_Forecaster):
         b, n, P = x.shape[0], self.n_vars, self.n_patches
         tokens = self.embed(patchify(x.transpose(1, 2)[:, order], self.patch_len, self.stride)) + self.position
         tokens = self.dropout(tokens).transpose(1, 2).reshape(b, P * n, -1)  # time-major: (b, P * n, D)
-        for mixer, mixer_norm, ffn, ffn_norm in zip(self.mixers, self.mixer_norms, self.ffns, self.ffn_norms):
-            tokens = mixer_norm(tokens + self.dropout(mixer(tokens)))
-            tokens = ffn_norm(tokens + ffn(tokens))
+        for layer in self.layers:
+            tokens = layer(tokens)
         per_var = tokens.reshape(b, P, n, -1).transpose(1, 2).reshape(b, n, -1)  # (b, n, P * D), scan order
         y = self.head(per_var)[:, torch.argsort(order)]  # back to the variables' own order
         return y.transpose(1, 2)
@@ -267,7 +266,31 @@ class MambaTS(_Forecaster):
         return loss
 
 
-class SpectroMamba(_Forecaster):
+class _VariateTokenForecaster(_Forecaster):
+    """Instance normalisation, a tokenizer (b, n, L) -> (b, n, D) of each variable's look-back,
+    dropout, ``layers`` (each (b, n, D) -> (b, n, D)), a final LN and Linear(D -> H)."""
+
+    def __init__(self, n_vars: int, lookback: int, horizon: int, tokenizer: nn.Module, layers, d_model: int,
+                 dropout: float):
+        super().__init__(n_vars, lookback, horizon)
+        self.norm = RevIN(n_vars, affine=False)
+        self.tokenizer = tokenizer
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, horizon)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, L, n) -> (b, H, n); x_time is ignored."""
+        self._check(x, x_time)
+        x, stats = self.norm.normalize(x)
+        tokens = self.dropout(self.tokenizer(x.transpose(1, 2)))  # (b, n, D)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return self.norm.denormalize(self.head(self.final_norm(tokens)).transpose(1, 2), stats)
+
+
+class SpectroMamba(_VariateTokenForecaster):
     """SpectroMamba / BV-Mamba: spectral attention, then a bidirectional variable Mamba.
 
     Instance normalisation; :class:`~mambakit.forecasting.blocks.SpectralAttention` turns each
@@ -279,65 +302,36 @@ class SpectroMamba(_Forecaster):
 
     def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 256, d_state: int = 2,
                  d_ff: int = 256, n_layers: int = 2, d_conv: int = 2, expand: int = 1, dropout: float = 0.1):
-        super().__init__(n_vars, lookback, horizon)
-        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
-        self.norm = RevIN(n_vars, affine=False)
-        self.spectral = SpectralAttention(lookback, d_model, dropout)
-        self.dropout = nn.Dropout(dropout)
+        positive_ints(n_vars=n_vars, lookback=lookback, horizon=horizon, d_model=d_model, d_ff=d_ff,
+                      n_layers=n_layers)
         mamba = dict(d_state=d_state, d_conv=d_conv, expand=expand)
-        self.layers = nn.ModuleList(BiMambaLayer(d_model, lambda: Mamba1(d_model, **mamba), d_ff, dropout)
-                                    for _ in range(n_layers))
-        self.final_norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, horizon)
-
-    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
-        """x (b, L, n) -> (b, H, n); x_time is ignored."""
-        self._check(x, x_time)
-        x, stats = self.norm.normalize(x)
-        tokens = self.dropout(self.spectral(x.transpose(1, 2)))  # (b, n, D)
-        for layer in self.layers:
-            tokens = layer(tokens)
-        return self.norm.denormalize(self.head(self.final_norm(tokens)).transpose(1, 2), stats)
+        layers = [BiMambaLayer(d_model, lambda: Mamba1(d_model, **mamba), d_ff, dropout) for _ in range(n_layers)]
+        super().__init__(n_vars, lookback, horizon, SpectralAttention(lookback, d_model, dropout), layers, d_model,
+                         dropout)
 
 
-class AttentionMamba(_Forecaster):
+class AttentionMamba(_VariateTokenForecaster):
     """Attention Mamba (Xiong et al., "Attention Mamba: time series modeling with adaptive pooling
     acceleration and receptive field enhancements", 2025), on variate tokens as S-Mamba.
 
     Instance normalisation, Linear(L -> D) per variable; ``n_layers`` x [x = LN(x +
-    PooledAttention(x)), x = LN(x + FFN(x))] where :class:`~mambakit.forecasting.blocks.PooledAttention`
-    pools queries and keys (adaptive average + max) and takes its values from a bidirectional
-    Mamba; a final LN and Linear(D -> H). Sizes default to S-Mamba's ETTh1 ones (the paper's exact
-    settings are not encoded): d_model 256, d_state 2, d_ff 256, 2 layers, pooled width D / 4.
+    PooledAttention(x)), x = LN(x + FFN(x))] (:class:`BiMambaLayer`, one direction) where
+    :class:`~mambakit.forecasting.blocks.PooledAttention` pools queries and keys (adaptive average
+    + max) and takes its values from a bidirectional Mamba; a final LN and Linear(D -> H). Sizes
+    default to S-Mamba's ETTh1 ones (the paper's exact settings are not encoded): d_model 256,
+    d_state 2, d_ff 256, 2 layers, pooled width D / 4.
     """
 
     def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 256, d_state: int = 2,
                  d_ff: int = 256, n_layers: int = 2, d_conv: int = 2, expand: int = 1, pooled: int | None = None,
                  dropout: float = 0.1):
-        super().__init__(n_vars, lookback, horizon)
-        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
-        self.norm = RevIN(n_vars, affine=False)
-        self.embed = nn.Linear(lookback, d_model)
-        self.dropout = nn.Dropout(dropout)
+        positive_ints(n_vars=n_vars, lookback=lookback, horizon=horizon, d_model=d_model, d_ff=d_ff,
+                      n_layers=n_layers)
         mamba = dict(d_state=d_state, d_conv=d_conv, expand=expand)
-        self.mixers = nn.ModuleList(PooledAttention(d_model, lambda: Mamba1(d_model, **mamba), pooled, dropout)
-                                    for _ in range(n_layers))
-        self.mixer_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
-        self.ffns = nn.ModuleList(FFN(d_model, d_ff, dropout) for _ in range(n_layers))
-        self.ffn_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
-        self.final_norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, horizon)
-
-    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
-        """x (b, L, n) -> (b, H, n); x_time is ignored."""
-        self._check(x, x_time)
-        x, stats = self.norm.normalize(x)
-        tokens = self.dropout(self.embed(x.transpose(1, 2)))  # (b, n, D)
-        for mixer, mixer_norm, ffn, ffn_norm in zip(self.mixers, self.mixer_norms, self.ffns, self.ffn_norms):
-            tokens = mixer_norm(tokens + self.dropout(mixer(tokens)))
-            tokens = ffn_norm(tokens + ffn(tokens))
-        y = self.head(self.final_norm(tokens)).transpose(1, 2)
-        return self.norm.denormalize(y, stats)
+        layers = [BiMambaLayer(d_model, lambda: PooledAttention(d_model, lambda: Mamba1(d_model, **mamba), pooled,
+                                                                dropout), d_ff, dropout, bidirectional=False)
+                  for _ in range(n_layers)]
+        super().__init__(n_vars, lookback, horizon, nn.Linear(lookback, d_model), layers, d_model, dropout)
 
 
 class ProbMamba(_Forecaster):
