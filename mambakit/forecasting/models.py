@@ -71,6 +71,11 @@ class SMamba(_Forecaster):
 
     def forward(self, x: torch.Tensor, x_time: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, L, n), x_time (b, L, n_time_features) when n_time_features > 0 -> (b, H, n)."""
+        y, stats = self.normalised_forecast(x, x_time)
+        return self.norm.denormalize(y, stats)
+
+    def normalised_forecast(self, x: torch.Tensor, x_time: torch.Tensor | None = None):
+        """-> (the forecast (b, H, n) in instance-normalised units, the (mean, std) of each window)."""
         self._check(x, x_time)
         x, stats = self.norm.normalize(x)
         if self.n_time_features:
@@ -78,8 +83,7 @@ class SMamba(_Forecaster):
         tokens = self.dropout(self.embed(x.transpose(1, 2)))  # (b, n + f, L) -> (b, n + f, D)
         for layer in self.layers:
             tokens = layer(tokens)
-        y = self.head(self.final_norm(tokens))[:, : self.n_vars].transpose(1, 2)  # (b, H, n)
-        return self.norm.denormalize(y, stats)
+        return self.head(self.final_norm(tokens))[:, : self.n_vars].transpose(1, 2), stats
 
 
 class BiMambaPlus(_Forecaster):
@@ -360,11 +364,10 @@ class ProbMamba(_Forecaster):
 
     def predict_distribution(self, x: torch.Tensor, x_time: torch.Tensor | None = None):
         """-> (mean, variance), each (b, H, n); variance > 0. The variance network's output is
-        taken before its instance de-normalisation (a log-variance must not get the window's mean
+        taken before instance de-normalisation (a log-variance must not get the window's mean
         added) and exponentiated, then scaled by the window's variance."""
         mean = self.mean_net(x, x_time)
-        _, (window_mean, window_std) = self.log_var_net.norm.normalize(x)
-        log_var = (self.log_var_net(x, x_time) - window_mean) / window_std  # undo the de-normalisation
+        log_var, (_, window_std) = self.log_var_net.normalised_forecast(x, x_time)
         return mean, torch.exp(log_var) * window_std.square()
 
     def training_loss(self, x: torch.Tensor, x_time: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
