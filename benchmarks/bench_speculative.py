@@ -15,7 +15,6 @@ one-token steps can round a near-tie differently). Writes OUT/speculative.{json,
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,25 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import environment, write_results  # noqa: E402
 from mambakit import load_pretrained, speculative_generate  # noqa: E402
 from mambakit.checkpoints import atomic_write as atomic_write_file  # noqa: E402
 from mambakit.training.data import load_corpus  # noqa: E402
-
-
-def _environment(device: torch.device) -> dict:
-    import datetime
-
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    if device.type == "cuda":
-        import triton
-
-        versions["triton"] = triton.__version__
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = f"CPU ({torch.get_num_threads()} threads)"
-    return {"gpu": hardware, "versions": versions, "date": datetime.date.today().isoformat(),
-            "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
 
 def _timed(fn, device: torch.device):
@@ -84,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plain.append(out)
         plain_seconds += seconds
     n_tokens = args.prompts * args.new_tokens
-    env = _environment(device)
+    env = environment(device)
     base = {**env, "target": args.target, "draft": args.draft, "target_parameters": sizes["target"],
             "draft_parameters": sizes["draft"], "prompts": args.prompts, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "plain_tokens_per_s": n_tokens / plain_seconds}

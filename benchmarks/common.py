@@ -20,14 +20,20 @@ def time_ms(fn, grad_to_none=None, warmup_ms: float = 50, rep_ms: float = 300) -
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
 
-def environment() -> dict:
-    import triton
+def environment(device: torch.device | str = "cuda") -> dict:
+    """GPU name (or the CPU and its threads), versions, date and the command line of this run."""
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.device(device).type == "cuda":
+        import triton
 
-    props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(0)
+        hardware = props.name
+        versions.update(triton=triton.__version__, cuda=torch.version.cuda)
+    else:
+        hardware = f"CPU ({torch.get_num_threads()} threads)"
     return {
-        "gpu": props.name,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
+        "gpu": hardware,
+        "versions": versions,
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
