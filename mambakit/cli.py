@@ -64,7 +64,7 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_train(commands) -> None:
-    from .training.config import LAYERS, PRESETS, TrainConfig
+    from .training.config import ARCHS, LAYERS, PRESETS, TrainConfig
 
     d = TrainConfig()
     p = commands.add_parser(
@@ -103,7 +103,7 @@ def _add_train(commands) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--binary", action="store_true",
                    help="1-bit in_proj/out_proj in every Mamba mixer (Bi-Mamba; other weights stay full precision)")
-    p.add_argument("--arch", choices=["mamba", "moe-mamba", "jamba"], default=d.arch,
+    p.add_argument("--arch", choices=list(ARCHS), default=d.arch,
                    help="mamba: the preset's stack; moe-mamba: a Switch (top-1) MoE after every Mamba block; jamba: "
                         "Mamba-1 with RMSNorm on Delta/B/C, attention at 4 of every 8 blocks, top-2 MoE every 2nd block")
     p.add_argument("--mlp-size", type=int, default=d.mlp_size,
