@@ -37,12 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.bench_ssd import report, rel_err, time_modes  # noqa: E402
+from benchmarks.bench_ssd import COLUMNS, COPY_BYTES_PER_S, report, rel_err, time_modes  # noqa: E402
 from benchmarks.common import environment, write_results  # noqa: E402
 from mambakit.ops.mamba3 import mamba3  # noqa: E402
 
-COPY_BYTES_PER_S = 3.0e12  # measured H100 copy bandwidth (ANCHORS.md)
-COLUMNS = ["op", "shape", "mode", "ours_ms", "peer", "peer_ms", "speedup", "floor_ms", "floor_fraction"]
 
 
 def inputs(b, l, h, p, n) -> dict:
