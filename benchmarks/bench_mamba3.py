@@ -42,7 +42,6 @@ from benchmarks.common import environment, write_results  # noqa: E402
 from mambakit.ops.mamba3 import mamba3  # noqa: E402
 
 
-
 def inputs(b, l, h, p, n) -> dict:
     dev, bf16 = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
