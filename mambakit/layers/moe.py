@@ -81,6 +81,9 @@ class MoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (b, l, d_model) -> (b, l, d_model); sets ``aux_loss``, ``last_load`` (E,)
         and ``last_dropped`` (fraction of assignments dropped)."""
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+            got = getattr(hidden_states, "dtype", type(hidden_states).__name__)
+            raise TypeError(f"hidden_states: expected a float tensor, got {got}")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected (b, l, {self.d_model}), got {tuple(hidden_states.shape)}")
         shape = hidden_states.shape

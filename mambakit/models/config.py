@@ -111,6 +111,8 @@ def moe_mamba_config(base: MambaConfig, num_experts: int = 8, capacity_factor: f
     """MoE-Mamba (Pioro et al. 2024): every Mamba block followed by a Switch (top-1) layer of
     ``num_experts`` experts, each the size of ``base``'s dense MLP (``base.d_intermediate`` > 0), so
     the active parameters per token equal ``base``'s."""
+    if not isinstance(base, MambaConfig):
+        raise TypeError(f"base: expected a MambaConfig, got {type(base).__name__}")
     if base.d_intermediate <= 0:
         raise ValueError("base: expected d_intermediate > 0 (the size of each expert)")
     return dataclasses.replace(
@@ -126,6 +128,8 @@ def jamba_config(base: MambaConfig, num_experts: int = 16, top_k: int = 2, attn_
     block per ``attn_period`` (at ``attn_offset`` in each), the others Mamba-1 with RMSNorm on
     Delta, B and C; the MLP of every ``moe_period``-th block (from ``moe_offset``) a top-``top_k`` MoE
     over ``num_experts`` experts, the rest dense. ``base.n_layer`` must hold one whole period."""
+    if not isinstance(base, MambaConfig):
+        raise TypeError(f"base: expected a MambaConfig, got {type(base).__name__}")
     if base.d_intermediate <= 0:
         raise ValueError("base: expected d_intermediate > 0 (the MLP and expert size)")
     if base.n_layer < attn_period or base.n_layer % attn_period:

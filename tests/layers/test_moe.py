@@ -120,3 +120,5 @@ def test_bf16_autocast_and_bad_arguments():
         MoE(16, capacity_factor=0)
     with pytest.raises(ValueError, match="hidden_states"):
         moe(torch.randn(2, 5, 8))
+    with pytest.raises(TypeError, match="hidden_states"):
+        moe(torch.zeros(2, 5, 16, dtype=torch.long))

@@ -53,6 +53,9 @@ def test_config_checks():
         MambaConfig(d_model=32, n_layer=2, vocab_size=61, moe_layer_idx=[0])
     with pytest.raises(TypeError, match="moe_cfg"):
         base(4, moe_cfg=[1])
+    for make in (moe_mamba_config, jamba_config):
+        with pytest.raises(TypeError, match="base"):
+            make({"d_model": 32})
 
 
 @pytest.mark.parametrize("make", [lambda: moe_mamba_config(base(2)), lambda: jamba_config(base(8), num_experts=4)],
