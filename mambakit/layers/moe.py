@@ -65,7 +65,8 @@ class MoE(nn.Module):
         self.capacity_factor, self.aux_loss_coef = capacity_factor, aux_loss_coef
         self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
         # Each expert initialised as an nn.Linear of its shape would be (uniform, bound 1/sqrt(fan_in)).
-        self.fc1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden, **factory).uniform_(-1, 1) / math.sqrt(d_model))
+        self.fc1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden, **factory).uniform_(-1, 1)
+                                / math.sqrt(d_model))
         self.fc2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, **factory).uniform_(-1, 1) / math.sqrt(hidden))
         self.aux_loss = None
         self.last_load = None

@@ -71,16 +71,13 @@ class MambaConfig:
         layer = self.ssm_cfg.get("layer", "Mamba1")
         if layer not in SSM_LAYERS:
             raise ValueError(f"ssm_cfg['layer']: expected one of {SSM_LAYERS}, got {layer!r}")
-        if not isinstance(self.attn_cfg, dict):
-            raise TypeError(f"attn_cfg: expected a dict, got {type(self.attn_cfg).__name__}")
-        bad = [i for i in self.attn_layer_idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
-        if bad:
-            raise ValueError(f"attn_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
-        if not isinstance(self.moe_cfg, dict):
-            raise TypeError(f"moe_cfg: expected a dict, got {type(self.moe_cfg).__name__}")
-        bad = [i for i in self.moe_layer_idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
-        if bad:
-            raise ValueError(f"moe_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
+        for kind in ("attn", "moe"):  # which blocks get attention / experts, and their arguments
+            cfg, indices = getattr(self, f"{kind}_cfg"), getattr(self, f"{kind}_layer_idx")
+            if not isinstance(cfg, dict):
+                raise TypeError(f"{kind}_cfg: expected a dict, got {type(cfg).__name__}")
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"{kind}_layer_idx: expected layer indices in [0, {self.n_layer}), got {bad}")
         if self.moe_layer_idx and not self.d_intermediate and "hidden_features" not in self.moe_cfg:
             raise ValueError("moe_layer_idx: the experts need an inner size: set d_intermediate or "
                              "moe_cfg['hidden_features']")
