@@ -67,7 +67,8 @@ class MoE(nn.Module):
         # Each expert initialised as an nn.Linear of its shape would be (uniform, bound 1/sqrt(fan_in)).
         self.fc1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden, **factory).uniform_(-1, 1)
                                 / math.sqrt(d_model))
-        self.fc2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, **factory).uniform_(-1, 1) / math.sqrt(hidden))
+        self.fc2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, **factory).uniform_(-1, 1)
+                                / math.sqrt(hidden))
         self.aux_loss = None
         self.last_load = None
         self.last_dropped = None
