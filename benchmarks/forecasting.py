@@ -1,6 +1,6 @@
 """Forecasting reproduction grid: trains each model on an ETT CSV for each seed and writes
-benchmarks/results/forecasting.{json,md,png} (records merged by model/dataset/lookback/horizon,
-so several invocations build one table).
+benchmarks/results/forecasting.{json,md,png} (one record per model/dataset/lookback/horizon,
+seeds accumulating, so several invocations build one table).
 
     python -m benchmarks.forecasting --data ../shared/data/ett/ETTh1.csv --models s-mamba --seeds 0 1 2
     python -m benchmarks.forecasting --data ../shared/data/ett/ETTh1.csv --models bi-mamba+ --epochs 2 \
@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,10 +25,12 @@ from mambakit.checkpoints import atomic_write
 from mambakit.forecasting import MODELS, PAPER_TRAINING, ForecastConfig, run_forecast
 
 RESULTS = Path(__file__).parent / "results"
-# Published ETTh1 numbers at L = 96: (horizon) -> (MSE, MAE).
-# DLinear at L = 96: the iTransformer paper's table (the DLinear paper itself used L = 336).
+# Published numbers at L = 96: (horizon) -> (MSE, MAE). S-Mamba: the full ETT table of Wang et al.
+# (arXiv 2403.11144v3). DLinear at L = 96: the iTransformer paper's table (the DLinear paper itself
+# used L = 336). Bi-Mamba+: Liang et al. (arXiv 2404.15772), ETTh1.
 PUBLISHED = {
-    ("s-mamba", "ETTh1"): {96: (0.386, 0.405)},
+    ("s-mamba", "ETTh1"): {96: (0.386, 0.405), 192: (0.443, 0.437), 336: (0.489, 0.468), 720: (0.502, 0.489)},
+    ("s-mamba", "ETTh2"): {96: (0.296, 0.348), 192: (0.376, 0.396), 336: (0.424, 0.431), 720: (0.426, 0.444)},
     ("dlinear", "ETTh1"): {96: (0.386, 0.400)},
     ("bi-mamba+", "ETTh1"): {96: (0.378, 0.395), 192: (0.427, 0.428), 336: (0.471, 0.445), 720: (0.470, 0.457)},
 }
@@ -49,37 +54,59 @@ def write_outputs(records: list[dict], directory: Path) -> None:
     text = json.dumps(records, indent=2) + "\n"
     atomic_write(directory / "forecasting.json", lambda tmp: Path(tmp).write_text(text))
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| model | dataset | L | H | seeds | MSE | MAE | published MSE | published MAE | budget | seconds/seed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | dataset | L | H | seeds | MSE | MAE | published MSE | published MAE | budget | device | "
+             "seconds/seed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         lines.append(f"| {r['model']} | {r['dataset']} | {r['lookback']} | {r['horizon']} | {len(r['seeds'])} | "
                      f"{fmt(r['mse'])} ± {r['mse_std']:.3f} | {fmt(r['mae'])} ± {r['mae_std']:.3f} | "
-                     f"{fmt(r['published_mse'])} | {fmt(r['published_mae'])} | {r['budget']} | "
+                     f"{fmt(r['published_mse'])} | {fmt(r['published_mae'])} | {r['budget']} | {r['gpu']} | "
                      f"{r['seconds_per_seed']} |")
-    lines += ["", "MSE/MAE on the standardised test split, mean ± std over seeds; run on "
-              f"{records[0]['gpu']}; commands and per-seed values in forecasting.json."]
+    lines += ["", "MSE/MAE on the standardised test split, mean ± std over seeds; commands and per-seed values "
+              "in forecasting.json."]
     md = "\n".join(lines) + "\n"
     atomic_write(directory / "forecasting.md", lambda tmp: Path(tmp).write_text(md))
 
-    # One panel per metric, stacked; the width grows with the records so the labels stay readable.
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.6 * len(records)), 8), dpi=100)
-    labels = [f"{r['model']}\n{r['dataset']} H{r['horizon']}" for r in records]
-    xs = range(len(records))
-    for ax, metric in zip(axes, ("mse", "mae")):
-        ax.bar([x - 0.2 for x in xs], [r[metric] for r in records], 0.4, label="measured (CPU)")
-        ax.bar([x + 0.2 for x in xs], [r[f"published_{metric}"] or 0 for r in records], 0.4, label="published")
-        ax.set_xticks(list(xs), labels, fontsize=8, rotation=60, ha="right")
-        ax.set_title(metric.upper())
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # One panel per dataset and horizon: test MSE per model, published MSE as a black tick.
+    datasets = sorted({r["dataset"] for r in records})
+    horizons = sorted({r["horizon"] for r in records})
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(len(datasets), len(horizons), figsize=(3.2 * len(horizons) + 1, 3.4 * len(datasets)),
+                             dpi=100, squeeze=False, sharey="row")
+    for row, dataset in enumerate(datasets):
+        for col, horizon in enumerate(horizons):
+            ax = axes[row, col]
+            by_model = {r["model"]: r for r in records if r["dataset"] == dataset and r["horizon"] == horizon}
+            xs = range(len(models))
+            ax.bar(xs, [by_model[m]["mse"] if m in by_model else 0 for m in models],
+                   yerr=[by_model[m]["mse_std"] if m in by_model else 0 for m in models], color="tab:blue")
+            published = [(x, by_model[m]["published_mse"]) for x, m in zip(xs, models)
+                         if m in by_model and by_model[m]["published_mse"] is not None]
+            if published:
+                ax.scatter(*zip(*published), marker="_", s=300, c="black", zorder=3, label="published")
+                ax.legend(fontsize=7, loc="lower right")
+            ax.set_xticks(list(xs), models, fontsize=7, rotation=70, ha="right")
+            ax.set_title(f"{dataset}, H = {horizon}", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        axes[row, 0].set_ylabel("test MSE (standardised)")
     fig.tight_layout()
     atomic_write(directory / "forecasting.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
+def _run_one(cfg: ForecastConfig) -> dict:
+    """A worker's task: one seed of one model (module level so a spawned pool can pickle it).
+    A failure comes back as {"error": traceback, ...} so the rest of the grid goes on."""
+    try:
+        return run_forecast(cfg)
+    except Exception:  # noqa: BLE001 - reported by the parent with the run's name
+        return dict(error=traceback.format_exc(), model=cfg.model, dataset=Path(cfg.data).stem,
+                    horizon=cfg.horizon, seed=cfg.seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="ETT-format CSV (e.g. ../shared/data/ett/ETTh1.csv)")
+    p.add_argument("--data", nargs="+", required=True, help="ETT-format CSVs (e.g. ../shared/data/ett/ETTh1.csv)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models to run")
     p.add_argument("--horizons", nargs="+", type=int, default=[96], help="forecast horizons H")
     p.add_argument("--lookback", type=int, default=96, help="look-back L")
@@ -87,54 +114,124 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the paper's epochs (a reduced budget)")
     p.add_argument("--max-train-batches", type=int, default=None, help="cap optimizer steps per epoch")
     p.add_argument("--results", default=str(RESULTS), help="directory of forecasting.{json,md,png}")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (small models leave a GPU mostly idle)")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip seeds already recorded on this device with the same budget (resume a grid)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected a positive int, got {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = Path(args.results)
     directory.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.forecasting " + shlex.join(sys.argv[1:] if argv is None else argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = "none (CPU)" if device == "cpu" else torch.cuda.get_device_name()
+    path = directory / "forecasting.json"
+    records = json.loads(path.read_text()) if path.exists() else []
+    budget = budget_text(args)
+
+    tasks = []
     for horizon in args.horizons:
-        for model in args.models:
-            runs = []
-            for seed in args.seeds:
-                print(f"== {model} H={horizon} seed {seed}", flush=True)
-                runs.append(run_forecast(ForecastConfig(
-                    data=args.data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs,
-                    seed=seed, out=f"runs/forecast-{model}-H{horizon}-s{seed}", device=device,
-                    max_train_batches=args.max_train_batches)))
-                last = runs[-1]
-                print(f"   test mse {last['mse']:.4f} mae {last['mae']:.4f} ({last['seconds']} s)", flush=True)
-                # written after every seed, so an interrupted grid keeps the seeds it finished
-                path = directory / "forecasting.json"
-                records = json.loads(path.read_text()) if path.exists() else []
-                write_outputs(merge(records, make_record(runs, args, command, device)), directory)
+        for data in args.data:
+            for model in args.models:
+                for seed in args.seeds:
+                    if args.skip_done and seed in done_seeds(records, model, Path(data).stem, args.lookback,
+                                                              horizon, gpu, budget(model)):
+                        continue
+                    tasks.append(ForecastConfig(
+                        data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs,
+                        seed=seed, out=f"runs/forecast-{Path(data).stem}-{model}-H{horizon}-s{seed}", device=device,
+                        max_train_batches=args.max_train_batches, progress=args.jobs == 1))
+    print(f"{len(tasks)} runs, {args.jobs} at a time", flush=True)
+
+    def finished(run: dict) -> None:
+        nonlocal records, failures
+        if "error" in run:
+            failures += 1
+            print(f"   FAILED {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}:\n{run['error']}",
+                  flush=True)
+            return
+        print(f"   {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}: test mse {run['mse']:.4f} "
+              f"mae {run['mae']:.4f} ({run['seconds']} s)", flush=True)
+        # written after every run, so an interrupted grid keeps what it finished
+        records = add_run(records, run, args, command, gpu, budget(run["model"]))
+        write_outputs(records, directory)
+
+    failures = 0
+    if args.jobs == 1:
+        for cfg in tasks:
+            print(f"== {cfg.model} {Path(cfg.data).stem} H={cfg.horizon} seed {cfg.seed}", flush=True)
+            finished(_run_one(cfg))
+    else:
+        import multiprocessing
+
+        from tqdm import tqdm
+
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        with multiprocessing.get_context("spawn").Pool(args.jobs, torch.set_num_threads, (threads,)) as pool:
+            for run in tqdm(pool.imap_unordered(_run_one, tasks), total=len(tasks), desc="forecast runs"):
+                finished(run)
+    if failures:
+        raise SystemExit(f"{failures} of {len(tasks)} runs failed (tracebacks above)")
 
 
-def make_record(runs: list[dict], args, command: str, device: str) -> dict:
-    """One results record from the per-seed results of one model and horizon."""
-    model, dataset, horizon = runs[0]["model"], runs[0]["dataset"], runs[0]["horizon"]
-    published = PUBLISHED.get((model, dataset), {}).get(horizon) if args.lookback == 96 else None
-    mse, mae = torch.tensor([r["mse"] for r in runs]), torch.tensor([r["mae"] for r in runs])
-    paper = PAPER_TRAINING[model]
+def budget_text(args) -> Callable[[str], str]:
+    """model -> the training budget of this invocation, as recorded."""
     reduced = args.epochs is not None or args.max_train_batches is not None
+
+    def budget(model: str) -> str:
+        paper = PAPER_TRAINING[model]
+        if reduced:
+            return f"reduced: {args.epochs or paper['epochs']} epochs x {args.max_train_batches or 'all'} batches"
+        return f"full: {paper['epochs']} epochs, patience {paper['patience']}"
+    return budget
+
+
+def done_seeds(records: list[dict], model: str, dataset: str, lookback: int, horizon: int, gpu: str,
+               budget: str) -> set[int]:
+    """Seeds recorded for this key on this device with this budget."""
+    for r in records:
+        if (r["model"], r["dataset"], r["lookback"], r["horizon"]) == (model, dataset, lookback, horizon) \
+                and r["gpu"] == gpu and r["budget"] == budget:
+            return set(r["seeds"])
+    return set()
+
+
+PER_SEED = ("seed", "mse", "mae", "val_mse", "best_epoch", "epochs_run", "seconds", "coverage_2sigma")
+
+
+def add_run(records: list[dict], run: dict, args, command: str, gpu: str, budget: str) -> list[dict]:
+    """records with ``run`` (one seed's results) added to its model/dataset/lookback/horizon record.
+
+    Seeds accumulate in a record measured on the same device with the same budget (a rerun seed
+    replaces its old value); a record from another device or budget is replaced."""
+    key = tuple(run[k] for k in KEY)
+    old = next((r for r in records if tuple(r[k] for k in KEY) == key), None)
+    seeds = [] if old is None or old["gpu"] != gpu or old["budget"] != budget else old["per_seed"]
+    seeds = sorted([s for s in seeds if s["seed"] != run["seed"]] + [{k: run[k] for k in PER_SEED if k in run}],
+                   key=lambda s: s["seed"])
+    return merge(records, make_record(run, seeds, args, command, gpu, budget))
+
+
+def make_record(run: dict, per_seed: list[dict], args, command: str, gpu: str, budget: str) -> dict:
+    """One results record: the settings of ``run`` and the mean/std over ``per_seed``."""
+    model, dataset, horizon = run["model"], run["dataset"], run["horizon"]
+    published = PUBLISHED.get((model, dataset), {}).get(horizon) if run["lookback"] == 96 else None
+    mse, mae = torch.tensor([s["mse"] for s in per_seed]), torch.tensor([s["mae"] for s in per_seed])
     return dict(
-        model=model, dataset=dataset, horizon=horizon, lookback=args.lookback,
+        model=model, dataset=dataset, horizon=horizon, lookback=run["lookback"],
         mse=float(mse.mean()), mae=float(mae.mean()),
         mse_std=float(mse.std(unbiased=False)), mae_std=float(mae.std(unbiased=False)),
-        seeds=[r["seed"] for r in runs],
-        per_seed=[{k: r[k] for k in ("seed", "mse", "mae", "val_mse", "best_epoch", "epochs_run", "seconds")}
-                  for r in runs],
+        seeds=[s["seed"] for s in per_seed], per_seed=per_seed,
         published_mse=published[0] if published else None, published_mae=published[1] if published else None,
-        budget=(f"reduced: {runs[0]['epochs']} epochs x {args.max_train_batches or 'all'} batches"
-                if reduced else f"full: {paper['epochs']} epochs, patience {paper['patience']}"),
-        lr=runs[0]["lr"], batch_size=runs[0]["batch_size"], model_options=runs[0]["model_options"],
-        seconds_per_seed=round(sum(r["seconds"] for r in runs) / len(runs)),
-        gpu="none (CPU)" if device == "cpu" else torch.cuda.get_device_name(),
-        command=command, date=datetime.date.today().isoformat(), torch=torch.__version__,
-        **({"coverage_2sigma": sum(r["coverage_2sigma"] for r in runs) / len(runs)}
-           if "coverage_2sigma" in runs[0] else {}))
+        budget=budget, lr=run["lr"], batch_size=run["batch_size"], model_options=run["model_options"],
+        seconds_per_seed=round(sum(s["seconds"] for s in per_seed) / len(per_seed)),
+        gpu=gpu, command=command, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        **({"coverage_2sigma": sum(s["coverage_2sigma"] for s in per_seed) / len(per_seed)}
+           if "coverage_2sigma" in run else {}))
 
 
 if __name__ == "__main__":

@@ -95,8 +95,8 @@ class BiMambaPlus(_Forecaster):
 
     Tokenisation (chosen by :func:`~mambakit.forecasting.blocks.sra_decider` on the training
     split, or given): ``channel_mixing=False`` runs each variable's patch sequence alone
-    (b * n sequences of P tokens); ``True`` concatenates the variables' patch sequences into one
-    sequence of n * P tokens, so the SSM carries information across variables.
+    (b * n sequences of P tokens); ``True`` scans across the variables instead, one sequence of
+    n variable tokens per patch position (b * P sequences), as the authors' code does.
 
     Defaults are the paper's ETTh1 settings: 1 layer, patch 4, stride 2, d_model 64, d_ff 128,
     d_state 8, dropout 0.2; d_conv 4 and expand 2 are the Mamba defaults (not given in the paper).
@@ -126,10 +126,15 @@ class BiMambaPlus(_Forecaster):
         b, n = x.shape[0], self.n_vars
         x, stats = self.revin.normalize(x)
         tokens = self.dropout(self.embed(patchify(x.transpose(1, 2), self.patch_len, self.stride)))  # (b, n, P, D)
-        tokens = tokens.reshape(b, n * self.n_patches, -1) if self.channel_mixing else tokens.flatten(0, 1)
+        if self.channel_mixing:
+            tokens = tokens.transpose(1, 2)  # (b, P, n, D): the scan runs over variables
+        tokens = tokens.flatten(0, 1)
         for layer in self.layers:
             tokens = layer(tokens)
-        y = self.head(tokens.reshape(b, n, -1)).transpose(1, 2)  # (b, n, P * D) -> (b, H, n)
+        tokens = tokens.unflatten(0, (b, -1))
+        if self.channel_mixing:
+            tokens = tokens.transpose(1, 2)
+        y = self.head(tokens.flatten(2)).transpose(1, 2)  # (b, n, P * D) -> (b, H, n)
         return self.revin.denormalize(y, stats)
 
 

@@ -58,6 +58,19 @@ def test_rejects_bad_inputs(name):
         build_model(name, 3, 24, 0)
 
 
+@pytest.mark.parametrize("channel_mixing", [False, True], ids=["independent", "mixing"])
+def test_bimamba_plus_channel_mixing_is_the_only_path_across_variables(channel_mixing):
+    # Perturbing variable 0's look-back moves variable 2's forecast only when tokens mix channels.
+    torch.manual_seed(7)
+    model = build_model("bi-mamba+", 3, 24, 8, **SMALL["bi-mamba+"], channel_mixing=channel_mixing).eval()
+    x = torch.randn(2, 24, 3)
+    bumped = x.clone()
+    bumped[:, :, 0] += torch.randn(2, 24)
+    change = (model(bumped) - model(x)).abs()
+    assert change[..., 0].max() > 1e-3
+    assert (change[..., 2].max() > 1e-4) == channel_mixing
+
+
 def test_smamba_needs_time_features_when_configured():
     model = build_model("s-mamba", 3, 24, 8, **SMALL["s-mamba"], n_time_features=4)
     with pytest.raises(ValueError, match="x_time"):
