@@ -186,7 +186,7 @@ def budget_text(args) -> Callable[[str], str]:
         paper = PAPER_TRAINING[model]
         if reduced:
             return f"reduced: {args.epochs or paper['epochs']} epochs x {args.max_train_batches or 'all'} batches"
-        return f"full: {paper['epochs']} epochs, patience {paper['patience']}"
+        return f"full: {paper['epochs']} epochs, patience {paper['patience']}, lr {paper.get('schedule', 'type1')}"
     return budget
 
 
