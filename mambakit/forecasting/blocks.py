@@ -128,10 +128,13 @@ class BiMambaLayer(nn.Module):
         d_model: token width. make_mixer: () -> module (b, t, d) -> (b, t, d), called twice.
         d_ff: FFN width. dropout: default 0.1. activation: FFN activation, default "gelu".
         branch_norm: see above, default False. bidirectional: default True.
+        mixer_dropout: dropout on the mixers' outputs before the add-norm (S-Mamba) or not
+            (Bi-Mamba+, whose dropout is in the FFN only), default True.
     """
 
     def __init__(self, d_model: int, make_mixer: Callable[[], nn.Module], d_ff: int, dropout: float = 0.1,
-                 activation: str = "gelu", branch_norm: bool = False, bidirectional: bool = True):
+                 activation: str = "gelu", branch_norm: bool = False, bidirectional: bool = True,
+                 mixer_dropout: bool = True):
         super().__init__()
         self.forward_mixer = make_mixer()
         self.backward_mixer = make_mixer() if bidirectional else None
@@ -140,7 +143,7 @@ class BiMambaLayer(nn.Module):
         self.norm_b = nn.LayerNorm(d_model) if branch_norm else None
         self.norm_ffn = nn.LayerNorm(d_model)
         self.ffn = FFN(d_model, d_ff, dropout, activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if mixer_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.dropout(self.forward_mixer(x))

@@ -91,8 +91,8 @@ class BiMambaPlus(_Forecaster):
 
     Instance normalisation; each series cut into patches (``patch_len``, ``stride``, end padded
     by ``stride``), Linear(patch_len -> D); ``n_layers`` x :class:`BiMambaLayer` with
-    :class:`MambaPlus` mixers and ``branch_norm=True``, a final LayerNorm; flatten the patch tokens
-    and Linear(P * D -> H) per variable.
+    :class:`MambaPlus` mixers, ``branch_norm=True`` and no dropout on the mixer outputs; a final
+    LayerNorm; flatten the patch tokens and Linear(P * D -> H) per variable.
 
     Tokenisation (chosen by :func:`~mambakit.forecasting.blocks.sra_decider` on the training
     split, or given): ``channel_mixing=False`` runs each variable's patch sequence alone
@@ -118,7 +118,7 @@ class BiMambaPlus(_Forecaster):
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             BiMambaLayer(d_model, lambda: MambaPlus(d_model, d_state=d_state, d_conv=d_conv, expand=expand), d_ff,
-                         dropout, branch_norm=True)
+                         dropout, branch_norm=True, mixer_dropout=False)
             for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(self.n_patches * d_model, horizon)

@@ -132,6 +132,21 @@ def test_bidirectional_layer_sees_both_directions(branch_norm):
     assert last[0, 0].abs().sum() > 0  # and the last on the first (forward branch)
 
 
+@pytest.mark.parametrize("mixer_dropout", [True, False])
+def test_bidirectional_layer_mixer_dropout(mixer_dropout):
+    # In training mode with FFN output zeroed, the layer output is an add-norm of x and the mixers'
+    # outputs: with mixer_dropout=False it is deterministic, with True two calls differ.
+    torch.manual_seed(34)
+    layer = BiMambaLayer(8, lambda: Mamba1(8, d_state=4), 16, dropout=0.5, branch_norm=True,
+                         mixer_dropout=mixer_dropout).train()
+    with torch.no_grad():
+        layer.ffn.down.weight.zero_()
+        layer.ffn.down.bias.zero_()
+    x = torch.randn(2, 6, 8)
+    same = torch.equal(layer(x), layer(x))
+    assert same != mixer_dropout
+
+
 def test_patchify_pads_and_views():
     x = torch.arange(10.0).view(1, 1, 10)
     p = patchify(x, 4, 2)
