@@ -10,7 +10,9 @@ seeds accumulating, so several invocations build one table).
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import itertools
 import json
 import os
 import shlex
@@ -34,12 +36,17 @@ PUBLISHED = {
     ("dlinear", "ETTh1"): {96: (0.386, 0.400)},
     ("bi-mamba+", "ETTh1"): {96: (0.378, 0.395), 192: (0.427, 0.428), 336: (0.471, 0.445), 720: (0.470, 0.457)},
 }
-KEY = ("model", "dataset", "lookback", "horizon")
+KEY = ("model", "variant", "dataset", "lookback", "horizon")
 
 
 def merge(records: list[dict], new: dict) -> list[dict]:
     """records with any record of new's key replaced by new."""
     return [r for r in records if tuple(r[k] for k in KEY) != tuple(new[k] for k in KEY)] + [new]
+
+
+def label(record: dict) -> str:
+    """The model's name, with the variant of its settings unless they are the paper's."""
+    return record["model"] if record["variant"] == "paper" else f"{record['model']} ({record['variant']})"
 
 
 def write_outputs(records: list[dict], directory: Path) -> None:
@@ -50,18 +57,19 @@ def write_outputs(records: list[dict], directory: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = sorted(records, key=lambda r: (r["dataset"], r["horizon"], r["model"]))
+    records = sorted(records, key=lambda r: (r["dataset"], r["horizon"], label(r)))
     text = json.dumps(records, indent=2) + "\n"
     atomic_write(directory / "forecasting.json", lambda tmp: Path(tmp).write_text(text))
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| model | dataset | L | H | seeds | MSE | MAE | published MSE | published MAE | budget | device | "
-             "seconds/seed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | dataset | L | H | seeds | MSE | MAE | published MSE | published MAE | lr, options | budget | "
+             "device | seconds/seed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append(f"| {r['model']} | {r['dataset']} | {r['lookback']} | {r['horizon']} | {len(r['seeds'])} | "
+        options = ", ".join([f"{r['lr']:g}"] + [f"{k}={v}" for k, v in r["model_options"].items()])
+        lines.append(f"| {label(r)} | {r['dataset']} | {r['lookback']} | {r['horizon']} | {len(r['seeds'])} | "
                      f"{fmt(r['mse'])} ± {r['mse_std']:.3f} | {fmt(r['mae'])} ± {r['mae_std']:.3f} | "
-                     f"{fmt(r['published_mse'])} | {fmt(r['published_mae'])} | {r['budget']} | {r['gpu']} | "
-                     f"{r['seconds_per_seed']} |")
+                     f"{fmt(r['published_mse'])} | {fmt(r['published_mae'])} | {options} | {r['budget']} | "
+                     f"{r['gpu']} | {r['seconds_per_seed']} |")
     lines += ["", "MSE/MAE on the standardised test split, mean ± std over seeds; commands and per-seed values "
               "in forecasting.json."]
     md = "\n".join(lines) + "\n"
@@ -70,13 +78,13 @@ def write_outputs(records: list[dict], directory: Path) -> None:
     # One panel per dataset and horizon: test MSE per model, published MSE as a black tick.
     datasets = sorted({r["dataset"] for r in records})
     horizons = sorted({r["horizon"] for r in records})
-    models = sorted({r["model"] for r in records})
+    models = sorted({label(r) for r in records})
     fig, axes = plt.subplots(len(datasets), len(horizons), figsize=(3.2 * len(horizons) + 1, 3.4 * len(datasets)),
                              dpi=100, squeeze=False, sharey="row")
     for row, dataset in enumerate(datasets):
         for col, horizon in enumerate(horizons):
             ax = axes[row, col]
-            by_model = {r["model"]: r for r in records if r["dataset"] == dataset and r["horizon"] == horizon}
+            by_model = {label(r): r for r in records if r["dataset"] == dataset and r["horizon"] == horizon}
             xs = range(len(models))
             ax.bar(xs, [by_model[m]["mse"] if m in by_model else 0 for m in models],
                    yerr=[by_model[m]["mse_std"] if m in by_model else 0 for m in models], color="tab:blue")
@@ -119,9 +127,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="runs trained at once, each in its own process (small models leave a GPU mostly idle)")
     p.add_argument("--skip-done", action="store_true",
                    help="skip seeds already recorded on this device with the same budget (resume a grid)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate instead of the paper's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting instead of the paper's (repeatable), e.g. --set patch_len=12")
+    p.add_argument("--variant", default="paper",
+                   help="name of these settings in the results (records of different variants are kept apart)")
+    p.add_argument("--record-best", action="store_true",
+                   help="with --search: add the selected settings' runs to forecasting.json (variant "
+                        "'val-selected' unless --variant names another)")
+    p.add_argument("--search", action="append", default=[], metavar="KEYS=VALUES",
+                   help="hyper-parameter search instead of a grid (repeatable): every combination is trained "
+                        "and ranked by validation MSE into search-*.json; 'lr' is the learning rate, tied keys "
+                        "take tied values, e.g. --search lr=4e-5,1e-4 --search patch_len/stride=4/2,12/6")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise ValueError(f"--jobs: expected a positive int, got {args.jobs}")
+    overrides = parse_settings(args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = Path(args.results)
@@ -132,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     path = directory / "forecasting.json"
     records = json.loads(path.read_text()) if path.exists() else []
     budget = budget_text(args)
+    if args.search:
+        return search(args, overrides, device, command, gpu, budget)
 
     tasks = []
     for horizon in args.horizons:
@@ -139,12 +162,13 @@ def main(argv: list[str] | None = None) -> None:
             for model in args.models:
                 for seed in args.seeds:
                     if args.skip_done and seed in done_seeds(records, model, Path(data).stem, args.lookback,
-                                                              horizon, gpu, budget(model)):
+                                                              horizon, args.variant, gpu, budget(model)):
                         continue
                     tasks.append(ForecastConfig(
                         data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs,
                         seed=seed, out=f"runs/forecast-{Path(data).stem}-{model}-H{horizon}-s{seed}", device=device,
-                        max_train_batches=args.max_train_batches, progress=args.jobs == 1))
+                        max_train_batches=args.max_train_batches, progress=args.jobs == 1, lr=args.lr,
+                        model_overrides=overrides))
     print(f"{len(tasks)} runs, {args.jobs} at a time", flush=True)
 
     def finished(run: dict) -> None:
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}: test mse {run['mse']:.4f} "
               f"mae {run['mae']:.4f} ({run['seconds']} s)", flush=True)
         # written after every run, so an interrupted grid keeps what it finished
-        records = add_run(records, run, args, command, gpu, budget(run["model"]))
+        records = add_run(records, {**run, "variant": args.variant}, args, command, gpu, budget(run["model"]))
         write_outputs(records, directory)
 
     failures = 0
@@ -178,6 +202,100 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{failures} of {len(tasks)} runs failed (tracebacks above)")
 
 
+def parse_settings(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: value}, values read as Python literals (numbers, True, tuples)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {key}: expected a Python literal, got {value!r}") from None
+    return settings
+
+
+def search_space(items: list[str]) -> list[dict]:
+    """--search arguments -> every combination, as {setting: value} dicts."""
+    axes = []
+    for item in items:
+        keys, sep, values = item.partition("=")
+        if not sep or not keys or not values:
+            raise ValueError(f"--search: expected KEYS=VALUES, got {item!r}")
+        names = keys.split("/")
+        choices = []
+        for value in values.split(","):
+            parts = value.split("/")
+            if len(parts) != len(names):
+                raise ValueError(f"--search {keys}: value {value!r} does not give one part per key")
+            choices.append({n: ast.literal_eval(v) for n, v in zip(names, parts)})
+        axes.append(choices)
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def search(args, overrides: dict, device: str, command: str, gpu: str, budget: Callable[[str], str]) -> None:
+    """Train every combination of the --search space (for each seed) on the one --data, --models
+    and --horizons entry; write search-MODEL-DATASET-HH.json ranked by mean validation MSE; with
+    --record-best, add the selected combination's runs to forecasting.json."""
+    if len(args.data) != 1 or len(args.models) != 1 or len(args.horizons) != 1:
+        raise ValueError("--search: expected exactly one --data, one --models and one --horizons value")
+    data, model, horizon = args.data[0], args.models[0], args.horizons[0]
+    combos = search_space(args.search)
+    tasks = []
+    for i, combo in enumerate(combos):
+        settings = {**overrides, **combo}
+        lr = settings.pop("lr", args.lr)
+        for seed in args.seeds:
+            tasks.append(ForecastConfig(
+                data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs, seed=seed,
+                out=f"runs/search-{Path(data).stem}-{model}-H{horizon}-c{i}-s{seed}", device=device, lr=lr,
+                max_train_batches=args.max_train_batches, progress=args.jobs == 1, model_overrides=settings))
+    print(f"{len(combos)} settings x {len(args.seeds)} seeds", flush=True)
+    runs = run_all(tasks, args)
+    for run in runs:
+        if "error" in run:
+            print(f"   FAILED {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}:\n{run['error']}",
+                  flush=True)
+    ranked, runs_of = [], {}
+    for i, combo in enumerate(combos):
+        mine = [r for r, t in zip(runs, tasks) if "error" not in r and t.out.endswith(f"-c{i}-s{r['seed']}")]
+        runs_of[repr(combo)] = mine
+        if mine:
+            ranked.append(dict(settings=combo, val_mse=sum(r["val_mse"] for r in mine) / len(mine),
+                               test_mse=sum(r["mse"] for r in mine) / len(mine),
+                               test_mae=sum(r["mae"] for r in mine) / len(mine),
+                               seeds=[r["seed"] for r in mine], epochs_run=[r["epochs_run"] for r in mine]))
+    ranked.sort(key=lambda r: r["val_mse"])
+    result = dict(model=model, dataset=Path(data).stem, horizon=horizon, lookback=args.lookback,
+                  fixed=overrides, ranked=ranked, selection="lowest mean validation MSE",
+                  command=command, gpu=gpu, date=datetime.date.today().isoformat())
+    path = Path(args.results) / f"search-{model}-{Path(data).stem}-H{horizon}.json"
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    for r in ranked:
+        print(f"val {r['val_mse']:.4f}  test {r['test_mse']:.4f}/{r['test_mae']:.4f}  {r['settings']}")
+    print(f"selected by validation: {ranked[0]['settings'] if ranked else None} ({path})")
+    if args.record_best and ranked:
+        variant = "val-selected" if args.variant == "paper" else args.variant
+        records_path = Path(args.results) / "forecasting.json"
+        records = json.loads(records_path.read_text()) if records_path.exists() else []
+        for run in runs_of[repr(ranked[0]["settings"])]:
+            records = add_run(records, {**run, "variant": variant}, args, command, gpu, budget(model))
+        write_outputs(records, Path(args.results))
+
+
+def run_all(tasks: list[ForecastConfig], args) -> list[dict]:
+    """Results of every task, in task order (failures as {"error": ...}), --jobs at a time."""
+    if args.jobs == 1:
+        return [_run_one(cfg) for cfg in tasks]
+    import multiprocessing
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    with multiprocessing.get_context("spawn").Pool(args.jobs, torch.set_num_threads, (threads,)) as pool:
+        return pool.map(_run_one, tasks, chunksize=1)
+
+
 def budget_text(args) -> Callable[[str], str]:
     """model -> the training budget of this invocation, as recorded."""
     reduced = args.epochs is not None or args.max_train_batches is not None
@@ -190,11 +308,11 @@ def budget_text(args) -> Callable[[str], str]:
     return budget
 
 
-def done_seeds(records: list[dict], model: str, dataset: str, lookback: int, horizon: int, gpu: str,
-               budget: str) -> set[int]:
+def done_seeds(records: list[dict], model: str, dataset: str, lookback: int, horizon: int, variant: str,
+               gpu: str, budget: str) -> set[int]:
     """Seeds recorded for this key on this device with this budget."""
     for r in records:
-        if (r["model"], r["dataset"], r["lookback"], r["horizon"]) == (model, dataset, lookback, horizon) \
+        if tuple(r[k] for k in KEY) == (model, variant, dataset, lookback, horizon) \
                 and r["gpu"] == gpu and r["budget"] == budget:
             return set(r["seeds"])
     return set()
@@ -222,7 +340,7 @@ def make_record(run: dict, per_seed: list[dict], args, command: str, gpu: str, b
     published = PUBLISHED.get((model, dataset), {}).get(horizon) if run["lookback"] == 96 else None
     mse, mae = torch.tensor([s["mse"] for s in per_seed]), torch.tensor([s["mae"] for s in per_seed])
     return dict(
-        model=model, dataset=dataset, horizon=horizon, lookback=run["lookback"],
+        model=model, variant=run["variant"], dataset=dataset, horizon=horizon, lookback=run["lookback"],
         mse=float(mse.mean()), mae=float(mae.mean()),
         mse_std=float(mse.std(unbiased=False)), mae_std=float(mae.std(unbiased=False)),
         seeds=[s["seed"] for s in per_seed], per_seed=per_seed,
