@@ -270,7 +270,7 @@ def search(args, overrides: dict, device: str, command: str, gpu: str, budget: C
     result = dict(model=model, dataset=Path(data).stem, horizon=horizon, lookback=args.lookback,
                   fixed=overrides, ranked=ranked, selection="lowest mean validation MSE",
                   command=command, gpu=gpu, date=datetime.date.today().isoformat())
-    path = Path(args.results) / f"search-{model}-{Path(data).stem}-H{horizon}.json"
+    path = Path(args.results) / f"search-{model.replace('+', '-plus')}-{Path(data).stem}-H{horizon}.json"
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     for r in ranked:
