@@ -92,12 +92,14 @@ def write_outputs(records: list[dict], directory: Path) -> None:
                          if m in by_model and by_model[m]["published_mse"] is not None]
             if published:
                 ax.scatter(*zip(*published), marker="_", s=300, c="black", zorder=3, label="published")
-                ax.legend(fontsize=7, loc="lower right")
             ax.set_xticks(list(xs), models, fontsize=7, rotation=70, ha="right")
             ax.set_title(f"{dataset}, H = {horizon}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
         axes[row, 0].set_ylabel("test MSE (standardised)")
-    fig.tight_layout()
+        row_mse = [r["mse"] for r in records if r["dataset"] == dataset]
+        axes[row, 0].set_ylim(0.9 * min(row_mse), 1.03 * max(row_mse))  # shared by the row: differences show
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
     atomic_write(directory / "forecasting.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
