@@ -166,8 +166,8 @@ def _add_forecast(commands) -> None:
     p.add_argument("--horizon", type=int, default=96, help="forecast horizon H")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the paper's, 10)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default: 3)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, halved every epoch "
-                   "(default: the paper's for the model)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, stepped per epoch by the model's "
+                   "schedule (default: the paper's for the model)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: 32)")
     p.add_argument("--borders", type=int, nargs=3, default=None, metavar=("B0", "B1", "B2"),
                    help="split rows (default: the ETTh* months 8640 11520 14400)")
