@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.conv1d import causal_conv1d
+from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
 from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNorm
@@ -130,23 +130,45 @@ class Mamba1(nn.Module):
         ``seqlen_offset == 0`` and from the cached ones otherwise (any number of tokens), and
         writes its final states back into the cache in place.
         """
-        b, _ = check_hidden_states(hidden_states, self.d_model)
+        b, l = check_hidden_states(hidden_states, self.d_model)
         if inference_params is None:
             return self._mix(hidden_states)
         states = cached_states(self, inference_params, b)
+        if inference_params.seqlen_offset > 0 and l == 1:  # decoding: the one-token ops
+            return self.step(hidden_states, *states)[0]
         return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0)
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode token (b, 1, d_model) from the given states, which are updated in place.
 
         Returns (out (b, 1, d_model), conv_state, ssm_state); the same computation as
-        :meth:`forward` with a cache.
+        :meth:`forward` with a cache, through ``causal_conv1d_update`` and a one-token scan (the
+        reference's recurrent form on CPU, the Triton step kernel on CUDA).
         """
         _, l = check_hidden_states(hidden_states, self.d_model)
         if l != 1:
             raise ValueError(f"hidden_states: step takes one token, shape (b, 1, d_model), got l = {l}")
-        out = self._mix(hidden_states, (conv_state, ssm_state), resume=True)
-        return out, conv_state, ssm_state
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (b, d_inner) each
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, activation=self.activation)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        y, ssm_final = selective_scan(
+            x[..., None],
+            F.linear(dt, self.dt_proj.weight)[..., None],  # (b, d_inner, 1); bias goes in the scan
+            -torch.exp(at_least_fp32(self.A_log)),
+            B[..., None],
+            C[..., None],
+            D=at_least_fp32(self.D),
+            z=z[..., None],
+            delta_bias=at_least_fp32(self.dt_proj.bias),
+            delta_softplus=True,
+            initial_state=ssm_state,
+            return_final_state=True,
+            algorithm="recurrent",
+        )
+        write_states((ssm_state,), (ssm_final,))
+        return self.out_proj(y[..., 0])[:, None], conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False):
         return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))

@@ -145,10 +145,12 @@ class Mamba2(nn.Module):
         ``seqlen_offset == 0`` and from the cached ones otherwise (any number of tokens), and
         writes its final states back into the cache in place.
         """
-        b, _ = check_hidden_states(hidden_states, self.d_model)
+        b, l = check_hidden_states(hidden_states, self.d_model)
         if inference_params is None:
             return self._mix(hidden_states, seq_idx=seq_idx)
         states = cached_states(self, inference_params, b)
+        if inference_params.seqlen_offset > 0 and l == 1 and seq_idx is None:  # decoding: the one-token ops
+            return self.step(hidden_states, *states)[0]
         return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0, seq_idx=seq_idx)
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
