@@ -41,3 +41,17 @@ def assert_compiles_like_eager(layer, x: torch.Tensor, tol: float = 1e-4) -> Non
     output and gradients."""
     compiled = torch.compile(layer, fullgraph=True)
     assert_all_close(output_and_grads(compiled, x), output_and_grads(layer, x), tol, "compiled vs eager")
+
+
+def assert_decode_matches_forward(layer, x: torch.Tensor, prefill: int, tol: float) -> None:
+    """A cached prefill of x[:, :prefill] followed by one-token forwards gives the full forward."""
+    from mambakit.cache import InferenceCache
+
+    with torch.no_grad():
+        full = layer(x)
+        cache = InferenceCache(max_batch_size=x.shape[0], max_seqlen=x.shape[1])
+        outs = [layer(x[:, :prefill], inference_params=cache)]
+        for t in range(prefill, x.shape[1]):
+            cache.seqlen_offset = t
+            outs.append(layer(x[:, t : t + 1], inference_params=cache))
+    assert_close(torch.cat(outs, dim=1), full, tol, "prefill + one-token steps")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mambakit.layers import Mamba1
-from tests.utils import assert_all_close, assert_compiles_like_eager, output_and_grads
+from tests.utils import assert_all_close, assert_compiles_like_eager, assert_decode_matches_forward, output_and_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -27,3 +27,9 @@ def test_triton_path_matches_reference_path(monkeypatch):
 
 def test_torch_compile_without_graph_breaks():
     assert_compiles_like_eager(*_layer_and_input(torch.float32))
+
+
+def test_prefill_then_one_token_steps_match_the_forward():
+    # decoding runs the conv-update and one-step scan kernels; the forward the chunked ones
+    layer, x = _layer_and_input(torch.float32)
+    assert_decode_matches_forward(layer, x[:, :40].detach(), prefill=29, tol=1e-4)
