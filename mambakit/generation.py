@@ -95,10 +95,13 @@ def sample_next_token(logits: torch.Tensor, seen: torch.Tensor | None = None, te
 def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     eos_token_id: int | None = None, seed: int | None = None,
-                    generator: torch.Generator | None = None, max_length: int | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, max_length: int | None = None,
+                    cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the (b,) next tokens of every row, one step at a time (finished rows repeat
     ``eos_token_id``). Arguments as :func:`generate`."""
     _check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    if cuda_graph not in (None, True, False):
+        raise TypeError(f"cuda_graph: expected None, True or False, got {cuda_graph!r}")
     vocab = model.config.vocab_size
     if eos_token_id is not None and not 0 <= eos_token_id < vocab:
         raise ValueError(f"eos_token_id: expected an id in [0, {vocab}), got {eos_token_id}")
@@ -113,7 +116,15 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     b = len(prompts)
-    cache: InferenceCache = model.allocate_inference_cache(b, longest + max_new_tokens)
+    from .cuda_graphs import graph_supported, graphed_decoder
+
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and graph_supported(model)
+    if cuda_graph:
+        decoder = graphed_decoder(model)  # raises for a CPU model or layers it cannot capture
+        cache: InferenceCache = decoder.cache(b)
+    else:
+        cache = model.allocate_inference_cache(b, longest + max_new_tokens)
     ragged = len(set(lengths)) > 1
     if ragged:
         logits = torch.cat([model(p[None], inference_params=cache.rows(i, i + 1), num_last_tokens=1)[:, -1]
@@ -136,7 +147,7 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         seen[torch.arange(b, device=device), tokens] = True
-        logits = model(tokens[:, None], inference_params=cache)[:, -1]
+        logits = decoder.step(tokens) if cuda_graph else model(tokens[:, None], inference_params=cache)[:, -1]
         cache.seqlen_offset += 1
         if cache.lengths is not None:
             cache.lengths = cache.lengths + 1
@@ -145,7 +156,8 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             streamer: Callable[[torch.Tensor], None] | None = None, max_length: int | None = None):
+             streamer: Callable[[torch.Tensor], None] | None = None, max_length: int | None = None,
+             cuda_graph: bool | None = None):
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -159,6 +171,9 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
         seed / generator: the random source for sampling (a seed makes runs repeatable).
         streamer: called with the (b,) new tokens after every step, as they are produced.
         max_length: refuse prompts whose length + max_new_tokens exceeds it.
+        cuda_graph: decode through CUDA graphs captured once per batch size and reused across calls
+            (:mod:`mambakit.cuda_graphs`); None (default) does so for a CUDA model whose layers can
+            be captured (Mamba-1/Mamba-2 without MoE), True requires it, False decodes eagerly.
 
     Returns:
         For a tensor input, (b, l + n) int64 with finished rows padded by ``eos_token_id``; for a
@@ -167,7 +182,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
     """
     steps = []
     for tokens in stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, min_p,
-                                  repetition_penalty, eos_token_id, seed, generator, max_length):
+                                  repetition_penalty, eos_token_id, seed, generator, max_length, cuda_graph):
         if streamer is not None:
             streamer(tokens)
         steps.append(tokens)

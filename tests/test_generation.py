@@ -130,3 +130,14 @@ def test_bad_prompts():
         model.generate([[1], []])
     with pytest.raises(TypeError, match="input_ids"):
         model.generate("hello")
+
+
+def test_cuda_graph_option_is_checked():
+    model = tiny_model("mamba1")
+    with pytest.raises(TypeError, match="cuda_graph"):
+        model.generate([[1, 2]], max_new_tokens=2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.generate([[1, 2]], max_new_tokens=2, cuda_graph=True)
+    # the default on CPU decodes eagerly
+    assert model.generate([[1, 2]], max_new_tokens=3, temperature=0) == \
+        model.generate([[1, 2]], max_new_tokens=3, temperature=0, cuda_graph=False)

@@ -1,0 +1,52 @@
+"""CUDA-graph decoding: which models it takes (CPU), and that it gives eager decoding's tokens,
+captures once per batch size, and follows weight changes (GPU)."""
+
+import pytest
+import torch
+
+from mambakit.cuda_graphs import GraphedDecoder, graph_supported, graphed_decoder
+from mambakit.models.lm import MambaLM
+from tests.fixtures import tiny_config, tiny_model
+
+
+
+@pytest.mark.parametrize("kind, hybrid, supported", [
+    ("mamba1", False, True), ("mamba2", False, True), ("mamba2", True, False), ("mamba3", False, False)])
+def test_graph_supported(kind, hybrid, supported):
+    assert graph_supported(tiny_model(kind, hybrid)) is supported
+
+
+def test_moe_is_not_capturable_and_cpu_models_are_refused():
+    moe = MambaLM(tiny_config("mamba1", moe_layer_idx=[1], d_intermediate=16, moe_cfg=dict(num_experts=2, top_k=1)))
+    assert not graph_supported(moe)
+    with pytest.raises(ValueError, match="Mamba-1/Mamba-2"):
+        GraphedDecoder(moe)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedDecoder(tiny_model("mamba2"))
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("prompts", [[[5, 17, 3, 44, 9]], [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [40]]],
+                         ids=["one", "ragged-three"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_decoding_gives_the_eager_tokens(kind, prompts):
+    model = tiny_model(kind, dtype=torch.float32).cuda()
+    eager = model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=False)
+    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=True) == eager
+    decoder = graphed_decoder(model)
+    graph = decoder.captured[len(prompts)].graph
+    assert model.generate(prompts, max_new_tokens=20, temperature=0) == eager  # the default on CUDA, reused
+    assert graphed_decoder(model) is decoder and decoder.captured[len(prompts)].graph is graph
+
+    with torch.no_grad():  # in place: the captured graph reads the new values
+        for p in model.parameters():
+            p.mul_(1.1)
+    eager = model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=False)
+    assert model.generate(prompts, max_new_tokens=20, temperature=0) == eager
+    assert graphed_decoder(model) is decoder
+
+    model.to(torch.float64)  # new storage: recaptured
+    eager = model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=False)
+    assert model.generate(prompts, max_new_tokens=20, temperature=0) == eager
+    assert graphed_decoder(model) is not decoder
