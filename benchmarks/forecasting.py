@@ -5,6 +5,12 @@ seeds accumulating, so several invocations build one table).
     python -m benchmarks.forecasting --data ../shared/data/ett/ETTh1.csv --models s-mamba --seeds 0 1 2
     python -m benchmarks.forecasting --data ../shared/data/ett/ETTh1.csv --models bi-mamba+ --epochs 2 \
         --max-train-batches 100      # a reduced budget, recorded in the record's "budget"
+    # the reproduction grid on one GPU, 16 runs at a time, resumable:
+    python -m benchmarks.forecasting --data ETTh1.csv ETTh2.csv --horizons 96 192 336 720 \
+        --seeds 0 1 2 --jobs 16 --skip-done
+    # settings chosen by validation MSE; the chosen runs go in as variant "val-selected":
+    python -m benchmarks.forecasting --data ETTh1.csv --models bi-mamba+ --horizons 720 --seeds 0 1 2 \
+        --search patch_len/stride=4/2,12/6,24/12 --search lr=4e-5,1e-4 --record-best --jobs 16
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -104,14 +110,39 @@ def write_outputs(records: list[dict], directory: Path) -> None:
     plt.close(fig)
 
 
-def _run_one(cfg: ForecastConfig) -> dict:
-    """A worker's task: one seed of one model (module level so a spawned pool can pickle it).
-    A failure comes back as {"error": traceback, ...} so the rest of the grid goes on."""
+def _run_one(task: tuple[int, ForecastConfig]) -> tuple[int, dict]:
+    """A worker's task (index, config) -> (index, results) for one seed of one model (module level
+    so a spawned pool can pickle it). A failure comes back as {"error": traceback, ...} so the
+    rest of the grid goes on."""
+    index, cfg = task
     try:
-        return run_forecast(cfg)
+        return index, run_forecast(cfg)
     except Exception:  # noqa: BLE001 - reported by the parent with the run's name
-        return dict(error=traceback.format_exc(), model=cfg.model, dataset=Path(cfg.data).stem,
-                    horizon=cfg.horizon, seed=cfg.seed)
+        return index, dict(error=traceback.format_exc(), model=cfg.model, dataset=Path(cfg.data).stem,
+                           horizon=cfg.horizon, seed=cfg.seed)
+
+
+def run_each(tasks: list[ForecastConfig], jobs: int, threads: int | None) -> Iterator[tuple[int, dict]]:
+    """(task index, results) for every task as it finishes, ``jobs`` at a time in spawned worker
+    processes (each with ``threads`` torch threads, default the cores shared out)."""
+    if jobs == 1:
+        yield from map(_run_one, enumerate(tasks))
+        return
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with multiprocessing.get_context("spawn").Pool(jobs, torch.set_num_threads, (threads,)) as pool:
+        yield from tqdm(pool.imap_unordered(_run_one, enumerate(tasks)), total=len(tasks), desc="forecast runs")
+
+
+def report_failure(run: dict) -> bool:
+    """Print a failed run's traceback; whether it failed."""
+    if "error" in run:
+        print(f"   FAILED {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}:\n{run['error']}",
+              flush=True)
+    return "error" in run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,33 +204,16 @@ def main(argv: list[str] | None = None) -> None:
                         model_overrides=overrides))
     print(f"{len(tasks)} runs, {args.jobs} at a time", flush=True)
 
-    def finished(run: dict) -> None:
-        nonlocal records, failures
-        if "error" in run:
+    failures = 0
+    for _, run in run_each(tasks, args.jobs, args.threads):
+        if report_failure(run):
             failures += 1
-            print(f"   FAILED {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}:\n{run['error']}",
-                  flush=True)
-            return
+            continue
         print(f"   {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}: test mse {run['mse']:.4f} "
               f"mae {run['mae']:.4f} ({run['seconds']} s)", flush=True)
         # written after every run, so an interrupted grid keeps what it finished
-        records = add_run(records, {**run, "variant": args.variant}, args, command, gpu, budget(run["model"]))
+        records = add_run(records, {**run, "variant": args.variant}, command, gpu, budget(run["model"]))
         write_outputs(records, directory)
-
-    failures = 0
-    if args.jobs == 1:
-        for cfg in tasks:
-            print(f"== {cfg.model} {Path(cfg.data).stem} H={cfg.horizon} seed {cfg.seed}", flush=True)
-            finished(_run_one(cfg))
-    else:
-        import multiprocessing
-
-        from tqdm import tqdm
-
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        with multiprocessing.get_context("spawn").Pool(args.jobs, torch.set_num_threads, (threads,)) as pool:
-            for run in tqdm(pool.imap_unordered(_run_one, tasks), total=len(tasks), desc="forecast runs"):
-                finished(run)
     if failures:
         raise SystemExit(f"{failures} of {len(tasks)} runs failed (tracebacks above)")
 
@@ -244,31 +258,33 @@ def search(args, overrides: dict, device: str, command: str, gpu: str, budget: C
         raise ValueError("--search: expected exactly one --data, one --models and one --horizons value")
     data, model, horizon = args.data[0], args.models[0], args.horizons[0]
     combos = search_space(args.search)
-    tasks = []
+    tasks, combo_of = [], []
     for i, combo in enumerate(combos):
         settings = {**overrides, **combo}
         lr = settings.pop("lr", args.lr)
         for seed in args.seeds:
+            combo_of.append(i)
             tasks.append(ForecastConfig(
                 data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs, seed=seed,
                 out=f"runs/search-{Path(data).stem}-{model}-H{horizon}-c{i}-s{seed}", device=device, lr=lr,
                 max_train_batches=args.max_train_batches, progress=args.jobs == 1, model_overrides=settings))
     print(f"{len(combos)} settings x {len(args.seeds)} seeds", flush=True)
-    runs = run_all(tasks, args)
-    for run in runs:
-        if "error" in run:
-            print(f"   FAILED {run['model']} {run['dataset']} H={run['horizon']} seed {run['seed']}:\n{run['error']}",
-                  flush=True)
-    ranked, runs_of = [], {}
-    for i, combo in enumerate(combos):
-        mine = [r for r, t in zip(runs, tasks) if "error" not in r and t.out.endswith(f"-c{i}-s{r['seed']}")]
-        runs_of[repr(combo)] = mine
+    runs_of: list[list[dict]] = [[] for _ in combos]
+    for index, run in run_each(tasks, args.jobs, args.threads):
+        if not report_failure(run):
+            runs_of[combo_of[index]].append(run)
+    ranked = []
+    for combo, mine in zip(combos, runs_of):
         if mine:
             ranked.append(dict(settings=combo, val_mse=sum(r["val_mse"] for r in mine) / len(mine),
                                test_mse=sum(r["mse"] for r in mine) / len(mine),
                                test_mae=sum(r["mae"] for r in mine) / len(mine),
-                               seeds=[r["seed"] for r in mine], epochs_run=[r["epochs_run"] for r in mine]))
+                               seeds=[r["seed"] for r in mine], epochs_run=[r["epochs_run"] for r in mine],
+                               runs=mine))
     ranked.sort(key=lambda r: r["val_mse"])
+    best_runs = ranked[0].pop("runs") if ranked else []
+    for r in ranked[1:]:
+        del r["runs"]
     result = dict(model=model, dataset=Path(data).stem, horizon=horizon, lookback=args.lookback,
                   fixed=overrides, ranked=ranked, selection="lowest mean validation MSE",
                   command=command, gpu=gpu, date=datetime.date.today().isoformat())
@@ -282,20 +298,9 @@ def search(args, overrides: dict, device: str, command: str, gpu: str, budget: C
         variant = "val-selected" if args.variant == "paper" else args.variant
         records_path = Path(args.results) / "forecasting.json"
         records = json.loads(records_path.read_text()) if records_path.exists() else []
-        for run in runs_of[repr(ranked[0]["settings"])]:
-            records = add_run(records, {**run, "variant": variant}, args, command, gpu, budget(model))
+        for run in best_runs:
+            records = add_run(records, {**run, "variant": variant}, command, gpu, budget(model))
         write_outputs(records, Path(args.results))
-
-
-def run_all(tasks: list[ForecastConfig], args) -> list[dict]:
-    """Results of every task, in task order (failures as {"error": ...}), --jobs at a time."""
-    if args.jobs == 1:
-        return [_run_one(cfg) for cfg in tasks]
-    import multiprocessing
-
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    with multiprocessing.get_context("spawn").Pool(args.jobs, torch.set_num_threads, (threads,)) as pool:
-        return pool.map(_run_one, tasks, chunksize=1)
 
 
 def budget_text(args) -> Callable[[str], str]:
@@ -323,7 +328,7 @@ def done_seeds(records: list[dict], model: str, dataset: str, lookback: int, hor
 PER_SEED = ("seed", "mse", "mae", "val_mse", "best_epoch", "epochs_run", "seconds", "coverage_2sigma")
 
 
-def add_run(records: list[dict], run: dict, args, command: str, gpu: str, budget: str) -> list[dict]:
+def add_run(records: list[dict], run: dict, command: str, gpu: str, budget: str) -> list[dict]:
     """records with ``run`` (one seed's results) added to its model/dataset/lookback/horizon record.
 
     Seeds accumulate in a record measured on the same device with the same budget (a rerun seed
@@ -333,10 +338,10 @@ def add_run(records: list[dict], run: dict, args, command: str, gpu: str, budget
     seeds = [] if old is None or old["gpu"] != gpu or old["budget"] != budget else old["per_seed"]
     seeds = sorted([s for s in seeds if s["seed"] != run["seed"]] + [{k: run[k] for k in PER_SEED if k in run}],
                    key=lambda s: s["seed"])
-    return merge(records, make_record(run, seeds, args, command, gpu, budget))
+    return merge(records, make_record(run, seeds, command, gpu, budget))
 
 
-def make_record(run: dict, per_seed: list[dict], args, command: str, gpu: str, budget: str) -> dict:
+def make_record(run: dict, per_seed: list[dict], command: str, gpu: str, budget: str) -> dict:
     """One results record: the settings of ``run`` and the mean/std over ``per_seed``."""
     model, dataset, horizon = run["model"], run["dataset"], run["horizon"]
     published = PUBLISHED.get((model, dataset), {}).get(horizon) if run["lookback"] == 96 else None
