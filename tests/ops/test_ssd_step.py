@@ -276,17 +276,22 @@ def make_mixer(kwargs, dtype, d_model=D_MODEL):
 
 
 def forward_then_steps(layer, u, prefill, step_backend=None, monkeypatch=None):
-    """Outputs and states after each token: forward with a cache (the definition) and step()."""
-    cache = InferenceCache(max_batch_size=u.shape[0], max_seqlen=u.shape[1])
+    """Outputs and states after each token from step(), and their definition: the output of the
+    full parallel forward at that position and the final states of a cached prefill (the chunked
+    path) of every token up to it."""
     with torch.no_grad():
-        layer(u[:, :prefill], inference_params=cache)
-        states = tuple(t.clone() for t in cache.states[0])
-        expected, got = [], []
+        full = layer(u)
+        expected = []
         for t in range(prefill, u.shape[1]):
-            cache.seqlen_offset = t
-            expected.append((layer(u[:, t : t + 1], inference_params=cache), *(s.clone() for s in cache.states[0])))
+            cache = InferenceCache(max_batch_size=u.shape[0], max_seqlen=u.shape[1])
+            layer(u[:, : t + 1], inference_params=cache)
+            expected.append((full[:, t : t + 1], *cache.states[0]))
+        cache = InferenceCache(max_batch_size=u.shape[0], max_seqlen=u.shape[1])
+        layer(u[:, :prefill], inference_params=cache)
+        states = cache.states[0]
         if step_backend is not None:
             monkeypatch.setenv("MAMBAKIT_BACKEND", step_backend)
+        got = []
         for t in range(prefill, u.shape[1]):
             out, conv_state, ssm_state = layer.step(u[:, t : t + 1], *states)
             assert conv_state is states[0] and ssm_state is states[1]
