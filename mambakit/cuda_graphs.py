@@ -5,8 +5,8 @@ A decode step of a 130M-class model launches a few hundred small kernels; replay
 graph removes the per-kernel launch cost that bounds eager decoding at batch 1. The graph reads
 and writes fixed buffers: the token input, the logits output and the cache states (every layer
 updates its states in place, so their storage never changes). Layers whose decode step depends on
-Python-side values (attention's key/value position, MoE's routing counts, Mamba-3's decode path)
-are not capturable yet; :func:`graph_supported` says whether a model is.
+Python-side values (attention's key/value position, MoE's routing counts) are not captured, nor
+is Mamba-3 yet; :func:`graph_supported` says whether a model is.
 """
 
 from __future__ import annotations
