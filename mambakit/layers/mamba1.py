@@ -208,6 +208,10 @@ class Mamba1(nn.Module):
             delta_softplus=True,
             initial_state=ssm_state if resume else None,
             return_final_state=keep,
+            # The reference (CPU) path only; the kernels ignore it. Without autograd the token loop
+            # was 1.3-2.6x faster than the chunked scan at 130M-class sizes on 2 cores; with a
+            # backward to follow, the chunked scan is (2.6x at l = 1024).
+            algorithm="chunked" if torch.is_grad_enabled() else "recurrent",
         )
         y, ssm_final = scan if keep else (scan, None)
         if keep:
