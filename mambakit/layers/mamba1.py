@@ -130,12 +130,10 @@ class Mamba1(nn.Module):
         ``seqlen_offset == 0`` and from the cached ones otherwise (any number of tokens), and
         writes its final states back into the cache in place.
         """
-        b, l = check_hidden_states(hidden_states, self.d_model)
+        b, _ = check_hidden_states(hidden_states, self.d_model)
         if inference_params is None:
             return self._mix(hidden_states)
         states = cached_states(self, inference_params, b)
-        if inference_params.seqlen_offset > 0 and l == 1:  # decoding: the one-token ops
-            return self.step(hidden_states, *states)[0]
         return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0)
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
@@ -148,27 +146,8 @@ class Mamba1(nn.Module):
         _, l = check_hidden_states(hidden_states, self.d_model)
         if l != 1:
             raise ValueError(f"hidden_states: step takes one token, shape (b, 1, d_model), got l = {l}")
-        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (b, d_inner) each
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, activation=self.activation)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.inner_norms:
-            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        y, ssm_final = selective_scan(
-            x[..., None],
-            F.linear(dt, self.dt_proj.weight)[..., None],  # (b, d_inner, 1); bias goes in the scan
-            -torch.exp(at_least_fp32(self.A_log)),
-            B[..., None],
-            C[..., None],
-            D=at_least_fp32(self.D),
-            z=z[..., None],
-            delta_bias=at_least_fp32(self.dt_proj.bias),
-            delta_softplus=True,
-            initial_state=ssm_state,
-            return_final_state=True,
-            algorithm="recurrent",
-        )
-        write_states((ssm_state,), (ssm_final,))
-        return self.out_proj(y[..., 0])[:, None], conv_state, ssm_state
+        out = self._mix(hidden_states, (conv_state, ssm_state), resume=True)
+        return out, conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False):
         return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
@@ -180,15 +159,20 @@ class Mamba1(nn.Module):
         x, z = xz.chunk(2, dim=1)
         conv_state, ssm_state = states if states is not None else (None, None)
         keep = states is not None
-        conv = causal_conv1d(
-            x,
-            self.conv1d.weight[:, 0],
-            self.conv1d.bias,
-            activation=self.activation,
-            initial_state=conv_state if resume else None,
-            return_final_state=keep,
-        )
-        x, conv_final = conv if keep else (conv, None)
+        if resume and x.shape[2] == 1:  # decoding: the one-token conv updates conv_state in place
+            x = causal_conv1d_update(x[..., 0], conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                     activation=self.activation)[..., None]
+            conv_final = conv_state
+        else:
+            conv = causal_conv1d(
+                x,
+                self.conv1d.weight[:, 0],
+                self.conv1d.bias,
+                activation=self.activation,
+                initial_state=conv_state if resume else None,
+                return_final_state=keep,
+            )
+            x, conv_final = conv if keep else (conv, None)
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
