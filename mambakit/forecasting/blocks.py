@@ -305,6 +305,15 @@ def shortest_path_order(cost: torch.Tensor, steps: int = 5000, seed: int = 0, st
     return best
 
 
+def patch_count(lookback: int, patch_len: int, stride: int) -> int:
+    """How many patches :func:`patchify` cuts from a look-back of ``lookback`` steps; checks that
+    patch_len and stride are positive ints and the patch fits the look-back."""
+    positive_ints(patch_len=patch_len, stride=stride)
+    if patch_len > lookback:
+        raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
+    return (lookback - patch_len) // stride + 2
+
+
 def patchify(x: torch.Tensor, patch_len: int, stride: int) -> torch.Tensor:
     """Patches of each series, PatchTST-style (the end padded by repeating the last value
     ``stride`` times): x (b, n, L) -> (b, n, (L - patch_len) // stride + 2, patch_len), a view of

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..layers.mamba1 import Mamba1
 from .blocks import (BiMambaLayer, MambaPlus, MultiScaleMamba, PooledAttention, RevIN, SpectralAttention,
-                     check_series, patchify, positive_ints, shortest_path_order, temporal_mamba)
+                     check_series, patch_count, patchify, positive_ints, shortest_path_order, temporal_mamba)
 
 
 class _Forecaster(nn.Module):
@@ -108,11 +108,9 @@ class BiMambaPlus(_Forecaster):
                  d_ff: int = 128, n_layers: int = 1, patch_len: int = 4, stride: int = 2, d_conv: int = 2,
                  expand: int = 1, dropout: float = 0.2, channel_mixing: bool = False):
         super().__init__(n_vars, lookback, horizon)
-        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers, patch_len=patch_len, stride=stride)
-        if patch_len > lookback:
-            raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
+        self.n_patches = patch_count(lookback, patch_len, stride)
         self.patch_len, self.stride, self.channel_mixing = patch_len, stride, bool(channel_mixing)
-        self.n_patches = (lookback - patch_len) // stride + 2
         self.revin = RevIN(n_vars, affine=False)
         self.embed = nn.Linear(patch_len, d_model)
         self.dropout = nn.Dropout(dropout)
@@ -217,11 +215,9 @@ class MambaTS(_Forecaster):
                  d_ff: int = 256, n_layers: int = 2, patch_len: int = 16, stride: int = 8, expand: int = 2,
                  dropout: float = 0.1, anneal_steps: int = 2000):
         super().__init__(n_vars, lookback, horizon)
-        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers, patch_len=patch_len, stride=stride)
-        if patch_len > lookback:
-            raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
+        positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
+        self.n_patches = patch_count(lookback, patch_len, stride)
         self.patch_len, self.stride, self.anneal_steps = patch_len, stride, anneal_steps
-        self.n_patches = (lookback - patch_len) // stride + 2
         self.revin = RevIN(n_vars, affine=True)
         self.embed = nn.Linear(patch_len, d_model)
         self.position = nn.Parameter(torch.zeros(self.n_patches, d_model))
