@@ -9,7 +9,6 @@ from mambakit.models.lm import MambaLM
 from tests.fixtures import tiny_config, tiny_model
 
 
-
 @pytest.mark.parametrize("kind, hybrid, supported", [
     ("mamba1", False, True), ("mamba2", False, True), ("mamba2", True, False), ("mamba3", False, False)])
 def test_graph_supported(kind, hybrid, supported):
