@@ -66,21 +66,19 @@ def parallelize(model: nn.Module, env: Env, mode: str) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for data parallelism; returns the module to call.
 
     ``"fsdp"``: FSDP2 shards each block, then the root (embedding, final norm and tied head
-    together), with bf16 compute and fp32 gradient reduction on CUDA. ``"ddp"``: replicas.
-    A single process gets ``model`` back unchanged.
+    together). Parameters are gathered and gradients reduced in fp32 and the bf16 compute comes
+    from the trainer's autocast, exactly as in one process, so the losses do not depend on the
+    number of processes. ``"ddp"``: replicas. A single process gets ``model`` back unchanged.
     """
     if not env.distributed:
         return model
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    kwargs = {}
-    if env.device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.backbone.layers:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block)
+    fully_shard(model)
     return model
 
 
