@@ -66,7 +66,7 @@ def parallelize(model: nn.Module, env: Env, mode: str) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for data parallelism; returns the module to call.
 
     ``"fsdp"``: FSDP2 shards each block, then the root (embedding, final norm and tied head
-    together). Parameters are gathered and gradients reduced in fp32 and the bf16 compute comes
+    together), each block prefetching its neighbour's parameters. Parameters are gathered and gradients reduced in fp32 and the bf16 compute comes
     from the trainer's autocast, exactly as in one process, so the losses do not depend on the
     number of processes. ``"ddp"``: replicas. A single process gets ``model`` back unchanged.
     """
@@ -76,9 +76,14 @@ def parallelize(model: nn.Module, env: Env, mode: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.backbone.layers:
+    blocks = list(model.backbone.layers)
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
+    # Gather the next block's parameters while this one computes, in both directions.
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([block])
     return model
 
 
