@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.mamba3 import mamba3
+from ..ops.mamba3 import mamba3, mamba3_step
 from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
 
@@ -173,6 +173,8 @@ class Mamba3(nn.Module):
 
         keep = states is not None
         gate_in_op = not self.is_outproj_norm
+        if keep and resume and l == 1:
+            return self._decode_token(x, dt, A, B, C, trap, angles, z, states, gate_in_op)
 
         def run(mimo_o):
             return mamba3(
@@ -200,10 +202,7 @@ class Mamba3(nn.Module):
                 res = run(unit)
                 y_k, final = res if keep else (res, None)
                 ranks.append(y_k)
-            y_r = torch.stack(ranks, dim=2).reshape(b, l, r, self.d_inner)  # (b, l, r, h p)
-            z_r = (at_least_fp32(z)[:, :, None] * self.mimo_z.transpose(0, 1)).reshape(b, l, r, self.d_inner)
-            y_r = self.norm(at_least_fp32(y_r), z_r).reshape(b, l, r, h, p)
-            y = torch.einsum("blrhp,hrp->blhp", y_r, self.mimo_o.to(y_r.dtype)).reshape(b, l, self.d_inner)
+            y = self._norm_and_mix_ranks(torch.stack(ranks, dim=2), z)
         else:
             res = run(self.mimo_o if self.is_mimo else None)
             y, final = res if keep else (res, None)
@@ -212,6 +211,35 @@ class Mamba3(nn.Module):
                 y = self.norm(y, z.reshape(b, l, self.d_inner))
         if keep:
             write_states(states, final)
+        return y.to(x.dtype)
+
+    def _norm_and_mix_ranks(self, y_ranks, z):
+        """Output norm of each rank, gated by z * mimo_z, then mixed by mimo_o: the ranks' outputs
+        (b, l, r, h, p) and z (b, l, h, p) -> (b, l, d_inner)."""
+        b, l, r = y_ranks.shape[:3]
+        y_r = y_ranks.reshape(b, l, r, self.d_inner)
+        z_r = (at_least_fp32(z)[:, :, None] * self.mimo_z.transpose(0, 1)).reshape(b, l, r, self.d_inner)
+        y_r = self.norm(at_least_fp32(y_r), z_r).reshape(b, l, r, self.nheads, self.headdim)
+        return torch.einsum("blrhp,hrp->blhp", y_r, self.mimo_o.to(y_r.dtype)).reshape(b, l, self.d_inner)
+
+    def _decode_token(self, x, dt, A, B, C, trap, angles, z, states, gate_in_op):
+        """One cached token through :func:`~mambakit.ops.mamba3.mamba3_step` (the Triton kernel on
+        CUDA), which updates ``states`` in place; inputs as :meth:`mix_projected` split them, with
+        l = 1. Returns (b, 1, d_inner) in x's dtype."""
+        b = x.shape[0]
+        mimo = self.is_mimo
+        y = mamba3_step(
+            x[:, 0], dt[:, 0], A[:, 0], B[:, 0], C[:, 0], trap[:, 0], angles[:, 0], tuple(states),
+            D=self.D, z=z[:, 0] if gate_in_op else None, B_bias=self.B_bias, C_bias=self.C_bias,
+            mimo_x=self.mimo_x if mimo else None, mimo_z=self.mimo_z if mimo and gate_in_op else None,
+            mimo_o=self.mimo_o if mimo and gate_in_op else None, rope_layout=self.rope_layout,
+        )
+        if mimo and not gate_in_op:  # y: the ranks unmixed, (b, h, r, p)
+            y = self._norm_and_mix_ranks(y.transpose(1, 2)[:, None], z)
+        else:
+            y = y.reshape(b, 1, self.d_inner)
+            if not gate_in_op:
+                y = self.norm(y, z.reshape(b, 1, self.d_inner))
         return y.to(x.dtype)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
