@@ -5,8 +5,8 @@ A decode step of a 130M-class model launches a few hundred small kernels; replay
 graph removes the per-kernel launch cost that bounds eager decoding at batch 1. The graph reads
 and writes fixed buffers: the token input, the logits output and the cache states (every layer
 updates its states in place, so their storage never changes). Layers whose decode step depends on
-Python-side values (attention's key/value position, MoE's routing counts) are not captured, nor
-is Mamba-3 yet; :func:`graph_supported` says whether a model is.
+Python-side values (attention's key/value position, MoE's routing counts) are not captured;
+:func:`graph_supported` says whether a model is.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import torch
 from .cache import InferenceCache
 from .layers.mamba1 import Mamba1
 from .layers.mamba2 import Mamba2
+from .layers.mamba3 import Mamba3
 
-GRAPH_MIXERS = (Mamba1, Mamba2)
+GRAPH_MIXERS = (Mamba1, Mamba2, Mamba3)
 
 
 def graph_supported(model) -> bool:
     """Whether every layer of ``model`` (a MambaLM) can run its decode step inside a CUDA graph:
-    Mamba-1 or Mamba-2 mixers and plain (non-MoE) MLPs."""
+    Mamba-1, Mamba-2 or Mamba-3 mixers and plain (non-MoE) MLPs."""
     from .layers.moe import MoE
 
     layers = getattr(getattr(model, "backbone", None), "layers", None)
@@ -65,7 +66,7 @@ class GraphedDecoder:
 
     def __init__(self, model):
         if not graph_supported(model):
-            raise ValueError("model: CUDA-graph decoding takes models of Mamba-1/Mamba-2 layers without MoE")
+            raise ValueError("model: CUDA-graph decoding takes models of Mamba-1/2/3 layers without attention or MoE")
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"model: CUDA-graph decoding needs a model on a CUDA device, got {device}")

@@ -173,7 +173,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
         max_length: refuse prompts whose length + max_new_tokens exceeds it.
         cuda_graph: decode through CUDA graphs captured once per batch size and reused across calls
             (:mod:`mambakit.cuda_graphs`); None (default) does so for a CUDA model whose layers can
-            be captured (Mamba-1/Mamba-2 without MoE), True requires it, False decodes eagerly.
+            be captured (Mamba-1/2/3 layers, no attention or MoE), True requires it, False decodes eagerly.
 
     Returns:
         For a tensor input, (b, l + n) int64 with finished rows padded by ``eos_token_id``; for a

@@ -10,7 +10,8 @@ from tests.fixtures import tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("kind, hybrid, supported", [
-    ("mamba1", False, True), ("mamba2", False, True), ("mamba2", True, False), ("mamba3", False, False)])
+    ("mamba1", False, True), ("mamba2", False, True), ("mamba2", True, False), ("mamba3", False, True),
+    ("mamba3-mimo", False, True)])
 def test_graph_supported(kind, hybrid, supported):
     assert graph_supported(tiny_model(kind, hybrid)) is supported
 
@@ -18,13 +19,13 @@ def test_graph_supported(kind, hybrid, supported):
 def test_moe_is_not_capturable_and_cpu_models_are_refused():
     moe = MambaLM(tiny_config("mamba1", moe_layer_idx=[1], d_intermediate=16, moe_cfg=dict(num_experts=2, top_k=1)))
     assert not graph_supported(moe)
-    with pytest.raises(ValueError, match="Mamba-1/Mamba-2"):
+    with pytest.raises(ValueError, match="Mamba-1/2/3"):
         GraphedDecoder(moe)
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedDecoder(tiny_model("mamba2"))
 
 
-@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "mamba3", "mamba3-mimo"])
 @pytest.mark.parametrize("prompts", [[[5, 17, 3, 44, 9]], [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [40]]],
                          ids=["one", "ragged-three"])
 @pytest.mark.gpu
