@@ -4,6 +4,7 @@ run on one GPU.
     PYTHONUNBUFFERED=1 python benchmarks/bench_mamba3.py
 
 Options: --shapes b,l,h,p,n ... (default 8,4096,32,64,128; one B/C head), --chunk (default 64),
+--mimo-rank R (default 4: also our MIMO of rank R at each shape, against our SISO; 1 skips it),
 --out FOLDER (default benchmarks/results). Run from the repository root on the GPU machine.
 
 Inputs as the official ``Mamba3`` module feeds its kernel: x, z, B, C in bf16 (B, C
@@ -21,6 +22,7 @@ is set). Records go to <out>/mamba3.json and <out>/mamba3.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -55,6 +57,24 @@ def inputs(b, l, h, p, n) -> dict:
                 B_bias=rn(h, 1, n) * 0.1, C_bias=rn(h, 1, n) * 0.1)
 
 
+def mimo_inputs(kw: dict, r: int) -> dict:
+    """The SISO inputs with r ranks of B, C and their biases (the first rank the SISO one) and
+    mimo_x, mimo_o = 1 / r, mimo_z = 1 (the official initialisation), all leaves with gradients."""
+    b, l, h, p = kw["x"].shape
+    n = kw["B"].shape[-1]
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def ranks(t, dim):
+        extra = torch.randn(*t.shape[:dim], r - 1, *t.shape[dim + 1:], device="cuda", generator=g).to(t.dtype)
+        return torch.cat([t, extra * t.float().std().to(t.dtype)], dim=dim)
+
+    out = {k: kw[k] for k in ("x", "z", "dt", "A", "trap", "D")}
+    out.update(B=ranks(kw["B"], 2), C=ranks(kw["C"], 2), B_bias=ranks(kw["B_bias"], 1), C_bias=ranks(kw["C_bias"], 1),
+               mimo_x=torch.full((h, r, p), 1 / r, device="cuda"), mimo_z=torch.ones(h, r, p, device="cuda"),
+               mimo_o=torch.full((h, r, p), 1 / r, device="cuda"))
+    return {k: v.detach().clone().requires_grad_() for k, v in out.items()}
+
+
 def floor_ms(b, l, h, p, n, mode) -> float:
     """Bytes that must cross HBM at the copy bandwidth. Forward: read x, z (bf16), dt, A, trap (fp32
     per head), the shared angles, B, C; write y. Backward: read them again with dy, write dx, dz,
@@ -84,6 +104,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128"], help="b,l,h,p,n per shape")
     parser.add_argument("--chunk", type=int, default=64, help="chunk size of both")
     parser.add_argument("--out", default="benchmarks/results", help="folder for mamba3.json/.md")
+    parser.add_argument("--mimo-rank", type=int, default=4,
+                        help="also time our MIMO of this rank at each shape against our SISO (1: skip)")
     args = parser.parse_args()
     env = environment()
     peer = official_fn()
@@ -137,9 +159,23 @@ def main() -> None:
             print(f"[check] mamba3 {shape} mambakit vs official: " + ", ".join(errors), flush=True)
             peer_times = time_modes(official, dy, tensors)
         floors = {m: floor_ms(b, l, h, p, n, m) for m in ("fwd", "fwd+bwd")}
-        report(records, env, "mamba3_siso", shape, time_modes(ours, dy, tensors), "mamba_ssm-triton", peer_times,
-               floors)
-    write_results(records, Path(args.out) / "mamba3", COLUMNS)
+        siso_times = time_modes(ours, dy, tensors)
+        report(records, env, "mamba3_siso", shape, siso_times, "mamba_ssm-triton", peer_times, floors)
+        if args.mimo_rank > 1:
+            mimo = mimo_inputs(kw, args.mimo_rank)
+
+            def ours_mimo():
+                v = mimo
+                return mamba3(v["x"], v["dt"], v["A"], v["B"], v["C"], v["trap"], angles.expand(b, l, h, -1),
+                              D=v["D"], z=v["z"], B_bias=v["B_bias"], C_bias=v["C_bias"], mimo_x=v["mimo_x"],
+                              mimo_z=v["mimo_z"], mimo_o=v["mimo_o"], chunk_size=args.chunk, backend="triton")
+
+            # Against our SISO at the same (h, p, n): "speedup" below 1 is MIMO's cost (target >= 1 / 1.5).
+            report(records, env, f"mamba3_mimo_r{args.mimo_rank}", shape, time_modes(ours_mimo, dy, list(mimo.values())),
+                   "mambakit-siso", siso_times, floors)
+    path = Path(args.out) / "mamba3.json"  # the decode-step records (bench_mamba3_step.py) stay
+    steps = [r for r in json.loads(path.read_text()) if r["mode"] == "step"] if path.exists() else []
+    write_results(records + steps, path.with_suffix(""), COLUMNS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Triton Mamba-3 SISO path against the reference: outputs, final states (phase, state, carried
+"""The Triton Mamba-3 path (SISO and MIMO) against the reference: outputs, final states (phase, state, carried
 key and input) and every gradient, initial-state gradients included.
 
 On CPU (CI) the kernels run in Triton's interpreter on small shapes; on a GPU the same cases run
@@ -16,12 +16,12 @@ pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-INPUTS = ("x", "dt", "A", "B", "C", "trap", "angles", "D", "z", "B_bias", "C_bias")
+INPUTS = ("x", "dt", "A", "B", "C", "trap", "angles", "D", "z", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")
 STATE = ("phi", "H", "K_prev", "x_prev")
 
 
 def make_case(b, l, h, p, g, n, n_angles, *, optional=True, state=True, dtype=torch.float32, seed=0,
-              dt_max=0.5, A_min=-2.0):
+              dt_max=0.5, A_min=-2.0, r=1):
     gen = torch.Generator().manual_seed(seed)
 
     def rn(*shape, dt_=dtype, scale=1.0):
@@ -30,16 +30,19 @@ def make_case(b, l, h, p, g, n, n_angles, *, optional=True, state=True, dtype=to
     case = dict(
         x=rn(b, l, h, p), dt=(torch.rand(b, l, h, generator=gen) * dt_max + 1e-3).to(DEVICE),
         A=(A_min * torch.rand(b, l, h, generator=gen) - 1e-2).to(DEVICE),
-        B=rn(b, l, 1, g, n), C=rn(b, l, 1, g, n), trap=rn(b, l, h, dt_=torch.float32),
+        B=rn(b, l, r, g, n), C=rn(b, l, r, g, n), trap=rn(b, l, h, dt_=torch.float32),
         angles=rn(b, l, h, n_angles, dt_=torch.float32),
         D=rn(h, dt_=torch.float32) if optional else None, z=rn(b, l, h, p) if optional else None,
-        B_bias=rn(h, 1, n, dt_=torch.float32, scale=0.3) if optional else None,
-        C_bias=rn(h, 1, n, dt_=torch.float32, scale=0.3) if optional else None,
+        B_bias=rn(h, r, n, dt_=torch.float32, scale=0.3) if optional else None,
+        C_bias=rn(h, r, n, dt_=torch.float32, scale=0.3) if optional else None,
+        mimo_x=rn(h, r, p, dt_=torch.float32) if r > 1 else None,
+        mimo_z=rn(h, r, p, dt_=torch.float32) if r > 1 and optional else None,
+        mimo_o=rn(h, r, p, dt_=torch.float32) if r > 1 else None,
     )
     initial = None
     if state:
         initial = Mamba3State(phi=(6.28 * torch.rand(b, h, n_angles, generator=gen)).to(DEVICE),
-                              H=rn(b, h, p, n, dt_=torch.float32), K_prev=rn(b, 1, h, n, dt_=torch.float32),
+                              H=rn(b, h, p, n, dt_=torch.float32), K_prev=rn(b, r, h, n, dt_=torch.float32),
                               x_prev=rn(b, h, p, dt_=torch.float32))
     return case, initial
 
@@ -101,17 +104,38 @@ def test_half_precision_inputs(dtype, tol):
     run_both(case, initial, chunk_size=16, tol_y=tol, tol_grad=tol)
 
 
+@pytest.mark.parametrize("r", [2, 4])
+# (Not l = 1 without a state: dA is then exactly 0 and the kernels' rounding of it, ~1e-7, has no
+# scale to be relative to.)
+@pytest.mark.parametrize("l,optional,state", [(1, True, True), (23, True, True), (2, False, False),
+                                              (23, False, False)], ids=["l1-all", "l23-all", "l2-bare", "l23-bare"])
+def test_mimo_matches_reference_fp32(r, l, optional, state):
+    """Ranks as rank-tokens through the SSD kernels plus the same-step correction: outputs, final
+    states and every gradient (mimo_x, mimo_z, mimo_o and the carried K_prev, x_prev included)."""
+    case, initial = make_case(2, l, 4, 8, 2, 16, 8, optional=optional, state=state, r=r, seed=5)
+    run_both(case, initial, chunk_size=8, tol_y=1e-5, tol_grad=1e-4)
+
+
+def test_mimo_rank8_interleaved_odd_sizes():
+    case, initial = make_case(1, 13, 2, 6, 1, 12, 5, r=8, seed=6)
+    run_both(case, initial, chunk_size=16, tol_y=1e-5, tol_grad=1e-4, rope_layout="interleaved")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+def test_mimo_half_precision_inputs(dtype, tol):
+    case, initial = make_case(1, 30, 2, 8, 1, 16, 8, dtype=dtype, r=4, seed=7)
+    run_both(case, initial, chunk_size=16, tol_y=tol, tol_grad=tol)
+
+
 def test_dispatch_and_errors():
     case, _ = make_case(1, 5, 2, 4, 1, 8, 2)
-    mimo = dict(case, B=case["B"].expand(1, 5, 2, 1, 8).contiguous(), C=case["C"].expand(1, 5, 2, 1, 8).contiguous(),
-                B_bias=None, C_bias=None, mimo_x=torch.ones(2, 2, 4, device=DEVICE),
-                mimo_z=torch.ones(2, 2, 4, device=DEVICE), mimo_o=torch.ones(2, 2, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="MIMO"):
-        mamba3(**mimo, backend="triton")
     with pytest.raises(ValueError, match="float64"):
         mamba3(**dict(case, x=case["x"].double()), backend="triton")
-    if not CUDA:  # auto picks the reference on CPU, which always takes MIMO
-        assert mamba3(**mimo).shape == case["x"].shape
+    mimo, _ = make_case(1, 5, 2, 4, 1, 8, 2, r=2)
+    with pytest.raises(ValueError, match="float64"):
+        mamba3(**dict(mimo, mimo_x=mimo["mimo_x"].double()), backend="triton")
+    # auto on CPU runs the reference: the same function
+    assert_close(mamba3(**mimo, backend="triton"), mamba3(**mimo, backend="reference"), 1e-5, "y")
 
 
 @pytest.mark.gpu
@@ -119,6 +143,15 @@ def test_dispatch_and_errors():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
 def test_real_sizes_on_gpu(dtype, tol):
     case, initial = make_case(2, 1000, 8, 64, 1, 128, 32, dtype=dtype, seed=3)
+    run_both(case, initial, chunk_size=64, tol_y=tol, tol_grad=2 * tol)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("r", [2, 4, 8])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_mimo_real_sizes_on_gpu(r, dtype, tol):
+    case, initial = make_case(2, 500, 8, 64, 1, 128, 64, dtype=dtype, seed=8, r=r)
     run_both(case, initial, chunk_size=64, tol_y=tol, tol_grad=2 * tol)
 
 

@@ -1,4 +1,4 @@
-"""The public Mamba-3 op: validates, then runs the Triton path (SISO) or the reference."""
+"""The public Mamba-3 op: validates, then runs the Triton path or the reference."""
 
 from __future__ import annotations
 
@@ -14,26 +14,25 @@ def mamba3(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=Non
     """Mamba-3 sequence mixing; arguments, shapes and returns as :func:`mamba3_reference`.
 
     backend: ``None`` (auto: Triton for CUDA tensors, the reference otherwise; ``MAMBAKIT_BACKEND``
-    overrides the auto choice), ``"reference"`` or ``"triton"``. The Triton path covers SISO
-    (r = 1) with float16/bfloat16/float32 inputs: the phase, rotation and trapezoid weights are
-    elementwise PyTorch, the state-space core runs the SSD kernels with a per-token decay, and
-    ``algorithm`` is ignored. On auto, MIMO and float64 inputs run the reference.
+    overrides the auto choice), ``"reference"`` or ``"triton"``. The Triton path covers SISO and
+    MIMO with float16/bfloat16/float32 inputs: the phase and rotation run in their own kernels, the
+    trapezoid weights and the same-step rank products are elementwise PyTorch, the state-space
+    core runs the SSD kernels with a per-token decay (over l r rank-tokens for MIMO), and
+    ``algorithm`` is ignored. On auto, float64 inputs run the reference.
     """
     validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size,
              algorithm, rope_layout)
     impl = resolve_backend(backend, x.device)
     if impl == "triton":
-        tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, *(initial_state or ()))
-        unsupported = ("MIMO (r > 1)" if B.shape[2] > 1 else
-                       "float64 inputs" if any(t is not None and t.dtype == torch.float64 for t in tensors) else None)
-        if unsupported is not None:
+        tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
+        if any(t is not None and t.dtype == torch.float64 for t in tensors):
             if backend == "triton":
-                raise ValueError(f"backend: the Triton Mamba-3 does not take {unsupported} yet; use backend='reference'")
+                raise ValueError("backend: the Triton Mamba-3 does not take float64 inputs; use backend='reference'")
             impl = "reference"
     if impl == "reference":
         return mamba3_reference(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
                                 initial_state, return_final_state, chunk_size, algorithm, rope_layout)
-    from .triton_ops import mamba3_siso_triton
+    from .triton_ops import mamba3_triton
 
-    return mamba3_siso_triton(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, initial_state, return_final_state,
-                              chunk_size, rope_layout)
+    return mamba3_triton(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state,
+                         return_final_state, chunk_size, rope_layout)

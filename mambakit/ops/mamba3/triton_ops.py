@@ -1,18 +1,25 @@
-"""Mamba-3 SISO on the GPU: elementwise preparation in PyTorch, the state-space core in the SSD
-Triton kernels.
+"""Mamba-3 (SISO and MIMO) on the GPU: elementwise preparation in PyTorch, the state-space core in
+the SSD Triton kernels.
 
 The trapezoid unrolls (see the reference's module docstring) to the recurrence on the shifted
-state G_t = H_t + c_{t+1} x_t K_t^T:
+state G_t = H_t + c_{t+1} U_t, with U_t = sum_k v_{t,k} K_{t,k}^T over the r ranks:
 
-    G_t = exp(dt_t A_t) G_{t-1} + w_t x_t K_t^T,   w_t = gamma_t + c_{t+1} (c_l = 0),
-    y_t = G_t Q_t - c_{t+1} (K_t . Q_t) x_t + D x_t,
+    G_t = exp(dt_t A_t) G_{t-1} + w_t U_t,   w_t = gamma_t + c_{t+1} (c_l = 0),
+    y_{t,k} = H_t Q_{t,k} + D v_{t,k} = G_t Q_{t,k} - c_{t+1} U_t Q_{t,k} + D v_{t,k}.
 
-which is the SSD recurrence with a per-token log-decay dt_t A_t, input weight w_t, keys K and
-queries Q, one group per head (the rotary phase differs per head), and initial state
-G_{-1} = H_{-1} + c_0 x_prev K_prev^T; G after the last token equals H. The SSD kernels run it
-(``per_token`` mode) forward and backward; everything else, differentiated by autograd, is
-elementwise over (b, l, h) or (b, l, h, n); the per-head rotated keys and queries come from one
-fused kernel (:mod:`.rotary_triton`) that reads B and C once per group.
+The SSD kernels (``per_token`` mode: a log-decay and an input weight per token, one group per head
+because the rotary phase differs per head) run it on a sequence of l r rank-tokens, token (t, k)
+at position t r + k: decay dt_t A_t on its first rank-token and none on the others, weight w_t on
+all. The kernel's output at (t, k) has seen only ranks j <= k of its own step, each with weight
+w_t, where the definition wants all r ranks with weight gamma_t: the same-step correction
+
+    sum_j (K_{t,j} . Q_{t,k}) v_{t,j} (gamma_t [j > k] - c_{t+1} [j <= k])
+
+is an r x r product per token and head, elementwise here (for r = 1 it is the SISO skip
+-c_{t+1} (K_t . Q_t) x_t). Initial state G_{-1} = H_{-1} + c_0 U_prev from the carried K_prev,
+x_prev; G after the last token equals H. Autograd differentiates everything around the kernels;
+the per-head rotated keys and queries come from one fused kernel per rank (:mod:`.rotary_triton`)
+that reads B and C once per group.
 """
 
 from __future__ import annotations
@@ -27,45 +34,68 @@ from .rotary_triton import rotary_phase_triton, rotate_heads
 F32 = torch.float32
 
 
-def mamba3_siso_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, initial_state=None,
-                       return_final_state=False, chunk_size=64, rope_layout=None):
-    """Triton path of :func:`mambakit.ops.mamba3` for r = 1 (inputs already validated)."""
+def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None,
+                  mimo_z=None, mimo_o=None, initial_state=None, return_final_state=False, chunk_size=64,
+                  rope_layout=None):
+    """Triton path of :func:`mambakit.ops.mamba3` (inputs already validated)."""
     b, l, h, p = x.shape
+    r, g, n = B.shape[2:]
     n_angles = angles.shape[3]
-    layout = rope_layout or "interleaved"
+    layout = rope_layout or ("interleaved" if r == 1 else "halves")
     if initial_state is None:
         phi0 = x.new_zeros(b, h, n_angles, dtype=F32)
-        H0 = x.new_zeros(b, h, p, B.shape[4], dtype=F32)
-        K0 = x.new_zeros(b, 1, h, B.shape[4], dtype=F32)
+        H0 = x.new_zeros(b, h, p, n, dtype=F32)
+        K0 = x.new_zeros(b, r, h, n, dtype=F32)
         x0 = x.new_zeros(b, h, p, dtype=F32)
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
     dtf = dt.to(F32)
     phi = rotary_phase_triton(angles, dtf, phi0.contiguous())  # (b, l, h, n_angles) float32
-    g, n = B.shape[3], B.shape[4]
     phi_rows = phi.reshape(b * l, h, n_angles)
 
-    def rotated(v, bias):  # (b, l, 1, g, n) -> (b, l, h, n) in x's dtype
-        bias = None if bias is None else bias[:, 0].to(F32).contiguous()
-        out = rotate_heads(v.reshape(b * l, g, n).contiguous(), bias, phi_rows, layout == "halves", x.dtype)
-        return out.view(b, l, h, n)
+    def rotated(v, bias):  # (b, l, r, g, n) -> (b, l, r, h, n) in x's dtype, one kernel per rank
+        ranks = []
+        for k in range(r):
+            bias_k = None if bias is None else bias[:, k].to(F32).contiguous()
+            ranks.append(rotate_heads(v[:, :, k].reshape(b * l, g, n).contiguous(), bias_k, phi_rows,
+                                      layout == "halves", x.dtype).view(b, l, 1, h, n))
+        return ranks[0] if r == 1 else torch.cat(ranks, dim=2)
 
     K, Q = rotated(B, B_bias), rotated(C, C_bias)
     log_decay, gamma, c = trapezoid_weights(dtf, A.to(F32), trap.to(F32))
     c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
-    G0 = H0 + c[:, 0, :, None, None] * x0[..., None] * K0[:, 0, :, None, :]  # K0: the carried (float32) key
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, *(initial_state or ())))
+    if r == 1:
+        v, v_prev = x[:, :, None], x0[:, None]  # (b, l, 1, h, p), (b, 1, h, p)
+        step_decay, weight = log_decay, gamma + c_next
+    else:
+        scale = mimo_x.transpose(0, 1)  # (r, h, p)
+        v, v_prev = x[:, :, None] * scale.to(x.dtype), x0[:, None] * scale.to(F32)
+        step_decay = torch.cat([log_decay[:, :, None], log_decay.new_zeros(b, l, r - 1, h)], dim=2).view(b, l * r, h)
+        weight = (gamma + c_next)[:, :, None].expand(b, l, r, h).reshape(b, l * r, h)
+    G0 = H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)
+    tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y_core, H_final, *_ = ssd_fwd(
-        x.contiguous(), (gamma + c_next).contiguous(), log_decay.contiguous(), K, Q, None, None, None,
-        G0.contiguous(), None, False, 0.0, float("inf"), False, kernel_chunk(chunk_size), grad, True)
-    skip = -c_next * (K.to(F32) * Q.to(F32)).sum(-1)  # (b, l, h): the current token's own weight is gamma, not w
+        v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
+        K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(), None, False, 0.0,
+        float("inf"), False, kernel_chunk(chunk_size), grad, True)
+
+    # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
+    scores = torch.einsum("blkhn,bljhn->blhkj", Q.to(F32), K.to(F32))  # (b, l, h, r, r)
+    later = torch.ones(r, r, device=x.device, dtype=torch.bool).triu(1)
+    own = torch.where(later, gamma[..., None, None], -c_next[..., None, None])
+    y = y_core.view(b, l, r, h, p).to(F32) + torch.einsum("blhkj,bljhp->blkhp", scores * own, v.to(F32))
     if D is not None:
-        skip = skip + D.to(F32)
-    y = y_core.to(F32) + skip[..., None] * x.to(F32)
-    if z is not None:
-        y = y * F.silu(z.to(F32))
+        y = y + D.to(F32)[:, None] * v.to(F32)
+    if r == 1:
+        y = y[:, :, 0]
+        if z is not None:
+            y = y * F.silu(z.to(F32))
+    else:
+        if z is not None:
+            y = y * F.silu(z.to(F32)[:, :, None] * mimo_z.transpose(0, 1).to(F32))
+        y = (y * mimo_o.transpose(0, 1).to(F32)).sum(dim=2)
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    return y, Mamba3State(phi=phi[:, -1], H=H_final, K_prev=K[:, -1, None].to(F32), x_prev=x[:, -1].to(F32))
+    return y, Mamba3State(phi=phi[:, -1], H=H_final, K_prev=K[:, -1].to(F32), x_prev=x[:, -1].to(F32))
