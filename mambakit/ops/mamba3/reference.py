@@ -118,32 +118,10 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     expect_shape("angles", angles, (b, l, h, n_angles), "(b, l, h, n_angles)")
     if n_angles > n // 2:
         raise ValueError(f"angles: expected at most n // 2 = {n // 2} angles per head, got {n_angles}")
-    if D is not None:
-        expect_tensor("D", D, ndim=1)
-        expect_shape("D", D, (h,), "(h,)")
     if z is not None:
         expect_tensor("z", z, ndim=4)
         expect_shape("z", z, (b, l, h, p), "(b, l, h, p)")
-    for name, t in (("B_bias", B_bias), ("C_bias", C_bias)):
-        if t is not None:
-            expect_tensor(name, t, ndim=3)
-            expect_shape(name, t, (h, r, n), "(h, r, n)")
-    mimo = {"mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o}
-    if r == 1:
-        for name, t in mimo.items():
-            if t is not None:
-                raise ValueError(f"{name}: only used with MIMO rank r > 1, but B has r = 1")
-    else:
-        required = ["mimo_x", "mimo_o"] + (["mimo_z"] if z is not None else [])
-        for name in required:
-            if mimo[name] is None:
-                raise ValueError(f"{name}: required (shape (h, r, p) = {(h, r, p)}) when r = {r} > 1")
-        if mimo_z is not None and z is None:
-            raise ValueError("mimo_z: given without z; it scales the gate z, so pass z too")
-        for name, t in mimo.items():
-            if t is not None:
-                expect_tensor(name, t, ndim=3)
-                expect_shape(name, t, (h, r, p), "(h, r, p)")
+    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required=True)
     if initial_state is not None:
         if not isinstance(initial_state, tuple) or len(initial_state) != 4:
             raise TypeError("initial_state: expected a tuple (phi, H, K_prev, x_prev)")
@@ -167,6 +145,34 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     )
     if l == 0:
         raise ValueError("x: expected a sequence length l >= 1, got 0")
+
+
+def validate_parameters(h, r, p, n, D, has_z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required) -> None:
+    """Checks of the per-head parameters (D, biases, MIMO weights) shared by the op and its decode
+    step; ``mimo_o_required``: whether r > 1 needs mimo_o (the step may return the ranks unmixed)."""
+    if D is not None:
+        expect_tensor("D", D, ndim=1)
+        expect_shape("D", D, (h,), "(h,)")
+    for name, t in (("B_bias", B_bias), ("C_bias", C_bias)):
+        if t is not None:
+            expect_tensor(name, t, ndim=3)
+            expect_shape(name, t, (h, r, n), "(h, r, n)")
+    mimo = {"mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o}
+    if r == 1:
+        for name, t in mimo.items():
+            if t is not None:
+                raise ValueError(f"{name}: only used with MIMO rank r > 1, but B has r = 1")
+        return
+    required = ["mimo_x"] + (["mimo_o"] if mimo_o_required else []) + (["mimo_z"] if has_z else [])
+    for name in required:
+        if mimo[name] is None:
+            raise ValueError(f"{name}: required (shape (h, r, p) = {(h, r, p)}) when r = {r} > 1")
+    if mimo_z is not None and not has_z:
+        raise ValueError("mimo_z: given without z; it scales the gate z, so pass z too")
+    for name, t in mimo.items():
+        if t is not None:
+            expect_tensor(name, t, ndim=3)
+            expect_shape(name, t, (h, r, p), "(h, r, p)")
 
 
 def mamba3_reference(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from .._checks import compute_dtype, expect_choice, expect_same_device, expect_shape, expect_tensor
-from .reference import ROPE_LAYOUTS, rotate
+from .reference import ROPE_LAYOUTS, rotate, validate_parameters
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -61,32 +61,10 @@ def validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mim
     expect_shape("state.K_prev", K_prev, (b, r, h, n), "(b, r, h, n)")
     expect_tensor("state.x_prev", x_prev, ndim=3)
     expect_shape("state.x_prev", x_prev, (b, h, p), "(b, h, p)")
-    if D is not None:
-        expect_tensor("D", D, ndim=1)
-        expect_shape("D", D, (h,), "(h,)")
     if z is not None:
         expect_tensor("z", z, ndim=3)
         expect_shape("z", z, (b, h, p), "(b, h, p)")
-    for name, t in (("B_bias", B_bias), ("C_bias", C_bias)):
-        if t is not None:
-            expect_tensor(name, t, ndim=3)
-            expect_shape(name, t, (h, r, n), "(h, r, n)")
-    mimo = {"mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o}
-    if r == 1:
-        for name, t in mimo.items():
-            if t is not None:
-                raise ValueError(f"{name}: only used with MIMO rank r > 1, but B has r = 1")
-    else:
-        if mimo_x is None:
-            raise ValueError(f"mimo_x: required (shape (h, r, p) = {(h, r, p)}) when r = {r} > 1")
-        if z is not None and mimo_z is None:
-            raise ValueError(f"mimo_z: required (shape (h, r, p) = {(h, r, p)}) with z when r = {r} > 1")
-        if mimo_z is not None and z is None:
-            raise ValueError("mimo_z: given without z; it scales the gate z, so pass z too")
-        for name, t in mimo.items():
-            if t is not None:
-                expect_tensor(name, t, ndim=3)
-                expect_shape(name, t, (h, r, p), "(h, r, p)")
+    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required=False)
     if rope_layout is not None:
         expect_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
     expect_same_device(x=x, dt=dt, A=A, B=B, C=C, trap=trap, angles=angles, phi=phi, H=H, K_prev=K_prev,
