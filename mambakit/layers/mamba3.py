@@ -125,18 +125,22 @@ class Mamba3(nn.Module):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=True, group_size=headdim, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
 
-    def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, inference_params=None, *,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (b, l, d_model) -> (b, l, d_model).
 
+        seq_idx: optional (b, l) int ids of sequences packed in one row; state, phase and the
+        previous-token term restart wherever it changes (the cache, if any, continues the row's
+        last sequence).
         With an :class:`~mambakit.cache.InferenceCache` the layer starts from zero states when
         ``seqlen_offset == 0`` and from the cached ones otherwise (any number of tokens), and
         writes its final states back into the cache in place.
         """
         b, _ = check_hidden_states(hidden_states, self.d_model)
         if inference_params is None:
-            return self._mix(hidden_states)
+            return self._mix(hidden_states, seq_idx=seq_idx)
         states = cached_states(self, inference_params, b)
-        return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0)
+        return self._mix(hidden_states, states, resume=inference_params.seqlen_offset > 0, seq_idx=seq_idx)
 
     def step(self, hidden_states, angle_state, ssm_state, k_state, v_state):
         """One decode token (b, 1, d_model) from the given states, which are updated in place.
@@ -151,10 +155,10 @@ class Mamba3(nn.Module):
         out = self._mix(hidden_states, states, resume=True)
         return (out, *states)
 
-    def _mix(self, hidden_states, states=None, resume=False):
-        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
+    def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
+        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume, seq_idx))
 
-    def mix_projected(self, projected, states=None, resume=False):
+    def mix_projected(self, projected, states=None, resume=False, seq_idx=None):
         """The mixer between its projections: in_proj's output (b, l, d_in_proj) -> the gated
         (and normed) output (b, l, d_inner) that out_proj takes, in the input's dtype."""
         b, l, _ = projected.shape
@@ -173,7 +177,7 @@ class Mamba3(nn.Module):
 
         keep = states is not None
         gate_in_op = not self.is_outproj_norm
-        if keep and resume and l == 1:
+        if keep and resume and l == 1 and seq_idx is None:
             return self._decode_token(x, dt, A, B, C, trap, angles, z, states, gate_in_op)
 
         def run(mimo_o):
@@ -190,6 +194,7 @@ class Mamba3(nn.Module):
                 return_final_state=keep,
                 chunk_size=self.chunk_size,
                 rope_layout=self.rope_layout,
+                seq_idx=seq_idx,
             )
 
         if self.is_mimo and not gate_in_op:

@@ -438,6 +438,24 @@ def test_mamba2_seq_idx_packs_independent_sequences():
     assert_close(packed, apart, 1e-10, "packed")
 
 
+@pytest.mark.parametrize("kwargs", [MAMBA3_CASES["siso"], MAMBA3_CASES["mimo4-groups2-outnorm"]], ids=["siso", "mimo"])
+def test_mamba3_seq_idx_packs_independent_sequences(kwargs):
+    """Packed rows equal separate calls, and a cache filled by a packed prefill continues the
+    row's last sequence."""
+    layer = perturb(Mamba3(D_MODEL, layer_idx=0, **kwargs).double(), seed=9)
+    u = inputs(11, b=1, l=14)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 5 + [0] * 3])
+    with torch.no_grad():
+        packed = layer(u, seq_idx=seq_idx)
+        apart = torch.cat([layer(u[:, :6]), layer(u[:, 6:11]), layer(u[:, 11:])], dim=1)
+        cache = InferenceCache(max_batch_size=1, max_seqlen=16)
+        layer(u[:, :13], inference_params=cache, seq_idx=seq_idx[:, :13])
+        cache.seqlen_offset = 13
+        last = layer(u[:, 13:], inference_params=cache)
+    assert_close(packed, apart, 1e-10, "packed")
+    assert_close(last, apart[:, 13:], 1e-10, "cache after a packed prefill")
+
+
 # ----------------------------------------------------------------------------------------------
 # bf16 against fp32
 # ----------------------------------------------------------------------------------------------

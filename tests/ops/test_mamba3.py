@@ -197,6 +197,45 @@ def test_state_passing(shape):
     assert (s_full.phi >= 0).all() and (s_full.phi < 2 * math.pi).all()
 
 
+PER_TOKEN = ("x", "dt", "A", "B", "C", "trap", "angles", "z")
+
+
+@pytest.mark.parametrize("r", [1, 2])
+@pytest.mark.parametrize("algorithm,chunk_size", [("chunked", 4), ("chunked", 16), ("recurrent", 4)])
+def test_packed_sequences_equal_separate_calls(r, algorithm, chunk_size):
+    """Row 0 packs lengths 5, 6, 4 with a reused id (3, 7, 3), row 1 two sequences; each piece
+    run alone (the first from the initial state, the rest from zeros) gives the same outputs, and
+    the final state is the last piece's."""
+    l = 15
+    args = make_inputs(b=2, l=l, h=2, p=3, n=8, r=r, g=1, n_angles=2, seed=71, state=True)
+    seq_idx = torch.tensor([[3] * 5 + [7] * 6 + [3] * 4, [0] * 9 + [1] * 6])
+    y, final = mamba3(**args, seq_idx=seq_idx, chunk_size=chunk_size, algorithm=algorithm, return_final_state=True)
+    for row, bounds in enumerate([(0, 5, 11, 15), (0, 9, 15)]):
+        for piece, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+            part = {k: (v[row:row + 1, start:stop] if k in PER_TOKEN else v) for k, v in args.items()
+                    if k != "initial_state"}
+            if piece == 0:
+                part["initial_state"] = Mamba3State(*(t[row:row + 1] for t in args["initial_state"]))
+            y_part, s_part = mamba3(**part, chunk_size=chunk_size, return_final_state=True)
+            assert_close(y[row:row + 1, start:stop], y_part, 1e-11, f"row {row} piece {piece}")
+        for name, got, want in zip(Mamba3State._fields, final, s_part):
+            assert_close(got[row:row + 1], want, 1e-11, f"final {name}")
+
+
+def test_packed_sequences_gradcheck():
+    args = make_inputs(b=1, l=7, h=2, p=2, n=4, r=2, g=1, n_angles=1, seed=72, state=True)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    names = ["x", "dt", "A", "B", "C", "trap", "angles", "z", "mimo_x"]
+
+    def f(*leaves):
+        y, state = mamba3(**dict(args, **dict(zip(names, leaves))), seq_idx=seq_idx, chunk_size=3,
+                          return_final_state=True)
+        return _outputs_for_gradcheck(y, state)
+
+    leaves = [args[k].detach().clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("r", [1, 4])
 def test_low_precision_inputs(dtype, tol, r):
@@ -242,6 +281,8 @@ BAD = [
     ("algorithm", lambda a: a.update(algorithm="fast"), ValueError, "algorithm: expected one of"),
     ("layout", lambda a: a.update(rope_layout="spiral"), ValueError, "rope_layout"),
     ("empty", lambda a: a.update(**{k: a[k][:, :0] for k in ("x", "dt", "A", "B", "C", "trap", "angles", "z")}), ValueError, "l >= 1"),
+    ("seq_idx-shape", lambda a: a.update(seq_idx=torch.zeros(1, 4, dtype=torch.long)), ValueError, "seq_idx: expected shape"),
+    ("seq_idx-dtype", lambda a: a.update(seq_idx=torch.zeros(1, 5)), TypeError, "seq_idx: expected dtype"),
 ]
 
 

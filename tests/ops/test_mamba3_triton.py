@@ -59,14 +59,14 @@ PHASE_GRADS = ("ddt", "dangles", "dinitial.phi")
 BF16_PHASE_TOL = 0.5
 
 
-def run_both(case, initial, chunk_size, tol_y, tol_grad, rope_layout=None):
+def run_both(case, initial, chunk_size, tol_y, tol_grad, rope_layout=None, seq_idx=None):
     names = [k for k in INPUTS if case[k] is not None and case[k].is_floating_point()]
     results = {}
     for backend in ("reference", "triton"):
         args = {k: (v.detach().clone().requires_grad_() if k in names else v) for k, v in case.items()}
         state = None if initial is None else Mamba3State(*(t.detach().clone().requires_grad_() for t in initial))
         y, final = mamba3(**args, initial_state=state, return_final_state=True, chunk_size=chunk_size,
-                          rope_layout=rope_layout, backend=backend)
+                          rope_layout=rope_layout, backend=backend, seq_idx=seq_idx)
         gen = torch.Generator(device=y.device).manual_seed(7)
         weights = [torch.randn(t.shape, generator=gen, device=y.device) for t in (y, *final)]
         loss = sum((t.float() * w).sum() for t, w in zip((y, *final), weights))
@@ -125,6 +125,15 @@ def test_mimo_rank8_interleaved_odd_sizes():
 def test_mimo_half_precision_inputs(dtype, tol):
     case, initial = make_case(1, 30, 2, 8, 1, 16, 8, dtype=dtype, r=4, seed=7)
     run_both(case, initial, chunk_size=16, tol_y=tol, tol_grad=tol)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_packed_sequences(r):
+    """seq_idx: the kernels' state reset, the phase restarted (with its gradient) and, for MIMO,
+    every rank-token of a step in its step's sequence; chunk boundaries fall inside sequences."""
+    case, initial = make_case(2, 21, 2, 8, 1, 16, 4, r=r, seed=9)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 9 + [0] * 5, [4] * 12 + [5] * 9], device=DEVICE, dtype=torch.int32)
+    run_both(case, initial, chunk_size=8, tol_y=1e-5, tol_grad=1e-4, seq_idx=seq_idx)
 
 
 def test_dispatch_and_errors():

@@ -10,7 +10,8 @@ from .reference import mamba3_reference, validate
 
 def mamba3(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None, mimo_z=None,
            mimo_o=None, initial_state=None, return_final_state: bool = False, chunk_size: int = 64,
-           algorithm: str = "chunked", rope_layout: str | None = None, backend: str | None = None):
+           algorithm: str = "chunked", rope_layout: str | None = None, backend: str | None = None,
+           seq_idx=None):
     """Mamba-3 sequence mixing; arguments, shapes and returns as :func:`mamba3_reference`.
 
     backend: ``None`` (auto: Triton for CUDA tensors, the reference otherwise; ``MAMBAKIT_BACKEND``
@@ -21,7 +22,7 @@ def mamba3(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=Non
     ``algorithm`` is ignored. On auto, float64 inputs run the reference.
     """
     validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size,
-             algorithm, rope_layout)
+             algorithm, rope_layout, seq_idx)
     impl = resolve_backend(backend, x.device)
     if impl == "triton":
         tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
@@ -31,8 +32,8 @@ def mamba3(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=Non
             impl = "reference"
     if impl == "reference":
         return mamba3_reference(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
-                                initial_state, return_final_state, chunk_size, algorithm, rope_layout)
+                                initial_state, return_final_state, chunk_size, algorithm, rope_layout, seq_idx)
     from .triton_ops import mamba3_triton
 
     return mamba3_triton(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state,
-                         return_final_state, chunk_size, rope_layout)
+                         return_final_state, chunk_size, rope_layout, seq_idx)

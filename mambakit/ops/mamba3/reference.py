@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import (
+    INDEX_DTYPES,
     compute_dtype,
     expect_choice,
     expect_positive_int,
@@ -32,7 +33,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
-from ..common import chunked_state_space
+from ..common import canonical_segments, chunked_state_space, segment_resets
 
 ROPE_LAYOUTS = ("interleaved", "halves")
 ALGORITHMS = ("chunked", "recurrent")
@@ -77,13 +78,27 @@ def rotate(v: torch.Tensor, phi: torch.Tensor, layout: str) -> torch.Tensor:
     )
 
 
-def rotary_phase(angles: torch.Tensor, dt: torch.Tensor, phi0: torch.Tensor) -> torch.Tensor:
+def rotary_phase(angles: torch.Tensor, dt: torch.Tensor, phi0: torch.Tensor,
+                 segment: torch.Tensor | None = None) -> torch.Tensor:
     """phi_t = phi0 + sum_{s <= t} pi tanh(angles_s) dt_s, reduced mod 2 pi: angles (b, l, h, a),
     dt (b, l, h), phi0 (b, h, a) -> (b, l, h, a) in angles' dtype. Accumulated in float64, so
     long sequences keep their angle to float64 precision before the reduction (all that matters
-    of it for the cos/sin)."""
-    increments = math.pi * torch.tanh(angles) * dt[..., None]
-    total = phi0.double()[:, None] + torch.cumsum(increments.double(), dim=1)
+    of it for the cos/sin). ``segment``: (b, l) canonical sequence ids (0, 0, 1, ...): each later
+    sequence starts again from phase 0, the sum over its own tokens only."""
+    increments = (math.pi * torch.tanh(angles) * dt[..., None]).double()
+    total = torch.cumsum(increments, dim=1)
+    if segment is None:
+        total = total + phi0.double()[:, None]
+    else:
+        # Subtract what the earlier sequences summed: the exclusive sum at this sequence's start.
+        b, l = segment.shape
+        position = torch.arange(l, device=segment.device).expand(b, l)
+        starts = torch.ones_like(segment, dtype=torch.bool)
+        starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        start = torch.cummax(torch.where(starts, position, 0), dim=1).values  # (b, l) index of the start
+        before = (total - increments).gather(1, start[:, :, None, None].expand_as(total))
+        first = (segment == 0)[:, :, None, None]
+        total = total - before + torch.where(first, phi0.double()[:, None], 0.0)
     return torch.remainder(total, 2 * math.pi).to(angles.dtype)
 
 
@@ -100,7 +115,8 @@ def group_to_heads(t: torch.Tensor, h: int) -> torch.Tensor:
     return t.repeat_interleave(h // g, dim=3).permute(0, 1, 3, 2, 4)
 
 
-def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size, algorithm, rope_layout):
+def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size,
+             algorithm, rope_layout, seq_idx=None):
     expect_tensor("x", x, ndim=4)
     b, l, h, p = x.shape
     expect_tensor("B", B, ndim=5)
@@ -134,6 +150,9 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
         expect_shape("initial_state.K_prev", K0, (b, r, h, n), "(b, r, h, n)")
         expect_tensor("initial_state.x_prev", x0, ndim=3)
         expect_shape("initial_state.x_prev", x0, (b, h, p), "(b, h, p)")
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES)
+        expect_shape("seq_idx", seq_idx, (b, l), "(b, l)")
     expect_positive_int("chunk_size", chunk_size)
     expect_choice("algorithm", algorithm, ALGORITHMS)
     if rope_layout is not None:
@@ -141,7 +160,8 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     state_tensors = dict(zip(("phi", "H", "K_prev", "x_prev"), initial_state or (None,) * 4))
     expect_same_device(
         x=x, dt=dt, A=A, B=B, C=C, trap=trap, angles=angles, D=D, z=z, B_bias=B_bias, C_bias=C_bias,
-        mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, **{f"initial_state.{k}": v for k, v in state_tensors.items()},
+        mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, seq_idx=seq_idx,
+        **{f"initial_state.{k}": v for k, v in state_tensors.items()},
     )
     if l == 0:
         raise ValueError("x: expected a sequence length l >= 1, got 0")
@@ -195,6 +215,7 @@ def mamba3_reference(
     chunk_size: int = 64,
     algorithm: str = "chunked",
     rope_layout: str | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Mamba-3 sequence mixing: exponential-trapezoidal SSM with rotary (complex) state, SISO or MIMO
     (the PyTorch reference; inputs already checked by :func:`validate`).
@@ -228,6 +249,9 @@ def mamba3_reference(
         algorithm: ``"chunked"`` (default; no Python loop over time) or ``"recurrent"``.
         rope_layout: ``"interleaved"`` (pairs (2j, 2j+1), default for r = 1) or ``"halves"``
             (pairs (j, j + n/2), default for r > 1); a checkpoint must run with its own layout.
+        seq_idx: (b, l) int32/int64 ids of sequences packed in one row, or None. Where the id
+            changes, a new sequence starts: zero state, phase 0 and no previous-token term
+            (K_prev, x_prev); initial_state applies to the first sequence of each row only.
 
     Returns:
         y (b, l, h, p) in x's dtype, or (y, Mamba3State) with state tensors in the compute dtype
@@ -262,7 +286,8 @@ def mamba3_reference(
     else:
         phi0, H0, K0, x0 = (t.to(dtype) for t in initial_state)
 
-    phi = rotary_phase(f(angles), dtf, phi0)
+    segment = None if seq_idx is None else canonical_segments(seq_idx)
+    phi = rotary_phase(f(angles), dtf, phi0, segment)
 
     Bh, Ch = group_to_heads(f(B), h), group_to_heads(f(C), h)  # (b, l, h, r, n)
     if B_bias is not None:
@@ -283,6 +308,8 @@ def mamba3_reference(
 
     if algorithm == "recurrent":
         alpha = torch.exp(log_decay)
+        if segment is not None:  # no decay through a boundary, so no previous-token term either (beta = c alpha)
+            alpha = alpha.masked_fill(segment_resets(segment)[:, :, None], 0.0)
         H, u_prev, ys = H0, torch.einsum("bhrp,bhrn->bhpn", v0, K0_heads), []
         for t in range(l):
             u_t = torch.einsum("bhrp,bhrn->bhpn", v[:, t], K[:, t])
@@ -299,7 +326,8 @@ def mamba3_reference(
         key_weight = gamma + torch.cat([c[:, 1:], torch.zeros_like(c[:, :1])], dim=1)
         G0 = H0 + c[:, 0, :, None, None] * torch.einsum("bhrp,bhrn->bhpn", v0, K0_heads)
         y_ranks, H_final = chunked_state_space(
-            Qr, K, v, log_decay, key_weight, diag_weight=gamma, initial_state=G0, chunk_size=chunk_size
+            Qr, K, v, log_decay, key_weight, diag_weight=gamma, initial_state=G0, segment=segment,
+            chunk_size=chunk_size,
         )
 
     if D is not None:

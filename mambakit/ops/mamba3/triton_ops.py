@@ -17,7 +17,9 @@ w_t, where the definition wants all r ranks with weight gamma_t: the same-step c
 
 is an r x r product per token and head, elementwise here (for r = 1 it is the SISO skip
 -c_{t+1} (K_t . Q_t) x_t). Initial state G_{-1} = H_{-1} + c_0 U_prev from the carried K_prev,
-x_prev; G after the last token equals H. Autograd differentiates everything around the kernels;
+x_prev; G after the last token equals H. Packed sequences (``seq_idx``) reset the kernels' state
+where the id changes, which also drops the previous-token term there (it lives in the carried G),
+and restart the phase. Autograd differentiates everything around the kernels;
 the per-head rotated keys and queries come from one fused kernel per rank (:mod:`.rotary_triton`)
 that reads B and C once per group.
 """
@@ -27,8 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
-from .reference import Mamba3State, trapezoid_weights
+from .reference import Mamba3State, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
 
 F32 = torch.float32
@@ -36,7 +39,7 @@ F32 = torch.float32
 
 def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None,
                   mimo_z=None, mimo_o=None, initial_state=None, return_final_state=False, chunk_size=64,
-                  rope_layout=None):
+                  rope_layout=None, seq_idx=None):
     """Triton path of :func:`mambakit.ops.mamba3` (inputs already validated)."""
     b, l, h, p = x.shape
     r, g, n = B.shape[2:]
@@ -50,7 +53,11 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
     dtf = dt.to(F32)
-    phi = rotary_phase_triton(angles, dtf, phi0.contiguous())  # (b, l, h, n_angles) float32
+    segment = None if seq_idx is None else canonical_segments(seq_idx)
+    if segment is None:
+        phi = rotary_phase_triton(angles, dtf, phi0.contiguous())  # (b, l, h, n_angles) float32
+    else:  # packed sequences restart their phase: the reference's segment-aware sum (PyTorch, autograd)
+        phi = rotary_phase(angles.to(F32), dtf, phi0, segment).contiguous()
     phi_rows = phi.reshape(b * l, h, n_angles)
 
     def rotated(v, bias):  # (b, l, r, g, n) -> (b, l, r, h, n) in x's dtype, one kernel per rank
@@ -77,7 +84,8 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y_core, H_final, *_ = ssd_fwd(
         v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
-        K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(), None, False, 0.0,
+        K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(),
+        None if segment is None else segment.repeat_interleave(r, dim=1), False, 0.0,
         float("inf"), False, kernel_chunk(chunk_size), grad, True)
 
     # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
