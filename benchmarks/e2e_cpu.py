@@ -9,7 +9,7 @@ fp32. Decode: ``generate`` from a ``--prompt-len``-token prompt for ``--new-toke
 on both sides (transformers with its cache), timed end to end (prompt included), median of
 ``--repeats``; the two continuations are compared token by token. Prefill: one forward over
 ``--prefill-len`` tokens without gradients. Records go to benchmarks/results/e2e.json (merged by
-op/shape/mode/gpu, so GPU records from other scripts stay) with a markdown table beside it.
+op/shape/mode/gpu/peer, so GPU records from other scripts stay) with a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mambakit import load_pretrained
 from mambakit.checkpoints import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
-KEY = ("op", "shape", "mode", "gpu")
+KEY = ("op", "shape", "mode", "gpu", "peer")
 
 
 def hf_model(kind: str, seed: int):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write(new: list[dict], directory: Path) -> None:
-    """Merge ``new`` into directory/e2e.json (same op/shape/mode/gpu replaced) and rewrite e2e.md."""
+    """Merge ``new`` into directory/e2e.json (same op/shape/mode/gpu/peer replaced) and rewrite e2e.md."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "e2e.json"
     old = json.loads(path.read_text()) if path.exists() else []

@@ -29,6 +29,12 @@ _HF_EMBEDDING = "backbone.embeddings.weight"
 _OURS_EMBEDDING = "backbone.embedding.weight"
 
 
+# The official ``mamba_ssm`` MambaConfig's fields (2.x): its loader rejects any other key.
+OFFICIAL_CONFIG_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                          "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                          "tie_embeddings")
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as a mambakit model."""
 
@@ -260,12 +266,22 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def _config_to_official(config: MambaConfig) -> dict:
+    """The official MambaConfig's fields, and mambakit's own (norm_epsilon, binary projections,
+    MoE) only where they differ from their defaults: a plain model's config.json then loads in
+    ``mamba_ssm``, and one that uses an extension, which the official package could not build
+    anyway, keeps it for :func:`load_pretrained`."""
+    defaults = MambaConfig().to_dict()
+    return {k: v for k, v in config.to_dict().items() if k in OFFICIAL_CONFIG_FIELDS or v != defaults[k]}
+
+
 def save_pretrained(model: MambaLM, path, format: str = "hf") -> None:
     """Write ``model`` to the directory ``path`` (created if needed).
 
     ``format="hf"``: config.json as transformers' ``MambaConfig``/``Mamba2Config`` and
     model.safetensors (tied head omitted, as transformers does); loads in transformers.
-    ``format="mamba_ssm"``: config.json as the official ``MambaConfig`` and pytorch_model.bin.
+    ``format="mamba_ssm"``: config.json as the official ``MambaConfig`` (plus mambakit's own
+    fields where the model uses them) and pytorch_model.bin.
     """
     if format not in ("hf", "mamba_ssm"):
         raise ValueError(f"format: expected 'hf' or 'mamba_ssm', got {format!r}")
@@ -282,7 +298,7 @@ def save_pretrained(model: MambaLM, path, format: str = "hf") -> None:
         atomic_write(directory / SAFETENSORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         stale = directory / BIN
     else:
-        config = model.config.to_dict()
+        config = _config_to_official(model.config)
         atomic_write(directory / BIN, lambda tmp: torch.save(state, tmp))
         stale = directory / SAFETENSORS
     if stale.exists():  # a leftover of the other format would shadow or confuse the new weights

@@ -206,3 +206,27 @@ def test_tokenizer_choice(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     loaded = load_pretrained(tmp_path).tokenizer
     assert loaded.encode("cab") == [2, 0, 1]
+
+
+# The official mamba_ssm 2.x MambaConfig dataclass's fields (read from its source); its
+# from_pretrained calls MambaConfig(**config.json), so any other key is a TypeError there.
+OFFICIAL_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                   "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
+
+
+@pytest.mark.parametrize("kind,hybrid", [("mamba1", False), ("mamba2", True), ("mamba3", False)])
+def test_official_format_config_has_only_official_fields(tmp_path, kind, hybrid):
+    model = tiny_model(kind, hybrid, dtype=torch.float32)
+    model.save_pretrained(tmp_path, format="mamba_ssm")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config) <= OFFICIAL_FIELDS
+    assert config["d_model"] == model.config.d_model and config["ssm_cfg"] == model.config.ssm_cfg
+
+
+def test_official_format_keeps_extensions_a_model_uses(tmp_path):
+    model = tiny_model("mamba1", dtype=torch.float32, norm_epsilon=1e-6, binary_projections=True)
+    model.save_pretrained(tmp_path, format="mamba_ssm")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["norm_epsilon"] == 1e-6 and config["binary_projections"] is True
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config.norm_epsilon == 1e-6 and loaded.config.binary_projections
