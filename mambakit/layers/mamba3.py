@@ -180,37 +180,26 @@ class Mamba3(nn.Module):
         if keep and resume and l == 1 and seq_idx is None:
             return self._decode_token(x, dt, A, B, C, trap, angles, z, states, gate_in_op)
 
-        def run(mimo_o):
-            return mamba3(
-                x, dt, A, B, C, trap, angles,
-                D=self.D,
-                z=z if gate_in_op else None,
-                B_bias=self.B_bias,
-                C_bias=self.C_bias,
-                mimo_x=self.mimo_x if self.is_mimo else None,
-                mimo_z=self.mimo_z if self.is_mimo and gate_in_op else None,
-                mimo_o=mimo_o,
-                initial_state=tuple(states) if keep and resume else None,
-                return_final_state=keep,
-                chunk_size=self.chunk_size,
-                rope_layout=self.rope_layout,
-                seq_idx=seq_idx,
-            )
-
+        res = mamba3(
+            x, dt, A, B, C, trap, angles,
+            D=self.D,
+            z=z if gate_in_op else None,
+            B_bias=self.B_bias,
+            C_bias=self.C_bias,
+            mimo_x=self.mimo_x if self.is_mimo else None,
+            mimo_z=self.mimo_z if self.is_mimo and gate_in_op else None,
+            # With the output norm, each rank is normed before mimo_o mixes them: the ranks unmixed.
+            mimo_o=self.mimo_o if self.is_mimo and gate_in_op else None,
+            initial_state=tuple(states) if keep and resume else None,
+            return_final_state=keep,
+            chunk_size=self.chunk_size,
+            rope_layout=self.rope_layout,
+            seq_idx=seq_idx,
+        )
+        y, final = res if keep else (res, None)
         if self.is_mimo and not gate_in_op:
-            # The output norm acts on each rank's output before mimo_o mixes them, and the op only
-            # returns the mixed sum: read rank k alone by mixing with the k-th unit vector.
-            ranks, final = [], None
-            for k in range(r):
-                unit = torch.zeros_like(self.mimo_o)
-                unit[:, k] = 1.0
-                res = run(unit)
-                y_k, final = res if keep else (res, None)
-                ranks.append(y_k)
-            y = self._norm_and_mix_ranks(torch.stack(ranks, dim=2), z)
+            y = self._norm_and_mix_ranks(y, z)
         else:
-            res = run(self.mimo_o if self.is_mimo else None)
-            y, final = res if keep else (res, None)
             y = y.reshape(b, l, self.d_inner)
             if not gate_in_op:
                 y = self.norm(y, z.reshape(b, l, self.d_inner))
@@ -220,9 +209,9 @@ class Mamba3(nn.Module):
 
     def _norm_and_mix_ranks(self, y_ranks, z):
         """Output norm of each rank, gated by z * mimo_z, then mixed by mimo_o: the ranks' outputs
-        (b, l, r, h, p) and z (b, l, h, p) -> (b, l, d_inner)."""
-        b, l, r = y_ranks.shape[:3]
-        y_r = y_ranks.reshape(b, l, r, self.d_inner)
+        (b, l, h, r, p) and z (b, l, h, p) -> (b, l, d_inner)."""
+        b, l, _, r, _ = y_ranks.shape
+        y_r = y_ranks.transpose(2, 3).reshape(b, l, r, self.d_inner)
         z_r = (at_least_fp32(z)[:, :, None] * self.mimo_z.transpose(0, 1)).reshape(b, l, r, self.d_inner)
         y_r = self.norm(at_least_fp32(y_r), z_r).reshape(b, l, r, self.nheads, self.headdim)
         return torch.einsum("blrhp,hrp->blhp", y_r, self.mimo_o.to(y_r.dtype)).reshape(b, l, self.d_inner)
@@ -240,7 +229,7 @@ class Mamba3(nn.Module):
             mimo_o=self.mimo_o if mimo and gate_in_op else None, rope_layout=self.rope_layout,
         )
         if mimo and not gate_in_op:  # y: the ranks unmixed, (b, h, r, p)
-            y = self._norm_and_mix_ranks(y.transpose(1, 2)[:, None], z)
+            y = self._norm_and_mix_ranks(y[:, None], z)
         else:
             y = y.reshape(b, 1, self.d_inner)
             if not gate_in_op:

@@ -301,10 +301,22 @@ def test_device_mismatch():
         mamba3(**args)
 
 
+@pytest.mark.parametrize("algorithm", ["chunked", "recurrent"])
+def test_mimo_without_mimo_o_returns_the_ranks_unmixed(algorithm):
+    args = make_inputs(b=2, l=9, h=2, p=3, n=8, r=4, g=1, n_angles=2, seed=62, state=True)
+    mixed, state = mamba3(**args, chunk_size=4, algorithm=algorithm, return_final_state=True)
+    ranks, state_unmixed = mamba3(**dict(args, mimo_o=None), chunk_size=4, algorithm=algorithm,
+                                  return_final_state=True)
+    assert ranks.shape == (2, 9, 2, 4, 3)
+    assert_close(torch.einsum("blhrp,hrp->blhp", ranks, args["mimo_o"]), mixed, 1e-12, "mixed by hand")
+    for name, got, want in zip(Mamba3State._fields, state_unmixed, state):
+        assert_close(got, want, 1e-12, name)
+
+
 def test_mimo_requires_its_parameters():
     args = make_inputs(b=1, l=3, h=2, p=3, n=8, r=2, g=1, n_angles=2, seed=62)
-    args.pop("mimo_o")
-    with pytest.raises(ValueError, match="mimo_o: required"):
+    args.pop("mimo_x")
+    with pytest.raises(ValueError, match="mimo_x: required"):
         mamba3(**args)
     args = make_inputs(b=1, l=3, h=2, p=3, n=8, r=2, g=1, n_angles=2, seed=62, z=False)
     args["mimo_z"] = torch.randn(2, 2, 3, dtype=F64)

@@ -116,6 +116,12 @@ def test_mimo_matches_reference_fp32(r, l, optional, state):
     run_both(case, initial, chunk_size=8, tol_y=1e-5, tol_grad=1e-4)
 
 
+def test_mimo_ranks_unmixed():
+    """Without mimo_o the ranks' gated outputs (b, l, h, r, p), and their gradients."""
+    case, initial = make_case(1, 19, 2, 8, 1, 16, 4, r=4, seed=10)
+    run_both(dict(case, mimo_o=None), initial, chunk_size=8, tol_y=1e-5, tol_grad=1e-4)
+
+
 def test_mimo_rank8_interleaved_odd_sizes():
     case, initial = make_case(1, 13, 2, 6, 1, 12, 5, r=8, seed=6)
     run_both(case, initial, chunk_size=16, tol_y=1e-5, tol_grad=1e-4, rope_layout="interleaved")

@@ -137,7 +137,7 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     if z is not None:
         expect_tensor("z", z, ndim=4)
         expect_shape("z", z, (b, l, h, p), "(b, l, h, p)")
-    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required=True)
+    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
     if initial_state is not None:
         if not isinstance(initial_state, tuple) or len(initial_state) != 4:
             raise TypeError("initial_state: expected a tuple (phi, H, K_prev, x_prev)")
@@ -167,9 +167,9 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
         raise ValueError("x: expected a sequence length l >= 1, got 0")
 
 
-def validate_parameters(h, r, p, n, D, has_z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required) -> None:
+def validate_parameters(h, r, p, n, D, has_z, B_bias, C_bias, mimo_x, mimo_z, mimo_o) -> None:
     """Checks of the per-head parameters (D, biases, MIMO weights) shared by the op and its decode
-    step; ``mimo_o_required``: whether r > 1 needs mimo_o (the step may return the ranks unmixed)."""
+    step (both take mimo_o None for r > 1 as "return the ranks unmixed")."""
     if D is not None:
         expect_tensor("D", D, ndim=1)
         expect_shape("D", D, (h,), "(h,)")
@@ -183,7 +183,7 @@ def validate_parameters(h, r, p, n, D, has_z, B_bias, C_bias, mimo_x, mimo_z, mi
             if t is not None:
                 raise ValueError(f"{name}: only used with MIMO rank r > 1, but B has r = 1")
         return
-    required = ["mimo_x"] + (["mimo_o"] if mimo_o_required else []) + (["mimo_z"] if has_z else [])
+    required = ["mimo_x"] + (["mimo_z"] if has_z else [])
     for name in required:
         if mimo[name] is None:
             raise ValueError(f"{name}: required (shape (h, r, p) = {(h, r, p)}) when r = {r} > 1")
@@ -229,7 +229,8 @@ def mamba3_reference(
         y_{t,k} = H_t Q_{t,k} + D v_{t,k}
 
     with v_{t,k} = x_t (SISO, r = 1) or x_t * mimo_x[:, k] (MIMO); SISO output y * silu(z), MIMO
-    output sum_k y_k * silu(z * mimo_z[:, k]) * mimo_o[:, k] (without z: sum_k y_k * mimo_o[:, k]).
+    output sum_k y_k * silu(z * mimo_z[:, k]) * mimo_o[:, k] (without z: sum_k y_k * mimo_o[:, k]);
+    MIMO without mimo_o returns the gated ranks unmixed, for layers that norm each before mixing.
 
     Args:
         x: (b, l, h, p) inputs, float16/bfloat16/float32/float64.
@@ -242,7 +243,8 @@ def mamba3_reference(
         D: (h,) skip weight, optional.
         z: (b, l, h, p) gate, optional.
         B_bias, C_bias: (h, r, n) added to B and C before the rotation, optional.
-        mimo_x, mimo_o: (h, r, p), required when r > 1; mimo_z: (h, r, p), required with z when r > 1.
+        mimo_x: (h, r, p), required when r > 1; mimo_z: (h, r, p), required with z when r > 1.
+        mimo_o: (h, r, p), the rank mixing when r > 1, or None for the ranks' outputs unmixed.
         initial_state: a :class:`Mamba3State` (phi, H, K_prev, x_prev), or None for zeros.
         return_final_state: also return the state after the last token.
         chunk_size: chunk length of the chunked algorithm; l need not be a multiple of it.
@@ -254,8 +256,8 @@ def mamba3_reference(
             (K_prev, x_prev); initial_state applies to the first sequence of each row only.
 
     Returns:
-        y (b, l, h, p) in x's dtype, or (y, Mamba3State) with state tensors in the compute dtype
-        (float32, or float64 if any input is float64).
+        y (b, l, h, p) in x's dtype ((b, l, h, r, p) for r > 1 without mimo_o), or (y, Mamba3State)
+        with state tensors in the compute dtype (float32, or float64 if any input is float64).
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -339,7 +341,7 @@ def mamba3_reference(
     else:
         if z is not None:
             y_ranks = y_ranks * F.silu(f(z)[:, :, :, None, :] * f(mimo_z))
-        y = (y_ranks * f(mimo_o)).sum(dim=3)
+        y = y_ranks if mimo_o is None else (y_ranks * f(mimo_o)).sum(dim=3)
     y = y.to(x.dtype)
     if not return_final_state:
         return y

@@ -64,7 +64,7 @@ def validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mim
     if z is not None:
         expect_tensor("z", z, ndim=3)
         expect_shape("z", z, (b, h, p), "(b, h, p)")
-    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o, mimo_o_required=False)
+    validate_parameters(h, r, p, n, D, z is not None, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
     if rope_layout is not None:
         expect_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
     expect_same_device(x=x, dt=dt, A=A, B=B, C=C, trap=trap, angles=angles, phi=phi, H=H, K_prev=K_prev,

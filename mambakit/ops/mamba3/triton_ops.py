@@ -102,7 +102,7 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     else:
         if z is not None:
             y = y * F.silu(z.to(F32)[:, :, None] * mimo_z.transpose(0, 1).to(F32))
-        y = (y * mimo_o.transpose(0, 1).to(F32)).sum(dim=2)
+        y = y.transpose(2, 3) if mimo_o is None else (y * mimo_o.transpose(0, 1).to(F32)).sum(dim=2)
     y = y.to(x.dtype)
     if not return_final_state:
         return y
