@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mambakit.ops.common import chunked as core
+from mambakit.ops.common import decay_exp
 from tests.utils import assert_close
 
 F64 = torch.float64
@@ -95,3 +96,16 @@ def test_gradcheck_with_segments(matrix_pass, monkeypatch):
         return core.chunked_state_space(**dict(zip(names, ts)), segment=segment, chunk_size=4)
 
     assert torch.autograd.gradcheck(f, tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_exp_flushes_underflow_to_zero_and_keeps_nan(dtype):
+    x = torch.tensor([0.0, -1.0, -50.0, -86.9, -87.0, -88.5, -100.0, -1e4, float("-inf"), float("nan")], dtype=dtype)
+    got = decay_exp(x)
+    want = torch.exp(x)
+    assert torch.equal(got[:4], want[:4])
+    assert (got[4:9] == 0).all() and (want[4:9] < 1.7e-38).all()
+    assert torch.isnan(got[9])
+    leaf = x[:4].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(decay_exp(leaf).sum(), leaf)
+    assert torch.equal(grad, torch.exp(x[:4]))

@@ -96,6 +96,22 @@ def test_reference_token_loop_matches_ssd_sequence(features, dtype):
     assert_close(state, final_ref, TOL[torch.float64 if dtype == torch.float64 else torch.float32], "state")
 
 
+def test_reference_updates_a_strided_state_in_place():
+    """A state that is a strided view (not one block of memory) takes the out-of-place path and is
+    still written where it lies."""
+    kw = make_case(2, 4, 3, 2, 5, dtype=torch.float32, device="cpu")
+    wide = torch.zeros(2, 4, 3, 10)
+    strided = wide[..., ::2]
+    strided.copy_(kw["state"])
+    contiguous = kw["state"].clone()
+    y_strided = ssd_step_reference(**with_state(kw, strided))
+    y = ssd_step_reference(**with_state(kw, contiguous))
+    assert not strided.is_contiguous()
+    assert_close(y_strided, y, 1e-6, "y")
+    assert_close(wide[..., ::2], contiguous, 1e-6, "state")
+    assert (wide[..., 1::2] == 0).all()
+
+
 def test_reference_keeps_y_differentiable_and_the_state_detached():
     kw = make_case(2, 4, 3, 2, 5, dtype=torch.float64, device="cpu")
     x = kw["x"].clone().requires_grad_()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..scan import linear_scan
+from .decay import decay_exp
 from .segments import canonical_segments, segment_resets
 
 
@@ -51,10 +52,10 @@ def pass_states(log_chunk_decay: torch.Tensor, chunk_states: torch.Tensor, initi
     if c <= MATRIX_PASS_MAX_CHUNKS:
         # Prepend the initial state as chunk "-1" so one segsum covers both terms.
         log_decay = torch.cat([log_chunk_decay.new_zeros(b, 1, h), log_chunk_decay], dim=1)
-        weights = torch.exp(segsum(log_decay.transpose(1, 2)))[:, :, 1:, :]  # (b, h, c, c + 1)
+        weights = decay_exp(segsum(log_decay.transpose(1, 2)))[:, :, 1:, :]  # (b, h, c, c + 1)
         states = torch.cat([initial_state[:, None], chunk_states], dim=1)  # (b, c + 1, h, p, n)
         return torch.einsum("bhij,bjhpn->bihpn", weights, states)
-    decay = torch.exp(log_chunk_decay)[..., None, None].expand_as(chunk_states)
+    decay = decay_exp(log_chunk_decay)[..., None, None].expand_as(chunk_states)
     return linear_scan(decay.contiguous(), chunk_states, initial_state, dim=1, method="chunked")
 
 
@@ -70,7 +71,7 @@ def recurrent_state_space(q, k, v, log_decay, key_weight, diag_weight=None, init
     resets = None if segment is None else segment_resets(segment)
     ys = []
     for t in range(l):
-        decay = torch.exp(log_decay[:, t])  # (b, h)
+        decay = decay_exp(log_decay[:, t])  # (b, h)
         if resets is not None:
             decay = decay.masked_fill(resets[:, t, None], 0.0)
         update = torch.einsum("bhrp,bhrn->bhpn", v[:, t], k[:, t])
@@ -128,10 +129,10 @@ def chunked_state_space(
     q, k, v = chunks(q), chunks(k), chunks(v)
     log_decay, key_weight = chunks(log_decay), chunks(key_weight)  # (b, c, Q, h)
     log_decay_h = log_decay.permute(0, 1, 3, 2)  # (b, c, h, Q)
-    decay_within = torch.exp(segsum(log_decay_h))  # (b, c, h, Q_i, Q_j)
+    decay_within = decay_exp(segsum(log_decay_h))  # (b, c, h, Q_i, Q_j)
     log_from_start = torch.cumsum(log_decay_h, dim=-1)  # (b, c, h, Q): log prod_{m<=i} decay_m
     log_chunk_decay = log_from_start[..., -1]  # (b, c, h)
-    decay_from_start = torch.exp(log_from_start)
+    decay_from_start = decay_exp(log_from_start)
     if segment is not None:
         seg = chunks(segment)  # (b, c, Q)
         same = seg[:, :, :, None] == seg[:, :, None, :]  # (b, c, Q_i, Q_j)

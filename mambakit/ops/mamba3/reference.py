@@ -33,7 +33,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
-from ..common import canonical_segments, chunked_state_space, segment_resets
+from ..common import canonical_segments, chunked_state_space, decay_exp, segment_resets
 
 ROPE_LAYOUTS = ("interleaved", "halves")
 ALGORITHMS = ("chunked", "recurrent")
@@ -309,7 +309,7 @@ def mamba3_reference(
     log_decay, gamma, c = trapezoid_weights(dtf, Af, trapf)
 
     if algorithm == "recurrent":
-        alpha = torch.exp(log_decay)
+        alpha = decay_exp(log_decay)
         if segment is not None:  # no decay through a boundary, so no previous-token term either (beta = c alpha)
             alpha = alpha.masked_fill(segment_resets(segment)[:, :, None], 0.0)
         H, u_prev, ys = H0, torch.einsum("bhrp,bhrn->bhpn", v0, K0_heads), []

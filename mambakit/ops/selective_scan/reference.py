@@ -31,6 +31,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
+from ..common.decay import decay_exp
 from ..common.segments import segment_resets
 from ..scan import linear_scan
 
@@ -145,7 +146,7 @@ def _recurrent(u, Delta, A, B, C, h0, d, keep=None):
     ys = []
     for t in range(l):
         dt = Delta[:, :, t, None]                                        # (b, d, 1)
-        decay = torch.exp(dt * A) if keep is None else torch.exp(dt * A) * keep[:, t, None, None]
+        decay = _decay(dt * A) if keep is None else _decay(dt * A) * keep[:, t, None, None]
         h = decay * h + dt * _at(B, t, d) * u[:, :, t, None]             # (b, d, n)
         ys.append(_inner(_at(C, t, d), h, dim=-1))                       # (b, d)
     return torch.stack(ys, dim=-1), h
@@ -160,7 +161,7 @@ def _chunked(u, Delta, A, B, C, h0, d, keep=None):
     ys, finals = [], []
     for lo, hi in _channel_blocks(d, per_channel, B, C):
         dt = Delta[:, lo:hi, None, :]                                            # (b, k, 1, l)
-        decay = torch.exp(dt * A[lo:hi, :, None])                                # (b, k, n, l)
+        decay = _decay(dt * A[lo:hi, :, None])                                   # (b, k, n, l)
         if keep is not None:
             decay = decay * keep[:, None, None, :]
         drive = (dt * u[:, lo:hi, None, :]) * _channel_block(B, d, lo, hi)        # (b, k, n, l)
@@ -168,6 +169,12 @@ def _chunked(u, Delta, A, B, C, h0, d, keep=None):
         ys.append(_inner(_channel_block(C, d, lo, hi), h, dim=2))               # (b, k, l)
         finals.append(h[..., -1])                                                # (b, k, n)
     return torch.cat(ys, dim=1), torch.cat(finals, dim=1)
+
+
+def _decay(log_decay):
+    """exp of the (real or complex) log-decay; real ones through :func:`decay_exp` (fast where
+    the result underflows)."""
+    return torch.exp(log_decay) if log_decay.is_complex() else decay_exp(log_decay)
 
 
 def _inner(C, h, dim):

@@ -33,7 +33,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
-from ..common import canonical_segments, chunked_state_space
+from ..common import canonical_segments, chunked_state_space, decay_exp
 
 ALGORITHMS = ("chunked", "quadratic", "recurrent")
 _DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -80,7 +80,7 @@ def ssd_recurrent(x, dt, A, B, C, initial_state=None, segment=None):
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
     ys = []
     for t in range(l):
-        decay = torch.exp(dt[:, t] * A)  # (b, h)
+        decay = decay_exp(dt[:, t] * A)  # (b, h)
         if segment is not None and t > 0:
             # A new packed sequence starts here: nothing of the previous one flows in.
             decay = torch.where(segment[:, t, None] != segment[:, t - 1, None], torch.zeros_like(decay), decay)
@@ -111,8 +111,8 @@ def ssd_quadratic(x, dt, A, B, C, initial_state=None, segment=None):
     g, n = B.shape[2], B.shape[3]
     k = h // g  # heads per group; head j = (group j // k, member j % k)
     log_decay = (dt * A).permute(0, 2, 1)  # (b, h, l)
-    L = torch.exp(_segsum(log_decay))  # (b, h, l_i, l_j)
-    from_start = torch.exp(torch.cumsum(log_decay, dim=-1))  # (b, h, l): decay of S0 up to token i
+    L = decay_exp(_segsum(log_decay))  # (b, h, l_i, l_j)
+    from_start = decay_exp(torch.cumsum(log_decay, dim=-1))  # (b, h, l): decay of S0 up to token i
     if segment is not None:
         same = segment[:, :, None] == segment[:, None, :]  # (b, l_i, l_j)
         L = L * same[:, None]

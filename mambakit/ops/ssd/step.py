@@ -117,18 +117,32 @@ def ssd_step_reference(
     dtc = _discretize_dt(up(dt), up(dt_bias), dt_softplus, dt_limit)  # (b, h)
     Bh = up(B).repeat_interleave(per_group, dim=1)  # (b, h, n)
     Ch = up(C).repeat_interleave(per_group, dim=1)
-    # With autograd on, the graph keeps the old state, so it must not alias the tensor written below.
-    old = state.to(cdtype, copy=torch.is_grad_enabled())
-    # (b, h, p, 1) * (b, h, 1, n) -> (b, h, p, n)
-    new = torch.exp(dtc * up(A))[..., None, None] * old + (dtc[..., None] * xc)[..., None] * Bh[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    decay, update = torch.exp(dtc * up(A)), dtc[..., None] * xc  # (b, h), (b, h, p)
+    tensors = (x, dt, A, B, C, D, z, dt_bias)
+    if state.dtype == cdtype and state.is_contiguous() and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                       for t in tensors)):
+        # Decoding: the state is updated where it lies, as batched matrix products over (b h)
+        # rows. No (b, h, p, n) temporaries: on a CPU their allocation cost ~5x the arithmetic.
+        b, _, p, n = state.shape
+        rows = state.view(b * h, p, n)
+        rows.mul_(decay.reshape(b * h, 1, 1))
+        rows.baddbmm_(update.reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
+        new = state
+        y = torch.bmm(rows, Ch.reshape(b * h, n, 1)).view(b, h, p)
+    else:
+        # With autograd on, the graph keeps the old state, so it must not alias the tensor written below.
+        old = state.to(cdtype, copy=torch.is_grad_enabled())
+        # (b, h, p, 1) * (b, h, 1, n) -> (b, h, p, n)
+        new = decay[..., None, None] * old + update[..., None] * Bh[:, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", new, Ch)
     if D is not None:
         Dc = up(D)
         y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)
     if z is not None:
         y = y * F.silu(up(z))
-    with torch.no_grad():
-        state.copy_(new)
+    if new is not state:
+        with torch.no_grad():
+            state.copy_(new)
     return y.to(x.dtype)
 
 
