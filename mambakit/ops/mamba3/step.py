@@ -124,12 +124,26 @@ def mamba3_step_reference(x, dt, A, B, C, trap, angles, state, D=None, z=None, B
     lam = torch.sigmoid(up(trap))
     alpha = torch.exp(dtc * up(A))
     gamma, beta = lam * dtc, (1 - lam) * dtc * alpha
-    u_prev = torch.einsum("bhrp,bhrn->bhpn", v_prev, up(K_prev).transpose(1, 2))
-    u = torch.einsum("bhrp,bhrn->bhpn", v, K)
-    # With autograd on, the graph keeps the old state, so it must not alias the tensor written below.
-    new_H = (alpha[..., None, None] * H.to(cdtype, copy=torch.is_grad_enabled()) + beta[..., None, None] * u_prev
-             + gamma[..., None, None] * u)
-    y = torch.einsum("bhpn,bhrn->bhrp", new_H, Q)
+    tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
+    if H.dtype == cdtype and H.is_contiguous() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)):
+        # Decoding: H is updated where it lies, the rank sums as batched matrix products over
+        # (b h) rows. No (b, h, p, n) temporaries: on a CPU their allocation costs more than the math.
+        b, _, p, n = H.shape
+        rows = H.view(b * h, p, n)
+        rows.mul_(alpha.reshape(b * h, 1, 1))
+        rows.baddbmm_((beta[..., None, None] * v_prev).transpose(2, 3).reshape(b * h, p, r),
+                      up(K_prev).transpose(1, 2).reshape(b * h, r, n))
+        rows.baddbmm_((gamma[..., None, None] * v).transpose(2, 3).reshape(b * h, p, r), K.reshape(b * h, r, n))
+        new_H = H
+        y = torch.bmm(Q.reshape(b * h, r, n), rows.transpose(1, 2)).view(b, h, r, p)
+    else:
+        u_prev = torch.einsum("bhrp,bhrn->bhpn", v_prev, up(K_prev).transpose(1, 2))
+        u = torch.einsum("bhrp,bhrn->bhpn", v, K)
+        # With autograd on, the graph keeps the old state, so it must not alias the tensor written below.
+        new_H = (alpha[..., None, None] * H.to(cdtype, copy=torch.is_grad_enabled())
+                 + beta[..., None, None] * u_prev + gamma[..., None, None] * u)
+        y = torch.einsum("bhpn,bhrn->bhrp", new_H, Q)
     if D is not None:
         y = y + up(D)[:, None, None] * v
     if r == 1:
@@ -143,7 +157,8 @@ def mamba3_step_reference(x, dt, A, B, C, trap, angles, state, D=None, z=None, B
             y = (y * up(mimo_o)).sum(dim=2)
     with torch.no_grad():
         phi.copy_(new_phi)
-        H.copy_(new_H)
+        if new_H is not H:
+            H.copy_(new_H)
         K_prev.copy_(K.transpose(1, 2))
         x_prev.copy_(x)
     return y.to(x.dtype)
