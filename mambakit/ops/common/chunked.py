@@ -106,7 +106,7 @@ def chunked_state_space(
     """
     b, l, h, R, n = q.shape
     p = v.shape[-1]
-    Q = chunk_size
+    Q = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk of its own length, not padded
     if segment is not None:
         # Renumber to "changes so far" so that a reused id (0, 0, 1, 1, 0) never reconnects.
         segment = canonical_segments(segment)
