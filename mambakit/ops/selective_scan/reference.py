@@ -139,14 +139,24 @@ def selective_scan_reference(
     return (y, h_last) if return_final_state else y
 
 
+# Tokens whose decays the token loop computes at once (a few small ops per token cost more than
+# the arithmetic on a CPU).
+_RECURRENT_DECAY_BLOCK = 64
+
+
 def _recurrent(u, Delta, A, B, C, h0, d, keep=None):
     """One step per token: the definition. Returns (y (b, d, l) real, h_last (b, d, n))."""
     bsz, _, l = u.shape
     h = torch.zeros(bsz, d, A.shape[1], dtype=A.dtype, device=u.device) if h0 is None else h0
     ys = []
     for t in range(l):
+        if t % _RECURRENT_DECAY_BLOCK == 0:  # the decays of the next block of tokens in one call
+            block = Delta[:, :, t:t + _RECURRENT_DECAY_BLOCK, None] * A[:, None, :]     # (b, d, k, n)
+            decays = _decay(block)
         dt = Delta[:, :, t, None]                                        # (b, d, 1)
-        decay = _decay(dt * A) if keep is None else _decay(dt * A) * keep[:, t, None, None]
+        decay = decays[:, :, t % _RECURRENT_DECAY_BLOCK]
+        if keep is not None:
+            decay = decay * keep[:, t, None, None]
         h = decay * h + dt * _at(B, t, d) * u[:, :, t, None]             # (b, d, n)
         ys.append(_inner(_at(C, t, d), h, dim=-1))                       # (b, d)
     return torch.stack(ys, dim=-1), h
