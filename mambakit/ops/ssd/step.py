@@ -118,9 +118,9 @@ def ssd_step_reference(
     Bh = up(B).repeat_interleave(per_group, dim=1)  # (b, h, n)
     Ch = up(C).repeat_interleave(per_group, dim=1)
     decay, update = torch.exp(dtc * up(A)), dtc[..., None] * xc  # (b, h), (b, h, p)
-    tensors = (x, dt, A, B, C, D, z, dt_bias)
-    if state.dtype == cdtype and state.is_contiguous() and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                       for t in tensors)):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z,
+                                                                                              dt_bias))
+    if state.dtype == cdtype and state.is_contiguous() and not needs_grad:
         # Decoding: the state is updated where it lies, as batched matrix products over (b h)
         # rows. No (b, h, p, n) temporaries: on a CPU their allocation cost ~5x the arithmetic.
         b, _, p, n = state.shape
