@@ -14,8 +14,9 @@ stops growing at its first out-of-memory or once one call takes longer than ``--
 Decode: the time of one token through the layer with its cache at batch ``--decode-batch``. A
 Mamba layer's state does not grow with the context, so its step is timed once and holds for every
 context; attention runs ``MHA`` with a key/value cache of the context's length (its decode passes a
-boolean mask, so SDPA takes its memory-efficient or math backend there, not flash). Records go to OUT/scaling.json, a table to OUT/scaling.md and the plots
-to OUT/scaling.png; the script ends with the figures that test the source documents' claims
+boolean mask, so SDPA takes its memory-efficient or math backend there, not flash); an LSTM's state
+is fixed-size too. Records go to OUT/scaling.json, a table to OUT/scaling.md and the plots to
+OUT/scaling.png; the script ends with the figures that test the source documents' claims
 (log-log slope, the length past which Mamba-2 beats attention, decode throughput ratios, and
 Mamba-1 layer time over Mamba-2 layer time).
 """
