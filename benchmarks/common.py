@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,21 @@ def time_ms(fn, grad_to_none=None, warmup_ms: float = 50, rep_ms: float = 300) -
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+
+
+def event_ms(fn, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn`` by CUDA events, one call each, after one warm-up call (for
+    calls too long for ``time_ms``'s repetition budget)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def environment(device: torch.device | str = "cuda") -> dict:

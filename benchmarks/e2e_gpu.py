@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, event_ms  # noqa: E402
 from benchmarks.e2e_cpu import write  # noqa: E402
 from mambakit import MambaConfig, MambaLM, load_pretrained  # noqa: E402
 from mambakit.checkpoints import save_pretrained  # noqa: E402
@@ -92,19 +92,6 @@ def seconds(fn, repeats: int = 3) -> float:
         fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def event_ms(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

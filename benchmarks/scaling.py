@@ -36,7 +36,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import atomic_write, environment  # noqa: E402
+from benchmarks.common import atomic_write, environment, event_ms  # noqa: E402
 from mambakit.cache import InferenceCache  # noqa: E402
 from mambakit.layers import MHA, Mamba1, Mamba2, Mamba3  # noqa: E402
 
@@ -70,20 +70,14 @@ def build(name: str, d_model: int, device, dtype) -> nn.Module:
 
 def call_ms(fn, device: torch.device, calls: int = 5) -> float:
     """Median milliseconds of ``fn`` after one warm-up call (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        return event_ms(fn, calls)
     fn()
     times = []
     for _ in range(calls):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
 
 

@@ -141,15 +141,7 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     if initial_state is not None:
         if not isinstance(initial_state, tuple) or len(initial_state) != 4:
             raise TypeError("initial_state: expected a tuple (phi, H, K_prev, x_prev)")
-        phi0, H0, K0, x0 = initial_state
-        expect_tensor("initial_state.phi", phi0, ndim=3)
-        expect_shape("initial_state.phi", phi0, (b, h, n_angles), "(b, h, n_angles)")
-        expect_tensor("initial_state.H", H0, ndim=4, dtypes=(torch.float32, torch.float64))
-        expect_shape("initial_state.H", H0, (b, h, p, n), "(b, h, p, n)")
-        expect_tensor("initial_state.K_prev", K0, ndim=4)
-        expect_shape("initial_state.K_prev", K0, (b, r, h, n), "(b, r, h, n)")
-        expect_tensor("initial_state.x_prev", x0, ndim=3)
-        expect_shape("initial_state.x_prev", x0, (b, h, p), "(b, h, p)")
+        validate_state("initial_state", initial_state, b, h, p, n, r, n_angles)
     if seq_idx is not None:
         expect_tensor("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES)
         expect_shape("seq_idx", seq_idx, (b, l), "(b, l)")
@@ -165,6 +157,23 @@ def validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z,
     )
     if l == 0:
         raise ValueError("x: expected a sequence length l >= 1, got 0")
+
+
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def validate_state(name: str, state: tuple, b, h, p, n, r, n_angles, phi_dtypes=None) -> None:
+    """Shapes (and H's dtype) of a (phi, H, K_prev, x_prev) state tuple; ``phi_dtypes`` restricts
+    phi's dtype too (the decode step writes it in place)."""
+    phi, H, K_prev, x_prev = state
+    expect_tensor(f"{name}.phi", phi, ndim=3, **({} if phi_dtypes is None else {"dtypes": phi_dtypes}))
+    expect_shape(f"{name}.phi", phi, (b, h, n_angles), "(b, h, n_angles)")
+    expect_tensor(f"{name}.H", H, ndim=4, dtypes=STATE_DTYPES)
+    expect_shape(f"{name}.H", H, (b, h, p, n), "(b, h, p, n)")
+    expect_tensor(f"{name}.K_prev", K_prev, ndim=4)
+    expect_shape(f"{name}.K_prev", K_prev, (b, r, h, n), "(b, r, h, n)")
+    expect_tensor(f"{name}.x_prev", x_prev, ndim=3)
+    expect_shape(f"{name}.x_prev", x_prev, (b, h, p), "(b, h, p)")
 
 
 def validate_parameters(h, r, p, n, D, has_z, B_bias, C_bias, mimo_x, mimo_z, mimo_o) -> None:

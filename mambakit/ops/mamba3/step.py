@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from .._checks import compute_dtype, expect_choice, expect_same_device, expect_shape, expect_tensor
-from .reference import ROPE_LAYOUTS, rotate, validate_parameters
+from .reference import ROPE_LAYOUTS, STATE_DTYPES, rotate, validate_parameters, validate_state
 
-STATE_DTYPES = (torch.float32, torch.float64)
 
 
 def validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
@@ -52,15 +51,8 @@ def validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mim
         raise ValueError(f"angles: expected at most n // 2 = {n // 2} angles per head, got {n_angles}")
     if not isinstance(state, tuple) or len(state) != 4:
         raise TypeError("state: expected a tuple (phi, H, K_prev, x_prev)")
+    validate_state("state", state, b, h, p, n, r, n_angles, phi_dtypes=STATE_DTYPES)
     phi, H, K_prev, x_prev = state
-    expect_tensor("state.phi", phi, ndim=3, dtypes=STATE_DTYPES)
-    expect_shape("state.phi", phi, (b, h, n_angles), "(b, h, n_angles)")
-    expect_tensor("state.H", H, ndim=4, dtypes=STATE_DTYPES)
-    expect_shape("state.H", H, (b, h, p, n), "(b, h, p, n)")
-    expect_tensor("state.K_prev", K_prev, ndim=4)
-    expect_shape("state.K_prev", K_prev, (b, r, h, n), "(b, r, h, n)")
-    expect_tensor("state.x_prev", x_prev, ndim=3)
-    expect_shape("state.x_prev", x_prev, (b, h, p), "(b, h, p)")
     if z is not None:
         expect_tensor("z", z, ndim=3)
         expect_shape("z", z, (b, h, p), "(b, h, p)")
