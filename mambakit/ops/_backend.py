@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ._checks import grad_needed
+
 BACKENDS = ("auto", "reference", "triton")
 
 # Looked up once, without importing triton (a CPU-only install never pays for it), and a plain
@@ -41,3 +43,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if device.type != "cuda" and not interpreting():
             raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
     return choice
+
+
+def step_kernel_unsupported(*tensors) -> str | None:
+    """Why a decode-step kernel (float16/bfloat16/float32 only, no backward) cannot take these
+    tensors, or None when it can."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return "float64 inputs or state"
+    if grad_needed(*tensors):
+        return "inputs that require grad (the kernel has no backward)"
+    return None

@@ -70,6 +70,11 @@ def expect_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors: grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype state math runs in: float64 if any input is float64, else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -66,9 +66,9 @@ def parallelize(model: nn.Module, env: Env, mode: str) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for data parallelism; returns the module to call.
 
     ``"fsdp"``: FSDP2 shards each block, then the root (embedding, final norm and tied head
-    together), each block prefetching its neighbour's parameters. Parameters are gathered and gradients reduced in fp32 and the bf16 compute comes
-    from the trainer's autocast, exactly as in one process, so the losses do not depend on the
-    number of processes. ``"ddp"``: replicas. A single process gets ``model`` back unchanged.
+    together), each block prefetching its neighbour's parameters. Parameters are gathered and
+    gradients reduced in fp32 and the bf16 compute comes from the trainer's autocast, exactly as in
+    one process, so the losses do not depend on the number of processes. ``"ddp"``: replicas. A single process gets ``model`` back unchanged.
     """
     if not env.distributed:
         return model

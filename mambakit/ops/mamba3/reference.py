@@ -54,6 +54,12 @@ class Mamba3State(NamedTuple):
     x_prev: torch.Tensor
 
 
+def rope_layout_for(rope_layout: str | None, r: int) -> str:
+    """The rotary layout to use: the one given, else "interleaved" for SISO (r = 1) and "halves"
+    for MIMO, the official defaults."""
+    return rope_layout or ("interleaved" if r == 1 else "halves")
+
+
 def rotate(v: torch.Tensor, phi: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate pairs of state entries of v (..., n) by the angles phi (..., n_angles).
 
@@ -93,8 +99,8 @@ def rotary_phase(angles: torch.Tensor, dt: torch.Tensor, phi0: torch.Tensor,
         # Subtract what the earlier sequences summed: the exclusive sum at this sequence's start.
         b, l = segment.shape
         position = torch.arange(l, device=segment.device).expand(b, l)
-        starts = torch.ones_like(segment, dtype=torch.bool)
-        starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        starts = segment_resets(segment)
+        starts[:, 0] = True
         start = torch.cummax(torch.where(starts, position, 0), dim=1).values  # (b, l) index of the start
         before = (total - increments).gather(1, start[:, :, None, None].expand_as(total))
         first = (segment == 0)[:, :, None, None]
@@ -282,7 +288,7 @@ def mamba3_reference(
     """
     b, l, h, p = x.shape
     r, n, n_angles = B.shape[2], B.shape[4], angles.shape[3]
-    layout = rope_layout or ("interleaved" if r == 1 else "halves")
+    layout = rope_layout_for(rope_layout, r)
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
 
     def f(t):

@@ -24,10 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend
-from .._checks import compute_dtype, expect_choice, expect_same_device, expect_shape, expect_tensor
-from .reference import ROPE_LAYOUTS, STATE_DTYPES, rotate, validate_parameters, validate_state
-
+from .._backend import resolve_backend, step_kernel_unsupported
+from .._checks import compute_dtype, expect_choice, expect_same_device, expect_shape, expect_tensor, grad_needed
+from .reference import ROPE_LAYOUTS, STATE_DTYPES, rope_layout_for, rotate, validate_parameters, validate_state
 
 
 def validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
@@ -92,7 +91,7 @@ def mamba3_step_reference(x, dt, A, B, C, trap, angles, state, D=None, z=None, B
     validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rope_layout)
     phi, H, K_prev, x_prev = state
     h, r = x.shape[1], B.shape[1]
-    layout = rope_layout or ("interleaved" if r == 1 else "halves")
+    layout = rope_layout_for(rope_layout, r)
     cdtype = compute_dtype(x, dt, A, B, C, trap, angles, *state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
 
     def up(t):
@@ -116,9 +115,8 @@ def mamba3_step_reference(x, dt, A, B, C, trap, angles, state, D=None, z=None, B
     lam = torch.sigmoid(up(trap))
     alpha = torch.exp(dtc * up(A))
     gamma, beta = lam * dtc, (1 - lam) * dtc * alpha
-    tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
-    if H.dtype == cdtype and H.is_contiguous() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors)):
+    if H.dtype == cdtype and H.is_contiguous() and not grad_needed(x, dt, A, B, C, trap, angles, D, z, B_bias,
+                                                                  C_bias, mimo_x, mimo_z, mimo_o):
         # Decoding: H is updated where it lies, the rank sums as batched matrix products over
         # (b h) rows. No (b, h, p, n) temporaries: on a CPU their allocation costs more than the math.
         b, _, p, n = H.shape
@@ -167,12 +165,9 @@ def mamba3_step(x, dt, A, B, C, trap, angles, state, D=None, z=None, B_bias=None
     """
     validate_step(x, dt, A, B, C, trap, angles, state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rope_layout)
     impl = resolve_backend(backend, x.device)
-    tensors = (x, dt, A, B, C, trap, angles, *state, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o)
     if impl == "triton":
-        unsupported = ("float64 inputs or state" if any(t is not None and t.dtype == torch.float64 for t in tensors)
-                       else "inputs that require grad (the kernel has no backward)"
-                       if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-                       else None)
+        unsupported = step_kernel_unsupported(x, dt, A, B, C, trap, angles, *state, D, z, B_bias, C_bias, mimo_x,
+                                              mimo_z, mimo_o)
         if unsupported and backend == "triton":
             raise ValueError(f"backend: the Triton Mamba-3 step does not take {unsupported}; use backend='reference'")
         if unsupported:
@@ -182,6 +177,5 @@ def mamba3_step(x, dt, A, B, C, trap, angles, state, D=None, z=None, B_bias=None
                                      mimo_o, rope_layout)
     from .step_triton import mamba3_step_triton
 
-    r = B.shape[1]
     return mamba3_step_triton(x, dt, A, B, C, trap, angles, tuple(state), D, z, B_bias, C_bias, mimo_x, mimo_z,
-                              mimo_o, (rope_layout or ("interleaved" if r == 1 else "halves")) == "halves")
+                              mimo_o, rope_layout_for(rope_layout, B.shape[1]) == "halves")

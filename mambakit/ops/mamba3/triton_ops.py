@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import grad_needed
 from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
-from .reference import Mamba3State, rotary_phase, trapezoid_weights
+from .reference import Mamba3State, rope_layout_for, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
 
 F32 = torch.float32
@@ -44,7 +45,7 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     b, l, h, p = x.shape
     r, g, n = B.shape[2:]
     n_angles = angles.shape[3]
-    layout = rope_layout or ("interleaved" if r == 1 else "halves")
+    layout = rope_layout_for(rope_layout, r)
     if initial_state is None:
         phi0 = x.new_zeros(b, h, n_angles, dtype=F32)
         H0 = x.new_zeros(b, h, p, n, dtype=F32)
@@ -81,7 +82,7 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         weight = (gamma + c_next)[:, :, None].expand(b, l, r, h).reshape(b, l * r, h)
     G0 = H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)
     tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grad = grad_needed(*tensors)
     y_core, H_final, *_ = ssd_fwd(
         v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
         K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(),

@@ -11,6 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._checks import grad_needed
 from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
@@ -306,7 +307,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         return None if t is None else t.contiguous()
 
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save_states = grad_needed(*tensors)
     if u.shape[2] == 1 and not save_states and not A.is_complex():
         y, last = selective_scan_step(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
                                       c(initial_state), delta_softplus)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend
-from .._checks import compute_dtype, expect_same_device, expect_shape, expect_tensor
+from .._backend import resolve_backend, step_kernel_unsupported
+from .._checks import compute_dtype, expect_same_device, expect_shape, expect_tensor, grad_needed
 from .reference import _discretize_dt, _expect_bool, _expect_dt_limit
 
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -118,9 +118,7 @@ def ssd_step_reference(
     Bh = up(B).repeat_interleave(per_group, dim=1)  # (b, h, n)
     Ch = up(C).repeat_interleave(per_group, dim=1)
     decay, update = torch.exp(dtc * up(A)), dtc[..., None] * xc  # (b, h), (b, h, p)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z,
-                                                                                              dt_bias))
-    if state.dtype == cdtype and state.is_contiguous() and not needs_grad:
+    if state.dtype == cdtype and state.is_contiguous() and not grad_needed(x, dt, A, B, C, D, z, dt_bias):
         # Decoding: the state is updated where it lies, as batched matrix products over (b h)
         # rows. No (b, h, p, n) temporaries: on a CPU their allocation cost ~5x the arithmetic.
         b, _, p, n = state.shape
@@ -170,7 +168,7 @@ def ssd_step(
     validate_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_limit)
     impl = resolve_backend(backend, x.device)
     if impl == "triton":
-        unsupported = _triton_unsupported(x, dt, A, B, C, state, D, z, dt_bias)
+        unsupported = step_kernel_unsupported(x, dt, A, B, C, state, D, z, dt_bias)
         if unsupported and backend == "triton":
             raise ValueError(f"backend: the Triton SSD step does not take {unsupported}; use backend='reference'")
         if unsupported:
@@ -181,10 +179,3 @@ def ssd_step(
 
     return ssd_step_triton(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_limit)
 
-
-def _triton_unsupported(*tensors) -> str | None:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return "float64 inputs or state"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "inputs that require grad (the kernel has no backward)"
-    return None

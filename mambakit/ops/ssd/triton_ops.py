@@ -9,6 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._checks import grad_needed
 from ..common import canonical_segments
 from . import triton_kernels as kernels
 
@@ -254,7 +255,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_
     x, dt, B, C, z = (_packed_rows(t) for t in (x, dt, B, C, z))
 
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = grad_needed(*tensors)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     clamp = (lo, hi) != (0.0, float("inf"))
     seg = None if seq_idx is None else canonical_segments(seq_idx)
