@@ -65,6 +65,16 @@ def official_package(layer: str) -> None:
         peers.official_triton_only(src)
 
 
+def without_fused_conv(official):
+    """The official Mamba-2 layer's default training path fuses the conv from ``causal-conv1d``,
+    which is not installed (as in ANCHORS.md); its unfused path (nn.Conv1d + the chunked scan)
+    is the one that runs without it. Mamba-1 falls back by itself."""
+    for module in official.modules():
+        if hasattr(module, "use_mem_eff_path"):
+            module.use_mem_eff_path = False
+    return official
+
+
 def three_models(layer: str, d_model: int, n_layer: int, dtype=torch.bfloat16):
     """(mambakit, official, transformers) models with the same random weights, on the GPU, eval."""
     import transformers
@@ -76,7 +86,7 @@ def three_models(layer: str, d_model: int, n_layer: int, dtype=torch.bfloat16):
     with tempfile.TemporaryDirectory() as official_dir, tempfile.TemporaryDirectory() as hf_dir:
         save_pretrained(ours, official_dir, format="mamba_ssm")
         save_pretrained(ours, hf_dir, format="hf")
-        official = MambaLMHeadModel.from_pretrained(official_dir, device="cuda", dtype=dtype)
+        official = without_fused_conv(MambaLMHeadModel.from_pretrained(official_dir, device="cuda", dtype=dtype))
         reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).to("cuda", dtype)
         ours = load_pretrained(official_dir, device="cuda", dtype=dtype)
     return ours.eval(), official.eval(), reference.eval()
@@ -173,6 +183,7 @@ def training(layer: str, records: list[dict], batch=8, length=2048) -> None:
         official = MambaLMHeadModel(OfficialConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg=ssm,
                                                    rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                                                    pad_vocab_size_multiple=8), device="cuda")
+        official = without_fused_conv(official)
         peer_tps, peer_gib = train_speed(official, batch, length)
         del official
         torch.cuda.empty_cache()

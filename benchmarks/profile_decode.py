@@ -1,0 +1,74 @@
+"""Where a decode token's time goes: the kernels of one CUDA-graph decode step of a 130M-class
+LM (d_model 768, 24 layers, random weights, bf16), their count and GPU time, and the wall time of
+a graph replay against a whole ``generate`` step (sampling and bookkeeping included).
+
+    PYTHONUNBUFFERED=1 python benchmarks/profile_decode.py [--layers Mamba2 Mamba1] [--batch 1 64]
+
+Prints, per layer type and batch size: microseconds per token for the graph replay alone and for
+``generate``, then the kernels of 20 replays (CUDA time per token and launches per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mambakit import MambaConfig, MambaLM  # noqa: E402
+from mambakit.cuda_graphs import graphed_decoder  # noqa: E402
+
+VOCAB = 50280
+
+
+def per_token_us(fn, tokens: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - started) / tokens
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", nargs="+", default=["Mamba2", "Mamba1"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--rows", type=int, default=25, help="kernels to list")
+    args = p.parse_args(argv)
+    for layer in args.layers:
+        torch.manual_seed(0)
+        model = MambaLM(MambaConfig(d_model=768, n_layer=24, vocab_size=VOCAB, ssm_cfg={"layer": layer}))
+        model = model.cuda().to(torch.bfloat16).eval()
+        for batch in args.batch:
+            prompt = torch.randint(0, VOCAB, (batch, 16), device="cuda")
+            decoder = graphed_decoder(model)
+            with torch.no_grad():
+                decoder.cache(batch)
+                model(prompt, inference_params=decoder.active.cache, num_last_tokens=1)
+                decoder.active.cache.seqlen_offset = 16
+                tokens = prompt[:, -1]
+                replay = per_token_us(lambda: [decoder.step(tokens) for _ in range(100)], 100)
+                whole = per_token_us(lambda: model.generate(prompt, max_new_tokens=128, temperature=0), 128)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        decoder.step(tokens)
+                    torch.cuda.synchronize()
+            print(f"\n== {layer} batch {batch}: graph replay {replay:.1f} us/token, generate {whole:.1f} us/token "
+                  f"({1e6 / whole * batch:,.0f} tok/s)", flush=True)
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            events.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events)
+            launches = sum(e.count for e in events)
+            print(f"   kernels: {launches / 20:.0f} launches/token, {total / 20:.1f} us/token of GPU time")
+            for e in events[: args.rows]:
+                print(f"   {e.device_time_total / 20:8.1f} us {e.count / 20:5.0f}x  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
