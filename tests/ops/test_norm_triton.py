@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit.layers.norm import RMSNorm, RMSNormGated
-from mambakit.ops.norm import gated_rms_norm, rms_norm
+from mambakit.ops.norm import add_norm, gated_rms_norm, rms_norm
 from tests.utils import assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
@@ -185,3 +185,104 @@ def test_real_sizes_on_gpu(d, group_size, norm_before_gate, dtype):
     # Mamba-2 130m (d_ssm 1536, 1 or 8 groups), 2.7b (5120) and a wide group; 2 x 1025 rows.
     out = run_both((2, 1025, d), dtype=dtype, seed=d, group_size=group_size, norm_before_gate=norm_before_gate)
     check(out, TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add + norm
+# ----------------------------------------------------------------------------------------------
+
+ADD_CASES = {
+    # id: (x dtype, residual dtype or None, residual_in_fp32, weight dtype)
+    "first_block": (torch.bfloat16, None, False, torch.bfloat16),
+    "first_block_fp32_residual": (torch.bfloat16, None, True, torch.bfloat16),
+    "bf16_stream": (torch.bfloat16, torch.bfloat16, False, torch.bfloat16),
+    "fp32_stream_bf16_model": (torch.bfloat16, torch.float32, True, torch.bfloat16),
+    "fp32_stream_fp32_weight": (torch.float16, torch.float32, True, torch.float32),
+    "fp32_everything": (torch.float32, torch.float32, False, torch.float32),
+}
+ADD_SHAPES = [pytest.param((3, 12), id="2d"), pytest.param((2, 7, 33), id="odd-d"),
+              pytest.param((4, 9, 100), id="many-row-tiles")]
+
+
+def add_norm_both(shape, x_dtype, res_dtype, in_fp32, w_dtype, kind, with_residual_grad, seed=0):
+    """{backend: [normed, new_residual, dx, dresidual, dweight, dbias]}: both backends on the same
+    inputs and output gradients; the loss uses new_residual too when with_residual_grad."""
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g)
+    res0 = 3 * torch.randn(shape, generator=g)
+    w0, b0 = 1 + 0.3 * torch.randn(shape[-1], generator=g), 0.3 * torch.randn(shape[-1], generator=g)
+    dy, dres = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE)
+    for backend in ("reference", "triton"):
+        x = x0.to(DEVICE, x_dtype).requires_grad_()
+        residual = None if res_dtype is None else res0.to(DEVICE, res_dtype).requires_grad_()
+        weight = w0.to(DEVICE, w_dtype).requires_grad_()
+        bias = b0.to(DEVICE, w_dtype).requires_grad_() if kind == "layer" else None
+        normed, new_residual = add_norm(x, residual, weight, bias, eps=1e-5, kind=kind, residual_in_fp32=in_fp32,
+                                        backend=backend)
+        loss = (normed.double() * dy.double()).sum()
+        if with_residual_grad:
+            loss = loss + (new_residual.double() * dres.double()).sum()
+        leaves = [t for t in (x, residual, weight, bias) if t is not None]
+        out[backend] = [normed, new_residual] + list(torch.autograd.grad(loss, leaves))
+    return out
+
+
+@pytest.mark.parametrize("with_residual_grad", [False, True], ids=["normed-only", "both-outputs"])
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("case", list(ADD_CASES), ids=list(ADD_CASES))
+@pytest.mark.parametrize("shape", ADD_SHAPES)
+def test_add_norm_matches_reference(shape, case, kind, with_residual_grad):
+    x_dtype, res_dtype, in_fp32, w_dtype = ADD_CASES[case]
+    out = add_norm_both(shape, x_dtype, res_dtype, in_fp32, w_dtype, kind, with_residual_grad, seed=len(shape))
+    ref, tri = out["reference"], out["triton"]
+    assert [t.dtype for t in tri] == [t.dtype for t in ref]
+    # the new residual is one addition: equal up to the order of one rounding
+    assert_close(tri[1], ref[1], 1e-6 if tri[1].dtype == torch.float32 else TOL[tri[1].dtype], "new_residual")
+    tol = max(TOL[x_dtype], TOL[w_dtype])
+    names = ["normed", "new_residual", "dx"] + (["dresidual"] if res_dtype else []) + ["dweight", "dbias"]
+    for name, a, b in zip(names, tri, ref):
+        if name != "new_residual":
+            assert_close(a, b, tol, name)
+
+
+def test_add_norm_first_block_returns_x_itself_as_the_residual():
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    _, new_residual = add_norm(x, None, torch.ones(8, device=DEVICE), backend="triton")
+    assert new_residual is x
+
+
+def test_add_norm_custom_op_registration():
+    x, residual = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.mambakit.add_norm_fwd.default, (x, residual, weight, None, 1e-5, True, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_blocks_use_the_fused_add_norm(monkeypatch):
+    from mambakit import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=32, ssm_cfg={"layer": "Mamba2", "headdim": 8,
+                                                                                 "d_state": 8, "chunk_size": 4}))
+    ids = torch.randint(0, 32, (1, 5))
+    expected = model(ids)
+    model, ids = model.to(DEVICE), ids.to(DEVICE)
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
+    with OpRecorder() as recorder:
+        got = model(ids)
+    assert sum("add_norm_fwd" in str(func) for func, _ in recorder.calls) == 3  # two blocks + the final norm
+    assert_close(got.cpu(), expected, 1e-4, "logits")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("case", ["fp32_stream_bf16_model", "bf16_stream", "fp32_everything"])
+@pytest.mark.parametrize("d", [768, 2560, 8192])
+def test_add_norm_real_sizes_on_gpu(d, case, kind):
+    x_dtype, res_dtype, in_fp32, w_dtype = ADD_CASES[case]
+    out = add_norm_both((4, 2049, d), x_dtype, res_dtype, in_fp32, w_dtype, kind, True, seed=d)
+    tol = max(TOL[x_dtype], TOL[w_dtype])
+    for a, b in zip(out["triton"], out["reference"]):
+        assert_close(a, b, tol, "add_norm")

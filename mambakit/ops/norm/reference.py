@@ -6,12 +6,12 @@ All act on the last axis (the channels, size d) of x (..., d):
     layer_norm(x)      = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias
     gated_rms_norm     = rms_norm per group of channels of x * silu(z) (norm_before_gate=False),
                          or of x, then times silu(z) (norm_before_gate=True)
-    add_norm           = the pre-norm block input: residual += x, then norm(residual)
+    add_norm_reference = the pre-norm block input: residual += x, then norm(residual)
 
 The statistics run in float32 (float64 if an input is float64) and outputs return in the input's
 dtype, as the official ``mamba_ssm`` kernels (``rms_norm_fn``, ``layer_norm_fn``, ``rmsnorm_fn``
-of ``layernorm_gated``) whose semantics these follow. The public ``rms_norm`` and ``gated_rms_norm``
-(``api.py``) run these references or the Triton kernels.
+of ``layernorm_gated``) whose semantics these follow. The public ``rms_norm``, ``gated_rms_norm`` and
+``add_norm`` (``api.py``) run these references or the Triton kernels.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def gated_rms_norm_reference(
     return y.to(x.dtype)
 
 
-def add_norm(
+def add_norm_reference(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor,
@@ -271,8 +271,8 @@ def add_norm(
 
     Example:
         >>> x, w = torch.randn(2, 10, 64, dtype=torch.bfloat16), torch.ones(64)
-        >>> normed, residual = add_norm(x, None, w, residual_in_fp32=True)
-        >>> normed2, residual = add_norm(x, residual, w, residual_in_fp32=True)
+        >>> normed, residual = add_norm_reference(x, None, w, residual_in_fp32=True)
+        >>> normed2, residual = add_norm_reference(x, residual, w, residual_in_fp32=True)
         >>> normed2.dtype, residual.dtype
         (torch.float32, torch.float32)
 
@@ -280,6 +280,27 @@ def add_norm(
         TypeError: an argument of the wrong type or dtype.
         ValueError: wrong shapes, devices or option values.
     """
+    validate_add_norm(x, residual, weight, bias, eps, kind, residual_in_fp32)
+    if residual_in_fp32:
+        add_dtype = compute_dtype(x, residual)
+        total = x.to(add_dtype) if residual is None else x.to(add_dtype) + residual.to(add_dtype)
+        new_residual = total
+    else:
+        # One rounding to x's dtype (the sum itself is formed in the promoted dtype).
+        new_residual = x if residual is None else (x + residual).to(x.dtype)
+        total = new_residual
+
+    inp = total.to(weight.dtype)
+    cdtype = compute_dtype(inp, weight, bias)
+    if kind == "rms":
+        normed = _rms_normalize(inp.to(cdtype), eps, x.shape[-1]) * weight.to(cdtype)
+    else:
+        normed = _layer_norm(inp.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), eps)
+    return normed.to(weight.dtype), new_residual
+
+
+def validate_add_norm(x, residual, weight, bias, eps, kind, residual_in_fp32) -> None:
+    """The checks of :func:`add_norm_reference` (shared with the Triton path)."""
     d = _expect_input("x", x)
     if residual is not None:
         expect_tensor("residual", residual)
@@ -293,20 +314,3 @@ def add_norm(
     _expect_eps(eps)
     _expect_bool("residual_in_fp32", residual_in_fp32)
     expect_same_device(x=x, residual=residual, weight=weight, bias=bias)
-
-    if residual_in_fp32:
-        add_dtype = compute_dtype(x, residual)
-        total = x.to(add_dtype) if residual is None else x.to(add_dtype) + residual.to(add_dtype)
-        new_residual = total
-    else:
-        # One rounding to x's dtype (the sum itself is formed in the promoted dtype).
-        new_residual = x if residual is None else (x + residual).to(x.dtype)
-        total = new_residual
-
-    inp = total.to(weight.dtype)
-    cdtype = compute_dtype(inp, weight, bias)
-    if kind == "rms":
-        normed = _rms_normalize(inp.to(cdtype), eps, d) * weight.to(cdtype)
-    else:
-        normed = _layer_norm(inp.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), eps)
-    return normed.to(weight.dtype), new_residual

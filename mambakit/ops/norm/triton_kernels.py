@@ -1,4 +1,5 @@
-"""Triton kernels of the gated, grouped RMSNorm (plain RMSNorm is the case without z, one group).
+"""Triton kernels of the gated, grouped RMSNorm (plain RMSNorm is the case without z, one group)
+and of the residual add + RMSNorm / LayerNorm that opens every block.
 
 Rows are the leading axes of x (..., d) seen as (outer, inner) with one stride each, so a column
 slice of a wider (b, l, D) tensor (the gate z of Mamba-2 is one) is read in place; channels are
@@ -109,3 +110,89 @@ def gated_rms_norm_bwd_kernel(p_dy, p_x, p_z, p_w, p_dx, p_dz, p_dw_partial, row
             b_ds = b_ds * (b_z * b_sig)
         tl.store(p_dx + o_out, b_ds.to(p_dx.dtype.element_ty), mask=m_mc)
     tl.store(p_dw_partial + i_p * dim + o_c, b_dw, mask=m_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add + RMSNorm / LayerNorm (the pre-norm block input), rows (rows, d) contiguous.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_norm_rows(p_x, p_res, p_res_out, p_w, o_md, m_md, m_m, dim, eps,
+                   HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, IS_RMS: tl.constexpr):
+    """-> (sum, xhat, rstd) for one row tile: sum = x [+ residual] in fp32; the norm's input is the
+    sum rounded to the stored residual's dtype, then to the weight's dtype; xhat is it normalised
+    in fp32 (zero on rows past the end) and rstd (BLOCK_M,) the 1 / rms (or 1 / std) per row."""
+    b_sum = tl.load(p_x + o_md, mask=m_md, other=0.0).to(tl.float32)
+    if HAS_RES:
+        b_sum += tl.load(p_res + o_md, mask=m_md, other=0.0).to(tl.float32)
+    b_t = b_sum
+    if STORE_RES:
+        b_t = b_t.to(p_res_out.dtype.element_ty).to(tl.float32)
+    b_t = b_t.to(p_w.dtype.element_ty).to(tl.float32)
+    if not IS_RMS:
+        b_t = tl.where(m_md, b_t - (tl.sum(b_t, axis=1) / dim)[:, None], 0.0)
+    b_rstd = tl.where(m_m, 1.0 / tl.sqrt(tl.sum(b_t * b_t, axis=1) / dim + eps), 0.0)
+    return b_sum, b_t * b_rstd[:, None], b_rstd
+
+
+@triton.jit
+def add_norm_fwd_kernel(p_x, p_res, p_w, p_b, p_y, p_res_out, rows, dim, eps,
+                        HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, IS_RMS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """new residual = x [+ residual] (stored if STORE_RES), y = norm(new residual) * w [+ b] in the
+    weight's dtype; grid (row tiles,)."""
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < rows, o_d < dim
+    m_md = m_m[:, None] & m_d[None, :]
+    o_md = o_m.to(tl.int64)[:, None] * dim + o_d[None, :]
+    b_sum, b_xhat, _ = _add_norm_rows(p_x, p_res, p_res_out, p_w, o_md, m_md, m_m, dim, eps,
+                                      HAS_RES, STORE_RES, IS_RMS)
+    if STORE_RES:
+        tl.store(p_res_out + o_md, b_sum.to(p_res_out.dtype.element_ty), mask=m_md)
+    b_y = b_xhat * tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b_y += tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_y + o_md, b_y.to(p_y.dtype.element_ty), mask=m_md)
+
+
+@triton.jit
+def add_norm_bwd_kernel(p_dy, p_dres_out, p_x, p_res, p_res_out, p_w, p_dx, p_dres, p_dw_partial, p_db_partial,
+                        rows, dim, eps, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, IS_RMS: tl.constexpr,
+                        HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx (and dresidual with HAS_RES) = d norm input + d new residual, in their inputs' dtypes,
+    and this program's weight and bias gradients dw_partial / db_partial[i_p]; program i_p takes
+    row tiles i_p, i_p + programs, ...
+
+    With xhat the normalised input and g = dy * w: d input = rstd (g - xhat mean(g xhat)) for
+    RMSNorm, rstd (g - mean(g) - xhat mean(g xhat)) for LayerNorm (the roundings pass gradients
+    through unchanged). p_res_out only names the stored residual's dtype; it is not read."""
+    i_p, n_programs = tl.program_id(0), tl.num_programs(0)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < dim
+    b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i_m in range(i_p, tl.cdiv(rows, BLOCK_M), n_programs):
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = o_m < rows
+        m_md = m_m[:, None] & m_d[None, :]
+        o_md = o_m.to(tl.int64)[:, None] * dim + o_d[None, :]
+        _, b_xhat, b_rstd = _add_norm_rows(p_x, p_res, p_res_out, p_w, o_md, m_md, m_m, dim, eps,
+                                           HAS_RES, STORE_RES, IS_RMS)
+        b_dy = tl.load(p_dy + o_md, mask=m_md, other=0.0).to(tl.float32)
+        b_dw += tl.sum(b_dy * b_xhat, axis=0)
+        b_db += tl.sum(b_dy, axis=0)
+        b_g = b_dy * b_w[None, :]
+        b_dt = b_g - b_xhat * (tl.sum(b_g * b_xhat, axis=1) / dim)[:, None]
+        if not IS_RMS:
+            b_dt -= (tl.sum(b_g, axis=1) / dim)[:, None]
+        b_dt = b_dt * b_rstd[:, None]
+        if HAS_DRES:
+            b_dt += tl.load(p_dres_out + o_md, mask=m_md, other=0.0).to(tl.float32)
+        tl.store(p_dx + o_md, b_dt.to(p_dx.dtype.element_ty), mask=m_md)
+        if HAS_RES:
+            tl.store(p_dres + o_md, b_dt.to(p_dres.dtype.element_ty), mask=m_md)
+    tl.store(p_dw_partial + i_p * dim + o_d, b_dw, mask=m_d)
+    tl.store(p_db_partial + i_p * dim + o_d, b_db, mask=m_d)

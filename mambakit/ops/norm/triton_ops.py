@@ -124,3 +124,109 @@ gated_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def gated_rms_norm_triton(x, weight, z, eps, group_size, norm_before_gate):
     """Triton path of :func:`mambakit.ops.norm.gated_rms_norm` (inputs validated, group_size an int)."""
     return gated_rms_norm_fwd(x, weight.contiguous(), z, float(eps), group_size, norm_before_gate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add + norm
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_norm_tile(d: int, pass_: str) -> dict:
+    """Rows of d channels per program, as the gated norm's tile for one group of d."""
+    tile = _tile(d, pass_)
+    return dict(BLOCK_M=tile["BLOCK_M"], BLOCK_D=tile["BLOCK_G"], num_warps=tile["num_warps"])
+
+
+@torch.library.custom_op("mambakit::add_norm_fwd", mutates_args=())
+def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+                 is_rms: bool, residual_in_fp32: bool) -> list[Tensor]:
+    """-> [normed (..., d) in weight's dtype, new residual (..., d)]. The new residual is float32
+    with residual_in_fp32, else x's dtype; it is empty when it would be x itself (no residual,
+    not residual_in_fp32), which the caller then uses."""
+    store_residual = residual is not None or residual_in_fp32
+    xr = x.reshape(-1, x.shape[-1])
+    rr = residual.reshape(xr.shape) if residual is not None else None
+    y = torch.empty(x.shape, device=x.device, dtype=weight.dtype)
+    new_residual = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype) \
+        if store_residual else x.new_empty(0)
+    rows, d = xr.shape
+    if rows:
+        tile = _add_norm_tile(d, "fwd")
+        kernels.add_norm_fwd_kernel[(triton.cdiv(rows, tile["BLOCK_M"]),)](
+            xr, rr, weight, bias, y, new_residual, rows, d, eps, HAS_RES=residual is not None,
+            STORE_RES=store_residual, IS_RMS=is_rms, HAS_BIAS=bias is not None, **tile)
+    return [y, new_residual]
+
+
+@add_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32):
+    store_residual = residual is not None or residual_in_fp32
+    return [torch.empty(x.shape, device=x.device, dtype=weight.dtype),
+            torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
+            if store_residual else x.new_empty(0)]
+
+
+@torch.library.custom_op("mambakit::add_norm_bwd", mutates_args=())
+def add_norm_bwd(dy: Tensor, dnew_residual: Optional[Tensor], x: Tensor, residual: Optional[Tensor],
+                 weight: Tensor, eps: float, is_rms: bool, residual_in_fp32: bool) -> list[Tensor]:
+    """-> [dx (x's dtype), dresidual (residual's dtype; empty without one), dweight, dbias (both
+    float32)]; dy, dnew_residual (..., d) as the forward's outputs (dnew_residual may be None)."""
+    store_residual = residual is not None or residual_in_fp32
+    xr = x.reshape(-1, x.shape[-1])
+    rows, d = xr.shape
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dres = torch.empty(x.shape, device=x.device, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+    if rows == 0:
+        zeros = torch.zeros(d, device=x.device, dtype=torch.float32)
+        return [dx, dres, zeros, zeros.clone()]
+    tile = _add_norm_tile(d, "bwd")
+    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), _bwd_programs_target(x.device))
+    dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
+    db_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
+    residual_dtype_of = torch.empty(0, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
+    kernels.add_norm_bwd_kernel[(programs,)](
+        dy.reshape(xr.shape).contiguous(),
+        dnew_residual.reshape(xr.shape).contiguous() if dnew_residual is not None else None,
+        xr, residual.reshape(xr.shape) if residual is not None else None, residual_dtype_of, weight,
+        dx, dres, dw_partial, db_partial, rows, d, eps, HAS_RES=residual is not None, STORE_RES=store_residual,
+        IS_RMS=is_rms, HAS_DRES=dnew_residual is not None, **tile)
+    return [dx, dres, dw_partial.sum(0), db_partial.sum(0)]
+
+
+@add_norm_bwd.register_fake
+def _(dy, dnew_residual, x, residual, weight, eps, is_rms, residual_in_fp32):
+    d = x.shape[-1]
+    return [torch.empty(x.shape, device=x.device, dtype=x.dtype),
+            torch.empty(x.shape, device=x.device, dtype=residual.dtype) if residual is not None else x.new_empty(0),
+            x.new_empty(d, dtype=torch.float32), x.new_empty(d, dtype=torch.float32)]
+
+
+def _add_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, residual_in_fp32 = inputs
+    ctx.save_for_backward(x, residual, weight)
+    ctx.bias_dtype, ctx.eps, ctx.is_rms, ctx.residual_in_fp32 = None if bias is None else bias.dtype, eps, is_rms, residual_in_fp32
+    ctx.stored_residual = residual is not None or residual_in_fp32
+
+
+def _add_norm_backward(ctx, grads):
+    dy, dnew_residual = grads
+    x, residual, weight = ctx.saved_tensors
+    if not ctx.stored_residual:  # the op returned no residual (the caller uses x itself)
+        dnew_residual = None
+    dx, dres, dw, db = add_norm_bwd(dy, dnew_residual, x, residual, weight, ctx.eps, ctx.is_rms,
+                                    ctx.residual_in_fp32)
+    return (dx, dres if residual is not None else None, dw.to(weight.dtype),
+            None if ctx.bias_dtype is None else db.to(ctx.bias_dtype), None, None, None)
+
+
+add_norm_fwd.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
+
+
+def add_norm_triton(x, residual, weight, bias, eps, kind, residual_in_fp32):
+    """Triton path of :func:`mambakit.ops.norm.add_norm` (inputs validated) -> (normed, new residual)."""
+    contiguous = [t.contiguous() if t is not None else None for t in (x, residual, weight, bias)]
+    x, residual, weight, bias = contiguous
+    normed, new_residual = add_norm_fwd(x, residual, weight, bias, float(eps), kind == "rms", residual_in_fp32)
+    if residual is None and not residual_in_fp32:
+        new_residual = x
+    return normed, new_residual
