@@ -70,6 +70,8 @@ def sample_next_token(logits: torch.Tensor, seen: torch.Tensor | None = None, te
 
     Returns: (b,) int64 token ids.
     """
+    if temperature == 0 and (repetition_penalty == 1.0 or seen is None):
+        return logits.argmax(dim=-1)  # the same choice in any float dtype: no upcast copy
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -133,20 +135,27 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
     else:
         logits = model(torch.stack(prompts), inference_params=cache, num_last_tokens=1)[:, -1]
     cache.seqlen_offset = longest
-    seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        seen[i, p] = True
+    # Only what the options use is tracked: every extra op is a launch per token, and reading
+    # `finished` back is a device sync that stalls the queue of work (so it happens only with an eos).
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, p] = True
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    padded_vocabulary = logits.shape[-1] > vocab
     for step in range(max_new_tokens):
-        logits[:, vocab:] = float("-inf")  # padded vocabulary rows are never produced
+        if padded_vocabulary:
+            logits[:, vocab:] = float("-inf")  # padded vocabulary rows are never produced
         tokens = sample_next_token(logits, seen, temperature, top_k, top_p, min_p, repetition_penalty, generator)
         if eos_token_id is not None:
             tokens = tokens.masked_fill(finished, eos_token_id)
             finished |= tokens == eos_token_id
         yield tokens
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        seen[torch.arange(b, device=device), tokens] = True
+        if seen is not None:
+            seen[torch.arange(b, device=device), tokens] = True
         logits = decoder.step(tokens) if cuda_graph else model(tokens[:, None], inference_params=cache)[:, -1]
         cache.seqlen_offset += 1
         if cache.lengths is not None:
