@@ -77,8 +77,9 @@ class GraphedDecoder:
         self.active: _Captured | None = None
 
     def valid_for(self, model) -> bool:
-        """Whether the captured graphs still read ``model``'s current weights (a ``.to()`` or a
-        replaced parameter moves them; in-place updates are fine)."""
+        """Whether the captured graphs still match ``model``'s current weights: a ``.to()`` or a
+        replaced parameter moves them, and an in-place update (an optimizer step) changes values
+        the layers derive once for decoding (such as A = -exp(A_log)); either means re-capture."""
         return model is self.model and _weights_fingerprint(model) == self.weights
 
     def cache(self, batch: int) -> InferenceCache:
@@ -98,7 +99,7 @@ class GraphedDecoder:
 
 
 def _weights_fingerprint(model) -> tuple:
-    return tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in model.parameters())
+    return tuple((p.data_ptr(), p.dtype, tuple(p.shape), p._version) for p in model.parameters())
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

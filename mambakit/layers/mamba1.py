@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
-from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .mixer_common import at_least_fp32, cached_states, derived_parameter, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNorm
 
 
@@ -179,16 +179,17 @@ class Mamba1(nn.Module):
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias goes in the scan
-        A = -torch.exp(at_least_fp32(self.A_log))
+        A = derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log)
         scan = selective_scan(
             x,
             dt,
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
-            D=at_least_fp32(self.D),
+            D=derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D),
             z=z,
-            delta_bias=at_least_fp32(self.dt_proj.bias),
+            delta_bias=derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias),
+                                         self.dt_proj.bias),
             delta_softplus=True,
             initial_state=ssm_state if resume else None,
             return_final_state=keep,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.ssd import ssd, ssd_step
-from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .mixer_common import at_least_fp32, cached_states, derived_parameter, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
 
 
@@ -174,7 +174,7 @@ class Mamba2(nn.Module):
         y = ssd_step(
             x.reshape(b, h, p),
             dt,
-            -torch.exp(at_least_fp32(self.A_log)),
+            derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log),
             B.reshape(b, g, n),
             C.reshape(b, g, n),
             ssm_state,

@@ -53,6 +53,23 @@ def write_states(states: tuple[torch.Tensor, ...], finals) -> None:
         stored.copy_(final)
 
 
+def derived_parameter(module: nn.Module, name: str, compute, *sources: torch.Tensor) -> torch.Tensor:
+    """``compute()`` (a tensor made from the parameters ``sources``, e.g. A = -exp(A_log)),
+    remembered on ``module`` while no source changes: same storage, dtype and in-place version.
+
+    Decoding runs a layer once per token; recomputing such values each time costs a few kernel
+    launches per layer, a large share of a batch-1 token. With autograd on (or inside
+    torch.compile) nothing is remembered: the value must stay on the graph.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return compute()
+    key = tuple((t.data_ptr(), t.dtype, t._version) for t in sources)
+    memo = module.__dict__.setdefault("_derived_parameters", {})
+    if name not in memo or memo[name][0] != key:
+        memo[name] = (key, compute())
+    return memo[name][1]
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Parameters such as A_log in float32, or float64 when they are float64 (as the official
     ``A_log.float()``, without rounding a float64 model)."""

@@ -392,6 +392,33 @@ def test_chunks_and_step_continue_the_cache(cls, kwargs):
     assert all((t[2:] == 0).all() for t in cache.states[0])
 
 
+@pytest.mark.parametrize("cls, kwargs", CACHE_CASES[:2])
+def test_decoding_follows_in_place_parameter_updates(cls, kwargs):
+    """Decode steps remember A = -exp(A_log) (and Mamba-1's fp32 D and dt bias) between tokens;
+    an in-place update of the parameters (an optimizer step) must reach the next step."""
+    layer = perturb(cls(D_MODEL, layer_idx=0, **kwargs).double(), seed=7)
+    u = inputs(8, l=3)
+
+    def decode():
+        cache = InferenceCache(max_batch_size=2, max_seqlen=4)
+        with torch.no_grad():
+            layer(u[:, :2], inference_params=cache)
+            cache.seqlen_offset = 2
+            stepped = layer(u[:, 2:], inference_params=cache)
+        return stepped, layer(u)[:, 2:].detach()  # with autograd on: nothing remembered
+
+    stepped, full = decode()
+    assert_close(stepped, full, 1e-10, "before the update")
+    remembered = dict(layer._derived_parameters)
+    assert decode()[0].equal(stepped) and all(layer._derived_parameters[k][1] is v[1] for k, v in remembered.items())
+    with torch.no_grad():
+        layer.A_log.add_(0.5)
+        layer.D.mul_(2.0)
+    stepped_after, full_after = decode()
+    assert_close(stepped_after, full_after, 1e-10, "after the update")
+    assert not torch.allclose(stepped_after, stepped)
+
+
 @pytest.mark.parametrize("cls, kwargs", CACHE_CASES)
 def test_allocated_cache_layout(cls, kwargs):
     layer = cls(D_MODEL, **kwargs)
