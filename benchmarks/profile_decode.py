@@ -5,7 +5,9 @@ a graph replay against a whole ``generate`` step (sampling and bookkeeping inclu
     PYTHONUNBUFFERED=1 python benchmarks/profile_decode.py [--layers Mamba2 Mamba1] [--batch 1 64]
 
 Prints, per layer type and batch size: microseconds per token for the graph replay alone and for
-``generate``, then the kernels of 20 replays (CUDA time per token and launches per token).
+``generate`` and for the prompt plus the first token, then the kernels of 20 replays (CUDA time and
+launches per token); ``--cprofile`` adds the host-side functions of one ``generate`` call and
+``--prefill-profile`` the host-side ops of one prompt forward.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", nargs="+", default=["Mamba2", "Mamba1"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     p.add_argument("--rows", type=int, default=25, help="kernels to list")
+    p.add_argument("--cprofile", action="store_true", help="also the host-side profile of one generate call")
+    p.add_argument("--prefill-profile", action="store_true", help="also the host-side ops of one prompt forward")
     args = p.parse_args(argv)
     for layer in args.layers:
         torch.manual_seed(0)
@@ -55,12 +59,26 @@ def main(argv=None) -> None:
                 tokens = prompt[:, -1]
                 replay = per_token_us(lambda: [decoder.step(tokens) for _ in range(100)], 100)
                 whole = per_token_us(lambda: model.generate(prompt, max_new_tokens=128, temperature=0), 128)
+                first = per_token_us(lambda: model.generate(prompt, max_new_tokens=1, temperature=0), 1)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
                         decoder.step(tokens)
                     torch.cuda.synchronize()
             print(f"\n== {layer} batch {batch}: graph replay {replay:.1f} us/token, generate {whole:.1f} us/token "
-                  f"({1e6 / whole * batch:,.0f} tok/s)", flush=True)
+                  f"({1e6 / whole * batch:,.0f} tok/s); prompt + first token {first:.0f} us", flush=True)
+            if args.prefill_profile:
+                with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    model(prompt, inference_params=decoder.cache(batch), num_last_tokens=1)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+            if args.cprofile:
+                import cProfile
+                import pstats
+
+                with cProfile.Profile() as cpu:
+                    model.generate(prompt, max_new_tokens=128, temperature=0)
+                    torch.cuda.synchronize()
+                pstats.Stats(cpu).sort_stats("tottime").print_stats(12)
             events = [e for e in prof.key_averages() if e.device_time_total > 0]
             events.sort(key=lambda e: -e.device_time_total)
             total = sum(e.device_time_total for e in events)
