@@ -13,6 +13,12 @@ import torch
 
 from .cache import InferenceCache
 
+# Prompts up to this many tokens are prefilled through the CUDA-graph decode step rather than the
+# chunked forward. A 130M-class model on an H100 (benchmarks/NOTES.md): the eager forward of a
+# short prompt costs ~40 ms of kernel launches on the host at batch 1 and 64, a graph step 0.55 ms
+# (batch 1) to 1.5 ms (batch 64); the two cross near 30 tokens at batch 64 and 70 at batch 1.
+GRAPH_PREFILL_MAX_TOKENS = 32
+
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -132,6 +138,12 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
         logits = torch.cat([model(p[None], inference_params=cache.rows(i, i + 1), num_last_tokens=1)[:, -1]
                             for i, p in enumerate(prompts)])
         cache.lengths = torch.tensor(lengths, device=device)
+    elif cuda_graph and longest <= GRAPH_PREFILL_MAX_TOKENS:
+        # A short prompt goes through the captured decode step token by token: the same
+        # recurrence, without the host cost of launching the chunked kernels.
+        batch_prompts = torch.stack(prompts)
+        for t in range(longest):
+            logits = decoder.step(batch_prompts[:, t])
     else:
         logits = model(torch.stack(prompts), inference_params=cache, num_last_tokens=1)[:, -1]
     cache.seqlen_offset = longest
@@ -183,6 +195,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
         cuda_graph: decode through CUDA graphs captured once per batch size and reused across calls
             (:mod:`mambakit.cuda_graphs`); None (default) does so for a CUDA model whose layers can
             be captured (Mamba-1/2/3 layers, no attention or MoE), True requires it, False decodes eagerly.
+            With graphs, prompts of equal length up to ``GRAPH_PREFILL_MAX_TOKENS`` (32) tokens are
+            also fed through the graph, one token per replay.
 
     Returns:
         For a tensor input, (b, l + n) int64 with finished rows padded by ``eos_token_id``; for a

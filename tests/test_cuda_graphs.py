@@ -26,8 +26,9 @@ def test_moe_is_not_capturable_and_cpu_models_are_refused():
 
 
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2", "mamba3", "mamba3-mimo"])
-@pytest.mark.parametrize("prompts", [[[5, 17, 3, 44, 9]], [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [40]]],
-                         ids=["one", "ragged-three"])
+@pytest.mark.parametrize("prompts", [[[5, 17, 3, 44, 9]], [[(7 * i) % 61 for i in range(40)]] * 2,
+                                     [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [40]]],
+                         ids=["short-one", "long-two", "ragged-three"])  # graph, chunked and row-wise prefills
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_decoding_gives_the_eager_tokens(kind, prompts):
