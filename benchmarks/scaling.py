@@ -264,17 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    env = environment(device)
-    records = []
-    for name in args.layers:
-        torch.manual_seed(0)
-        layer = build(name, args.d_model, device, dtype)
-        measure_lengths(name, layer, args, device, dtype, records)
-        measure_decode(name, layer, args, device, dtype, records)
-        del layer
+def write_results(records: list[dict], args: argparse.Namespace, env: dict) -> list[str]:
+    """scaling.json, scaling.png and scaling.md under args.out from the records so far; -> the claims' lines."""
     for r in records:
         r.update(dtype=args.dtype, **env)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +284,21 @@ def main(argv=None) -> int:
     lines += ["", "## Figures behind the claims", "", *[f"- {line}" for line in findings], "",
               "![scaling](scaling.png)"]
     atomic_write(args.out / "scaling.md", "\n".join(lines) + "\n")
+    return findings
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    env = environment(device)
+    records = []
+    for name in args.layers:
+        torch.manual_seed(0)
+        layer = build(name, args.d_model, device, dtype)
+        measure_lengths(name, layer, args, device, dtype, records)
+        measure_decode(name, layer, args, device, dtype, records)
+        del layer
+        findings = write_results(records, args, env)  # after every layer, so a cut-off run keeps what ran
     print("\n".join(findings), flush=True)
     return 0
 
