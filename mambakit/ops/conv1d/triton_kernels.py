@@ -62,6 +62,13 @@ def _init_pointers(p_init, i_b, o_d, o_t, dim, W: tl.constexpr):
 
 
 @triton.jit
+def _offsets(o_d, o_t, stride_d, stride_t):
+    """(BLOCK_D, BLOCK_L) int64 element offsets of channels o_d at times o_t within one batch row:
+    a channel-last row of l x D elements passes 2^31 at l = 2^20 already."""
+    return o_d[:, None].to(tl.int64) * stride_d + o_t[None, :].to(tl.int64) * stride_t
+
+
+@triton.jit
 def conv1d_fwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_y, dim, length,
                       stride_xb, stride_xd, stride_xl, stride_yb, stride_yd, stride_yl,
                       W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -72,13 +79,13 @@ def conv1d_fwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_y, dim, length,
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_t, m_d = o_t < length, o_d < dim
     start_t = tl.load(p_start + i_b * length + o_t, mask=m_t, other=0) if HAS_SEQ else o_t
-    p_x_t = p_x + i_b * stride_xb + o_d[:, None] * stride_xd + o_t[None, :] * stride_xl
+    p_x_t = p_x + i_b * stride_xb + _offsets(o_d, o_t, stride_xd, stride_xl)
     p_init_t = _init_pointers(p_init, i_b, o_d, o_t, dim, W) if HAS_INIT else p_init
     y = _pre_activation(p_x_t, p_w, p_bias, p_init_t, i_l == 0, o_d, o_t, m_d, start_t, length, stride_xl, 0,
                         W, HAS_BIAS, HAS_INIT, HAS_SEQ)
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(p_y + i_b * stride_yb + o_d[:, None] * stride_yd + o_t[None, :] * stride_yl,
+    tl.store(p_y + i_b * stride_yb + _offsets(o_d, o_t, stride_yd, stride_yl),
              y.to(p_y.dtype.element_ty), mask=m_d[:, None] & m_t[None, :])
 
 
@@ -96,8 +103,8 @@ def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_dy, p_dx, p_dw, p_dbi
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_s, m_d = o_s < length, o_d < dim
-    p_x_s = p_x + i_b * stride_xb + o_d[:, None] * stride_xd + o_s[None, :] * stride_xl
-    p_dy_s = p_dy + i_b * stride_dyb + o_d[:, None] * stride_dyd + o_s[None, :] * stride_dyl
+    p_x_s = p_x + i_b * stride_xb + _offsets(o_d, o_s, stride_xd, stride_xl)
+    p_dy_s = p_dy + i_b * stride_dyb + _offsets(o_d, o_s, stride_dyd, stride_dyl)
     p_init_s = _init_pointers(p_init, i_b, o_d, o_s, dim, W) if HAS_INIT else p_init
     dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for j in tl.static_range(W):
@@ -124,7 +131,7 @@ def conv1d_bwd_kernel(p_x, p_w, p_bias, p_init, p_start, p_dy, p_dx, p_dw, p_dbi
                 x_k = _input_at(p_x_s, p_init_s, first_tile, o_s, m_d, start_t, length, stride_xl, k - (W - 1),
                                 W, HAS_INIT, HAS_SEQ)
                 tl.atomic_add(p_dw + o_d * W + k, tl.sum(g * x_k, axis=1), mask=m_d, sem="relaxed")
-    tl.store(p_dx + i_b * stride_dxb + o_d[:, None] * stride_dxd + o_s[None, :] * stride_dxl,
+    tl.store(p_dx + i_b * stride_dxb + _offsets(o_d, o_s, stride_dxd, stride_dxl),
              dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
 
 
