@@ -56,11 +56,7 @@ def official_selective_scan(src: Path):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         print(f"[peers] imported the prebuilt official selective_scan_cuda from {prebuilt}", flush=True)
-        sys.modules["selective_scan_cuda"] = module
-        _register_package(src)
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-        return selective_scan_fn
+        return _install_selective_scan(module, src)
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
@@ -83,11 +79,19 @@ def official_selective_scan(src: Path):
         verbose=False,
     )
     print(f"[peers] built the official selective_scan_cuda for sm_{arch} in {time.time() - start:.0f} s", flush=True)
+    return _install_selective_scan(module, src)
+
+
+def _install_selective_scan(module, src: Path):
+    """Make ``module`` the official package's selective_scan_cuda; -> selective_scan_fn. An earlier
+    :func:`official_triton_only` in the same process left an empty placeholder that the already
+    imported interface module holds, so that reference is replaced too."""
     sys.modules["selective_scan_cuda"] = module
     _register_package(src)
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    from mamba_ssm.ops import selective_scan_interface
 
-    return selective_scan_fn
+    selective_scan_interface.selective_scan_cuda = module
+    return selective_scan_interface.selective_scan_fn
 
 
 def official_triton_only(src: Path) -> None:
