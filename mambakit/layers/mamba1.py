@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
-from .mixer_common import at_least_fp32, cached_states, derived_parameter, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
+from .mixer_common import (
+    at_least_fp32,
+    cached_states,
+    check_hidden_states,
+    derived_parameter,
+    inverse_softplus_dt,
+    state_dtype,
+    write_states,
+)
 from .norm import RMSNorm
 
 
