@@ -1,12 +1,15 @@
-"""One-token decoding through CUDA graphs: a model's decode forward is captured once per batch
-size, with its own inference cache, and replayed for every later token and every later call.
+"""One-token decoding through CUDA graphs: a model's decode forward is captured once per batch size
+(and, with attention layers, per key/value length bucket), with its own inference cache, and
+replayed for every later token and every later call.
 
 A decode step of a 130M-class model launches a few hundred small kernels; replaying them as one
 graph removes the per-kernel launch cost that bounds eager decoding at batch 1. The graph reads
 and writes fixed buffers: the token input, the logits output and the cache states (every layer
-updates its states in place, so their storage never changes). Layers whose decode step depends on
-Python-side values (attention's key/value position, MoE's routing counts) are not captured;
-:func:`graph_supported` says whether a model is.
+updates its states in place, so their storage never changes). Attention layers take their
+static-shape path (:attr:`InferenceCache.static_shapes`): they read the whole key/value buffer,
+masked past each row's length, which the cache keeps as a device tensor advanced in place. MoE
+layers route with host-side counts and are not captured; :func:`graph_supported` says whether a
+model is.
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ import weakref
 import torch
 
 from .cache import InferenceCache
+from .layers.attention import MHA
 from .layers.mamba1 import Mamba1
 from .layers.mamba2 import Mamba2
 from .layers.mamba3 import Mamba3
 
-GRAPH_MIXERS = (Mamba1, Mamba2, Mamba3)
+GRAPH_MIXERS = (Mamba1, Mamba2, Mamba3, MHA)
+# Attention graphs are captured for key/value buffers of a power-of-two length, at least this long:
+# a decode step attends over the whole buffer, so a bucket trades recaptures against masked work.
+MIN_KV_BUCKET = 256
 
 
 def graph_supported(model) -> bool:
     """Whether every layer of ``model`` (a MambaLM) can run its decode step inside a CUDA graph:
-    Mamba-1, Mamba-2 or Mamba-3 mixers and plain (non-MoE) MLPs."""
+    Mamba-1, Mamba-2, Mamba-3 or attention mixers and plain (non-MoE) MLPs."""
     from .layers.moe import MoE
 
     layers = getattr(getattr(model, "backbone", None), "layers", None)
@@ -35,12 +42,14 @@ def graph_supported(model) -> bool:
 
 
 class _Captured:
-    """One batch size: the cache, the token input (b, 1), the logits output (b, vocab) and the graph."""
+    """One batch size (and key/value length): the cache, the token input (b, 1), the logits output
+    (b, vocab) and the graph."""
 
-    def __init__(self, model, batch: int, pool):
+    def __init__(self, model, batch: int, max_seqlen: int, pool):
         device = next(model.parameters()).device
-        # Recurrent layers size nothing by max_seqlen, so one cache serves any prompt length.
-        self.cache: InferenceCache = model.allocate_inference_cache(batch, 1)
+        self.cache: InferenceCache = model.allocate_inference_cache(batch, max_seqlen)
+        self.cache.static_shapes = True
+        self.cache.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache.seqlen_offset = 1  # a continuation: the layers take their one-token path
         side = torch.cuda.Stream(device)
@@ -58,21 +67,24 @@ class _Captured:
 class GraphedDecoder:
     """CUDA-graph decode steps for one model, captured lazily per batch size.
 
-    ``cache(b)`` gives the (reset) inference cache the graph for batch b was captured with: prefill
-    into it eagerly, then ``step(tokens)`` replays the decode graph and returns the logits
+    ``cache(b, max_seqlen)`` gives the (reset) inference cache the graph for batch b was captured
+    with: prefill into it eagerly (or through ``step``), advance it (:meth:`InferenceCache.advance`)
+    after every token, and ``step(tokens)`` replays the decode graph and returns the logits
     (b, padded vocab) for the next position. The returned logits are the graph's output buffer,
-    overwritten by the next step.
+    overwritten by the next step. Models without attention size nothing by max_seqlen and keep
+    one graph per batch size.
     """
 
     def __init__(self, model):
         if not graph_supported(model):
-            raise ValueError("model: CUDA-graph decoding takes models of Mamba-1/2/3 layers without attention or MoE")
+            raise ValueError("model: CUDA-graph decoding takes models of Mamba-1/2/3 and attention layers without MoE")
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"model: CUDA-graph decoding needs a model on a CUDA device, got {device}")
         self.model = model
         self.pool = torch.cuda.graph_pool_handle()
-        self.captured: dict[int, _Captured] = {}
+        self.captured: dict[tuple[int, int], _Captured] = {}
+        self.has_attention = any(isinstance(m, MHA) for m in model.modules())
         self.weights = _weights_fingerprint(model)
         self.active: _Captured | None = None
 
@@ -82,10 +94,11 @@ class GraphedDecoder:
         the layers derive once for decoding (such as A = -exp(A_log)); either means re-capture."""
         return model is self.model and _weights_fingerprint(model) == self.weights
 
-    def cache(self, batch: int) -> InferenceCache:
-        if batch not in self.captured:
-            self.captured[batch] = _Captured(self.model, batch, self.pool)
-        self.active = self.captured[batch]
+    def cache(self, batch: int, max_seqlen: int = 1) -> InferenceCache:
+        bucket = max(MIN_KV_BUCKET, 1 << (max_seqlen - 1).bit_length()) if self.has_attention else 1
+        if (batch, bucket) not in self.captured:
+            self.captured[batch, bucket] = _Captured(self.model, batch, bucket, self.pool)
+        self.active = self.captured[batch, bucket]
         self.active.cache.reset()
         return self.active.cache
 

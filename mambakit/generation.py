@@ -130,23 +130,29 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
         cuda_graph = device.type == "cuda" and graph_supported(model)
     if cuda_graph:
         decoder = graphed_decoder(model)  # raises for a CPU model or layers it cannot capture
-        cache: InferenceCache = decoder.cache(b)
+        cache: InferenceCache = decoder.cache(b, longest + max_new_tokens)
     else:
         cache = model.allocate_inference_cache(b, longest + max_new_tokens)
     ragged = len(set(lengths)) > 1
     if ragged:
         logits = torch.cat([model(p[None], inference_params=cache.rows(i, i + 1), num_last_tokens=1)[:, -1]
                             for i, p in enumerate(prompts)])
-        cache.lengths = torch.tensor(lengths, device=device)
+        row_lengths = torch.tensor(lengths, device=device)
+        if cache.lengths is None:
+            cache.lengths = row_lengths
+        else:  # a graph's cache: its lengths tensor is read by the captured graph
+            cache.lengths.copy_(row_lengths)
+        cache.seqlen_offset = longest
     elif cuda_graph and longest <= GRAPH_PREFILL_MAX_TOKENS:
         # A short prompt goes through the captured decode step token by token: the same
         # recurrence, without the host cost of launching the chunked kernels.
         batch_prompts = torch.stack(prompts)
         for t in range(longest):
             logits = decoder.step(batch_prompts[:, t])
+            cache.advance()
     else:
         logits = model(torch.stack(prompts), inference_params=cache, num_last_tokens=1)[:, -1]
-    cache.seqlen_offset = longest
+        cache.advance(longest)
     # Only what the options use is tracked: every extra op is a launch per token, and reading
     # `finished` back is a device sync that stalls the queue of work (so it happens only with an eos).
     seen = None
@@ -169,9 +175,7 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
         if seen is not None:
             seen[torch.arange(b, device=device), tokens] = True
         logits = decoder.step(tokens) if cuda_graph else model(tokens[:, None], inference_params=cache)[:, -1]
-        cache.seqlen_offset += 1
-        if cache.lengths is not None:
-            cache.lengths = cache.lengths + 1
+        cache.advance()
 
 
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -194,7 +198,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
         max_length: refuse prompts whose length + max_new_tokens exceeds it.
         cuda_graph: decode through CUDA graphs captured once per batch size and reused across calls
             (:mod:`mambakit.cuda_graphs`); None (default) does so for a CUDA model whose layers can
-            be captured (Mamba-1/2/3 layers, no attention or MoE), True requires it, False decodes eagerly.
+            be captured (Mamba-1/2/3 and attention layers, no MoE), True requires it, False decodes eagerly.
             With graphs, prompts of equal length up to ``GRAPH_PREFILL_MAX_TOKENS`` (32) tokens are
             also fed through the graph, one token per replay.
 

@@ -94,11 +94,14 @@ class MHA(nn.Module):
                 cache.states[self.layer_idx] = self.allocate_inference_cache(b, cache.max_seqlen, dtype=hidden_states.dtype)
             state = cache.states[self.layer_idx]
         continuing = cache is not None and cache.seqlen_offset > 0
-        if continuing:
+        static = cache is not None and cache.static_shapes  # no host reads: capturable in a CUDA graph
+        if static:
+            start = cache.lengths  # the caller keeps the lengths within max_seqlen
+        elif continuing:
             start = cache.lengths if cache.lengths is not None else torch.full((b,), cache.seqlen_offset, device=hidden_states.device)
         else:
             start = torch.zeros(b, dtype=torch.long, device=hidden_states.device)
-        if cache is not None and int(start.max()) + l > cache.max_seqlen:
+        if cache is not None and not static and int(start.max()) + l > cache.max_seqlen:
             raise ValueError(f"hidden_states: {l} more tokens exceed the cache's max_seqlen = {cache.max_seqlen}")
 
         qkv = self.in_proj(hidden_states)
@@ -131,7 +134,7 @@ class MHA(nn.Module):
             kv_cache = state[0]
             rows = torch.arange(b, device=q.device)[:, None]
             kv_cache[rows, positions] = torch.stack([k, v], dim=2).to(kv_cache.dtype)
-            total = int(start.max()) + l
+            total = cache.max_seqlen if static else int(start.max()) + l
             keys, values = kv_cache[:, :total, 0].to(q.dtype), kv_cache[:, :total, 1].to(q.dtype)
             key_pos = torch.arange(total, device=q.device)
             # Each row sees its own keys up to its query position (causal) or all of its own keys.

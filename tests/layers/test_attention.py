@@ -66,10 +66,40 @@ def test_mha_decoding_with_rows_of_different_lengths():
     for t in range(2):
         step = torch.cat([a[:, 5 + t : 6 + t], b[:, 2 + t : 3 + t]])
         outs.append(mha(step, inference_params=cache))
-        cache.lengths = cache.lengths + 1
+        cache.advance()
     with torch.no_grad():
         assert (outs[1][0] - mha(a)[0, 6]).abs().max() < 1e-12
         assert (outs[1][1] - mha(b)[0, 3]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_mha_static_shape_cache_decodes_like_the_full_forward(causal):
+    """The CUDA-graph cache: key/value positions from a device tensor advanced in place, the whole
+    buffer read with a mask. Rows of different lengths, prefill then one-token steps."""
+    torch.manual_seed(4)
+    mha = MHA(32, num_heads=4, num_heads_kv=2, causal=causal, rotary_emb_dim=8, layer_idx=0, d_conv=3).to(F64)
+    a, b = torch.randn(1, 9, 32, dtype=F64), torch.randn(1, 6, 32, dtype=F64)
+    cache = InferenceCache(max_batch_size=2, max_seqlen=16, static_shapes=True,
+                           lengths=torch.zeros(2, dtype=torch.long))
+    cache.states[0] = mha.allocate_inference_cache(2, 16, dtype=F64)
+    with torch.no_grad():
+        mha(a[:, :5], inference_params=cache.rows(0, 1))
+        mha(b[:, :2], inference_params=cache.rows(1, 2))
+        cache.lengths.copy_(torch.tensor([5, 2]))
+        cache.seqlen_offset = 5
+        lengths = cache.lengths
+        outs = []
+        for t in range(4):
+            step = torch.cat([a[:, 5 + t : 6 + t], b[:, 2 + t : 3 + t]])
+            outs.append(mha(step, inference_params=cache))
+            cache.advance()
+        assert cache.lengths is lengths and cache.lengths.tolist() == [9, 6]
+        for t in range(4):
+            if causal:  # each token saw exactly its own row's prefix
+                assert (outs[t][0] - mha(a[:, : 6 + t])[0, -1]).abs().max() < 1e-12
+                assert (outs[t][1] - mha(b[:, : 3 + t])[0, -1]).abs().max() < 1e-12
+            else:  # each token saw all of its own row so far, nothing of the other row's buffer
+                assert (outs[t][0] - mha(a[:, : 6 + t])[0, -1]).abs().max() < 1e-12
 
 
 def test_mha_bad_arguments():
