@@ -275,6 +275,31 @@ def test_blocks_use_the_fused_add_norm(monkeypatch):
     assert_close(got.cpu(), expected, 1e-4, "logits")
 
 
+def test_add_norm_on_auto_is_fused_only_for_graph_capture(monkeypatch):
+    """Auto runs the reference eagerly (its aten kernels cost less host time than one custom-op
+    launch) and the fused kernel inside fused_add_norm_on_auto, as CUDA-graph capture does. The
+    auto choice is made to resolve to Triton here, as it does for CUDA tensors."""
+    import mambakit.ops.norm.api as api
+
+    monkeypatch.delenv("MAMBAKIT_BACKEND", raising=False)
+    monkeypatch.setattr(api, "resolve_backend", lambda backend, device: backend or "triton")
+    x, residual, weight = (torch.randn(*s, device=DEVICE) for s in ((2, 3, 8), (2, 3, 8), (8,)))
+
+    def fused_calls():
+        with OpRecorder() as recorder:
+            api.add_norm(x, residual, weight)
+        return sum("add_norm_fwd" in str(func) for func, _ in recorder.calls)
+
+    assert fused_calls() == 0
+    with api.fused_add_norm_on_auto():
+        assert fused_calls() == 1
+        with pytest.raises(ValueError):  # the flag is restored even when the body raises
+            with api.fused_add_norm_on_auto():
+                raise ValueError
+        assert fused_calls() == 1
+    assert fused_calls() == 0
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["rms", "layer"])
