@@ -29,9 +29,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def requested_backend(backend: str | None) -> str:
+    """The backend asked for: ``backend`` itself, else ``MAMBAKIT_BACKEND``, else "auto" (not
+    validated: :func:`resolve_backend` does that)."""
+    return backend if backend is not None else os.environ.get("MAMBAKIT_BACKEND", "auto")
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """-> "reference" or "triton"; raises ValueError when the requested backend cannot run."""
-    choice = backend if backend is not None else os.environ.get("MAMBAKIT_BACKEND", "auto")
+    choice = requested_backend(backend)
     if choice not in BACKENDS:
         source = "backend" if backend is not None else "MAMBAKIT_BACKEND"
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {choice!r}")

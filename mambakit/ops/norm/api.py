@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import requested_backend, resolve_backend
 from .reference import (
     add_norm_reference,
     gated_rms_norm_reference,
@@ -82,8 +81,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         (torch.float32, torch.float32)
     """
     validate_add_norm(x, residual, weight, bias, eps, kind, residual_in_fp32)
-    auto = backend is None and os.environ.get("MAMBAKIT_BACKEND", "auto") == "auto"
-    if auto and not _FUSED_ADD_NORM_ON_AUTO:
+    if requested_backend(backend) == "auto" and not _FUSED_ADD_NORM_ON_AUTO:
         backend = "reference"
     if _use_triton(backend, x.shape[-1], x, residual, weight, bias):
         from .triton_ops import add_norm_triton

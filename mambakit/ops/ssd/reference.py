@@ -33,7 +33,7 @@ from .._checks import (
     expect_shape,
     expect_tensor,
 )
-from ..common import canonical_segments, chunked_state_space, decay_exp
+from ..common import canonical_segments, chunked_state_space, decay_exp, segment_resets
 
 ALGORITHMS = ("chunked", "quadratic", "recurrent")
 _DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -78,12 +78,13 @@ def ssd_recurrent(x, dt, A, B, C, initial_state=None, segment=None):
     n = B.shape[-1]
     B, C = _heads_from_groups(B, h), _heads_from_groups(C, h)
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
+    resets = None if segment is None else segment_resets(segment)
     ys = []
     for t in range(l):
         decay = decay_exp(dt[:, t] * A)  # (b, h)
-        if segment is not None and t > 0:
+        if resets is not None:
             # A new packed sequence starts here: nothing of the previous one flows in.
-            decay = torch.where(segment[:, t, None] != segment[:, t - 1, None], torch.zeros_like(decay), decay)
+            decay = decay.masked_fill(resets[:, t, None], 0.0)
         # (b, h, p, 1) * (b, h, 1, n) -> (b, h, p, n)
         write = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         state = decay[..., None, None] * state + write
