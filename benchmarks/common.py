@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: median CUDA-event timing, environment record, result files."""
+"""Shared benchmark plumbing: median CUDA-event and wall-clock timing, environment record, result files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +34,24 @@ def event_ms(fn, repeats: int = 10) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_seconds(fn, repeats: int = 3) -> float:
+    """Median wall seconds of ``fn`` after one warm-up call, the GPU (if in use) synchronised
+    around each call: for whole loops such as ``generate``, host work included."""
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 

@@ -31,7 +31,6 @@ benchmarks/results/e2e.json with the CPU records; e2e.md is rewritten.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.common import environment, event_ms  # noqa: E402
+from benchmarks.common import environment, event_ms, wall_seconds  # noqa: E402
 from benchmarks.e2e_cpu import write  # noqa: E402
 from mambakit import MambaConfig, MambaLM, load_pretrained  # noqa: E402
 from mambakit.checkpoints import save_pretrained  # noqa: E402
@@ -92,19 +91,6 @@ def three_models(layer: str, d_model: int, n_layer: int, dtype=torch.bfloat16):
     return ours.eval(), official.eval(), reference.eval()
 
 
-def seconds(fn, repeats: int = 3) -> float:
-    """Median wall seconds of ``fn`` (synchronised) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def decode_and_prefill(layer: str, records: list[dict], prompt_len=16, new=128, prefill_len=2048) -> None:
     ours, official, reference = three_models(layer, *PRESETS["130m"])
     op = f"{NAMES[layer]} LM 130M-class (d768, 24 layers)"
@@ -118,11 +104,12 @@ def decode_and_prefill(layer: str, records: list[dict], prompt_len=16, new=128, 
     for batch in (1, 64):
         prompt = torch.randint(0, VOCAB, (batch, prompt_len), device="cuda", generator=g)
         with torch.no_grad():
-            ours_s = seconds(lambda: ours.generate(prompt, max_new_tokens=new, temperature=0))
+            ours_s = wall_seconds(lambda: ours.generate(prompt, max_new_tokens=new, temperature=0))
             peers_s = {
-                "mamba_ssm": seconds(lambda: official.generate(prompt, max_length=prompt_len + new, cg=True, top_k=1)),
-                "transformers": seconds(lambda: reference.generate(prompt, max_new_tokens=new, min_new_tokens=new,
-                                                                   do_sample=False)),
+                "mamba_ssm": wall_seconds(lambda: official.generate(prompt, max_length=prompt_len + new, cg=True,
+                                                                    top_k=1)),
+                "transformers": wall_seconds(lambda: reference.generate(prompt, max_new_tokens=new,
+                                                                        min_new_tokens=new, do_sample=False)),
             }
         for peer, peer_s in peers_s.items():
             line = dict(op=op, shape=f"b{batch} prompt{prompt_len} new{new}", dtype="bf16", mode="decode",

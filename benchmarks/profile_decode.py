@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,19 +21,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import wall_seconds  # noqa: E402
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.cuda_graphs import graphed_decoder  # noqa: E402
 
 VOCAB = 50280
-
-
-def per_token_us(fn, tokens: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - started) / tokens
 
 
 def main(argv=None) -> None:
@@ -57,9 +48,9 @@ def main(argv=None) -> None:
                 model(prompt, inference_params=decoder.active.cache, num_last_tokens=1)
                 decoder.active.cache.seqlen_offset = 16
                 tokens = prompt[:, -1]
-                replay = per_token_us(lambda: [decoder.step(tokens) for _ in range(100)], 100)
-                whole = per_token_us(lambda: model.generate(prompt, max_new_tokens=128, temperature=0), 128)
-                first = per_token_us(lambda: model.generate(prompt, max_new_tokens=1, temperature=0), 1)
+                replay = 1e6 * wall_seconds(lambda: [decoder.step(tokens) for _ in range(100)], 1) / 100
+                whole = 1e6 * wall_seconds(lambda: model.generate(prompt, max_new_tokens=128, temperature=0), 1) / 128
+                first = 1e6 * wall_seconds(lambda: model.generate(prompt, max_new_tokens=1, temperature=0), 1)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
                         decoder.step(tokens)

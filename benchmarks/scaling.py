@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import atomic_write, environment, event_ms  # noqa: E402
+from benchmarks.common import atomic_write, environment, event_ms, wall_seconds  # noqa: E402
 from mambakit.cache import InferenceCache  # noqa: E402
 from mambakit.layers import MHA, Mamba1, Mamba2, Mamba3  # noqa: E402
 
@@ -72,13 +71,7 @@ def call_ms(fn, device: torch.device, calls: int = 5) -> float:
     """Median milliseconds of ``fn`` after one warm-up call (CUDA events on a GPU)."""
     if device.type == "cuda":
         return event_ms(fn, calls)
-    fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return 1e3 * wall_seconds(fn, calls)
 
 
 def peak_mib(fn, device: torch.device) -> float | None:
