@@ -1,8 +1,9 @@
-"""Comparison helpers shared by the tests."""
+"""Comparison helpers and an op recorder shared by the tests."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -55,3 +56,15 @@ def assert_decode_matches_forward(layer, x: torch.Tensor, prefill: int, tol: flo
             cache.seqlen_offset = t
             outs.append(layer(x[:, t : t + 1], inference_params=cache))
     assert_close(torch.cat(outs, dim=1), full, tol, "prefill + one-token steps")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the (op, args) of every top-level op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))

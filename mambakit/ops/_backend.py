@@ -7,6 +7,7 @@ CPU tensors needs its interpreter (``TRITON_INTERPRET=1``, how CI runs the kerne
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -27,6 +28,12 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (looked up once)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def requested_backend(backend: str | None) -> str:

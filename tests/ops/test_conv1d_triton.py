@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit.ops.conv1d import causal_conv1d, causal_conv1d_update
-from tests.utils import assert_close
+from tests.utils import OpRecorder, assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 CUDA = torch.cuda.is_available()
@@ -67,18 +66,6 @@ def test_update_kernel_steps_through_a_sequence(w, activation):
 # ----------------------------------------------------------------------------------------------
 # Channel-last layout: x (b, d, l) a view of (b, l, D) memory, as Mamba2 passes xBC.transpose(1, 2)
 # ----------------------------------------------------------------------------------------------
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the (op, args) of every top-level op dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func, args))
-        return func(*args, **(kwargs or {}))
 
 
 def channel_last_view(b, d, l, dtype, seed, margin=3):
@@ -171,3 +158,21 @@ def test_real_sizes_on_gpu(dtype, tol, case):
     kw = make(2, 1792, 2049, 4, seed=6, dtype=dtype, **case)
     expected, got = (causal_conv1d(**kw, activation="silu", backend=backend) for backend in ("reference", "triton"))
     assert_close(got, expected, tol, "time-contiguous y")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("w", [4, 5], ids=["w4-preloaded-shifts", "w5-loaded-per-use"])
+def test_backward_programs_of_several_time_tiles(case, w):
+    # 300 tokens: three 128-token time tiles, walked two per backward program under the
+    # interpreter, so one program sums two tiles' weight gradients and a second adds its own.
+    # Widths up to 4 share 2 w - 1 preloaded shifted tiles of x; wider filters load per use.
+    kw = make(2, 20, 300, w, seed=11, **case)
+    names = [k for k in ("x", "weight", "bias", "initial_state") if kw[k] is not None]
+    out = {}
+    for backend in ("reference", "triton"):
+        args = {k: (v.clone().requires_grad_() if k in names else v) for k, v in kw.items()}
+        y = causal_conv1d(**args, activation="silu", backend=backend)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        out[backend] = torch.autograd.grad((y * dy).sum(), [args[k] for k in names])
+    for name, a, b in zip(["d" + k for k in names], out["triton"], out["reference"]):
+        assert_close(a, b, 1e-5, name)

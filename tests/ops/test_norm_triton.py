@@ -3,11 +3,10 @@ gradients of x, z and weight (interpreter on CPU; real sizes with ``pytest -m gp
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.ops.norm import add_norm, gated_rms_norm, rms_norm
-from tests.utils import assert_close
+from tests.utils import OpRecorder, assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 CUDA = torch.cuda.is_available()
@@ -113,18 +112,6 @@ def test_plain_rms_norm_and_modules_use_the_kernel(monkeypatch):
     assert sum("gated_rms_norm_fwd" in str(func) for func, _ in recorder.calls) == 2
     for name, a, b in zip(("gated", "plain"), got, expected):
         assert_close(a, b, 1e-5, name)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the (op, args) of every top-level op dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func, args))
-        return func(*args, **(kwargs or {}))
 
 
 def test_strided_inputs_are_read_in_place():
