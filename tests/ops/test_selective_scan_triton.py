@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mambakit.ops.selective_scan import selective_scan
-from tests.utils import assert_close
+from tests.utils import OpRecorder, assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 CUDA = torch.cuda.is_available()
@@ -127,6 +127,47 @@ def test_complex_matches_reference_fp32(features, tiles):
     # scans, so one length; the real-A tests cover the short cases of the shared tiling code).
     kw = make_case(2, 6, 40, 5, seed=100, complex_a=True, **features)
     run_both(kw, 1e-5, 1e-4)
+
+
+def channel_last(t):
+    """The same values, memory (b, l, d): as the layers' projections give them."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def channel_slice(t):
+    """The same values as the second half of a (b, 2d, l) tensor's channels: time is still the
+    unit stride, the batch stride is twice as wide."""
+    return torch.cat([torch.zeros_like(t), t], dim=1)[:, t.shape[1]:]
+
+
+@pytest.mark.parametrize("layout", ["time-rows", "channel-last"])
+@pytest.mark.parametrize("features", [FEATURES[0], FEATURES[5]])
+def test_strided_z_and_output_gradient(layout, features, tiles):
+    # z and the output gradient as slices whose rows run along time are read in place (no copy);
+    # channel-last ones (and channel-last u, delta) are copied first. Both match the reference.
+    kw = make_case(2, 6, 40, 5, seed=21, **features)
+    b, d, l = kw["u"].shape
+    to_layout = channel_slice if layout == "time-rows" else channel_last
+    if layout == "channel-last":
+        kw.update(u=channel_last(kw["u"]), delta=channel_last(kw["delta"]))
+    g = torch.Generator().manual_seed(4)
+    dy = to_layout(torch.randn(b, d, l, generator=g).to(DEVICE))
+    dlast = torch.randn(b, d, 5, generator=g).to(DEVICE)
+    names = [k for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    results = {}
+    for backend in ("reference", "triton"):
+        args = {k: (v.detach().clone().requires_grad_() if k in names else v) for k, v in kw.items()}
+        args["z"] = to_layout(kw["z"].detach()).requires_grad_()
+        assert args["z"].stride() == to_layout(kw["z"]).stride()
+        with OpRecorder() as recorder:
+            y, last = selective_scan(**args, return_final_state=True, backend=backend)
+        if backend == "triton" and layout == "time-rows":
+            copies = [str(f) for f, _ in recorder.calls if any(k in str(f) for k in ("clone", "copy", "contiguous"))]
+            assert not copies, copies
+        grads = torch.autograd.grad([y, last], [args[k] for k in names], [dy, dlast])
+        results[backend] = [y, last, *grads]
+    for name, got, ref in zip(["y", "last"] + ["d" + k for k in names], results["triton"], results["reference"]):
+        assert_close(got, ref, 1e-5 if name in ("y", "last") else 1e-4, name)
 
 
 def test_half_precision_inputs():

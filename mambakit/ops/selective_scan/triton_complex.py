@@ -124,7 +124,7 @@ def selective_scan_complex_fwd_kernel(
         o_t = t0 + o_l
         m_t = o_t < length
         offs, m, u, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
-                                                               HAS_BIAS, SOFTPLUS, HAS_SEQ)
+                                                               1, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for i_n in tl.static_range(N):
             a_re, a_im, _, _ = _decay(delta, p_A, o_d, m_d, i_n, N)
@@ -212,12 +212,12 @@ def selective_scan_complex_bwd_kernel(
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
         offs, m, u, delta, delta_raw, drive, reset, dy = _backward_tile_inputs(
-            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
+            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, row, row, m_d, o_t, i_b, length, 1, 1, 1,
             HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         # The adjoint's inputs in descending time (see the real kernel): its reverse scan is a
         # forward scan, and only its result is flipped back.
         o_rev = i_t * BLOCK_L + BLOCK_L - 1 - o_l
-        delta_next, reset_next = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+        delta_next, reset_next = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length, 1,
                                                     HAS_BIAS, SOFTPLUS, HAS_SEQ)
         dy_rev = tl.flip(dy, 1)
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)

@@ -123,6 +123,18 @@ def _add_projection_grad(p_dX, grad, i_b, i_n, o_d, o_t, m_d, m_t, dim, length, 
 
 
 @triton.jit
+def _rows(i_b, o_d, stride_b, stride_d):
+    """int64 offsets of channels o_d (any shape) of batch row i_b in a (b, d, l) tensor."""
+    return i_b.to(tl.int64) * stride_b + o_d.to(tl.int64) * stride_d
+
+
+@triton.jit
+def _at(row, o_t, stride_l):
+    """(BLOCK_D, BLOCK_L) offsets: channel rows ``row`` at times ``o_t``."""
+    return row[:, None] + o_t[None, :].to(tl.int64) * stride_l
+
+
+@triton.jit
 def _accumulate(p, value, mask):
     """*p += value, for a thread's own entries (no other program touches them)."""
     tl.store(p, tl.load(p, mask=mask, other=0.0) + value, mask=mask)
@@ -149,12 +161,12 @@ def _resets(p_seq, i_b, o_t, length, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
+def _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length, stride_l,
                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """A forward tile's offsets and mask, and its per-token inputs (fp32): u, Delta, the drive
     Delta u, and where packed sequences start."""
     m = m_d[:, None] & (o_t < length)[None, :]
-    offs = row[:, None] + o_t[None, :]
+    offs = _at(row, o_t, stride_l)
     u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
     delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
     return offs, m, u, delta, delta * u, _resets(p_seq, i_b, o_t, length, HAS_SEQ)
@@ -173,20 +185,21 @@ def _scan_entry(delta, drive, reset, A_n, B_n, h_n, o_l, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
+def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, z_row, dy_row, m_d, o_t, i_b,
+                          length, stride_l, stride_zl, stride_dyl,
                           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """A backward tile's offsets and mask, and its per-token inputs (fp32): u, Delta, Delta
     before softplus, the drive Delta u, resets and the gradient reaching the scan's output;
     stores dz."""
     m = m_d[:, None] & (o_t < length)[None, :]
-    offs = row[:, None] + o_t[None, :]
+    offs = _at(row, o_t, stride_l)
     u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
     delta, delta_raw = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)
     reset = _resets(p_seq, i_b, o_t, length, HAS_SEQ)
-    dout = tl.load(p_dy + offs, mask=m, other=0.0).to(tl.float32)
+    dout = tl.load(p_dy + _at(dy_row, o_t, stride_dyl), mask=m, other=0.0).to(tl.float32)
     if HAS_Z:
         y = tl.load(p_ypre + offs, mask=m, other=0.0).to(tl.float32)
-        zv = tl.load(p_z + offs, mask=m, other=0.0).to(tl.float32)
+        zv = tl.load(p_z + _at(z_row, o_t, stride_zl), mask=m, other=0.0).to(tl.float32)
         sig = tl.sigmoid(zv)
         dy = dout * zv * sig
         tl.store(p_dz + offs, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(p_dz.dtype.element_ty), mask=m)
@@ -196,7 +209,7 @@ def _backward_tile_inputs(p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, ro
 
 
 @triton.jit
-def _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
+def _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length, stride_l,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Delta (BLOCK_D, BLOCK_L) and resets (BLOCK_L,) of the token after each tile token, in
     descending time (o_rev is o_t reversed); Delta 0 past the end, so that the final state's
@@ -208,7 +221,7 @@ def _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
     1-D rows (resets here, B/C rows in ``_projection_rev``) go through a layout conversion anyway
     and are loaded descending directly."""
     m_next = m_d[:, None] & (o_t + 1 < length)[None, :]
-    delta_next, _ = _delta(p_delta, row[:, None] + o_t[None, :] + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+    delta_next, _ = _delta(p_delta, _at(row, o_t + 1, stride_l), m_next, bias, HAS_BIAS, SOFTPLUS)
     return tl.flip(delta_next, 1), _resets(p_seq, i_b, o_rev + 1, length, HAS_SEQ)
 
 
@@ -274,6 +287,7 @@ def selective_scan_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq,
     p_y, p_ypre, p_last, p_states, p_chunk_h, p_chunk_decay,
     dim, length, b_per_group, c_per_group, n_saved, n_chunks,
+    stride_xb, stride_xd, stride_xl, stride_zb, stride_zd, stride_zl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
@@ -314,15 +328,16 @@ def selective_scan_fwd_kernel(
         h = (tl.load(p_chunk_decay + o_chunk, mask=m_de, other=0.0) * h
              + tl.load(p_chunk_h + o_chunk, mask=m_de, other=0.0))
     # (G, BLOCK_D, 1) start of each channel in (b, d, l), repeated per group: each warp loads the tile.
-    row = (i_b * dim + o_d).to(tl.int64) * length + o_g * 0
+    row = _rows(i_b, o_d, stride_xb, stride_xd) + o_g * 0
     # The same in 2-D (BLOCK_D, BLOCK_L), for the output after the sum over groups.
     o_d2 = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row2 = (i_b * dim + o_d2).to(tl.int64) * length
+    row2 = _rows(i_b, o_d2, stride_xb, stride_xd)
+    z_row2 = _rows(i_b, o_d2, stride_zb, stride_zd)
     for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
         m_t = o_t < length
         m = m_d & m_t
-        offs = row + o_t
+        offs = row + o_t.to(tl.int64) * stride_xl
         u = tl.load(p_u + offs, mask=m, other=0.0).to(tl.float32)
         delta, _ = _delta(p_delta, offs, m, bias, HAS_BIAS, SOFTPLUS)  # padded tokens: identity maps
         drive = delta * u
@@ -348,12 +363,12 @@ def selective_scan_fwd_kernel(
         if HAS_D:
             y += tl.where(o_g == 0, D * u, 0.0)  # once, in the first group
         y_sum = tl.sum(y, axis=0)  # (BLOCK_D, BLOCK_L)
-        offs2 = row2[:, None] + (t0 + tl.arange(0, BLOCK_L))[None, :]
+        offs2 = _at(row2, t0 + tl.arange(0, BLOCK_L), stride_xl)
         m2 = (o_d2 < dim)[:, None] & (t0 + tl.arange(0, BLOCK_L) < length)[None, :]
         if HAS_Z:
             if SAVE_STATES:  # the backward needs the output before the gate
                 tl.store(p_ypre + offs2, y_sum.to(p_ypre.dtype.element_ty), mask=m2)
-            zv = tl.load(p_z + offs2, mask=m2, other=0.0).to(tl.float32)
+            zv = tl.load(p_z + _at(z_row2, t0 + tl.arange(0, BLOCK_L), stride_zl), mask=m2, other=0.0).to(tl.float32)
             y_sum = y_sum * zv * tl.sigmoid(zv)
         tl.store(p_y + offs2, y_sum.to(p_y.dtype.element_ty), mask=m2)
     if i_c == n_chunks - 1:
@@ -363,7 +378,7 @@ def selective_scan_fwd_kernel(
 @triton.jit
 def selective_scan_chunk_state_kernel(
     p_u, p_delta, p_A, p_B, p_bias, p_seq, p_chunk_h, p_chunk_decay,
-    dim, length, b_per_group, n_chunks,
+    dim, length, b_per_group, n_chunks, stride_xb, stride_xd, stride_xl,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     B_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -382,11 +397,11 @@ def selective_scan_chunk_state_kernel(
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
     decay = h + 1.0
-    row = (i_b * dim + o_d).to(tl.int64) * length
+    row = _rows(i_b, o_d, stride_xb, stride_xd)
     for t0 in range(i_c * CHUNK, tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L):
         o_t = t0 + o_l
         _, _, _, delta, drive, reset = _forward_tile_inputs(p_u, p_delta, p_seq, bias, row, m_d, o_t, i_b, length,
-                                                            HAS_BIAS, SOFTPLUS, HAS_SEQ)
+                                                            stride_xl, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         for i_n in tl.static_range(N):
             B_n = _projection(p_B, i_b, i_n, o_d, o_t, m_d, o_t < length, dim, length, b_per_group, N, B_VARIABLE,
                               B_GROUPED)
@@ -404,6 +419,7 @@ def selective_scan_bwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_h0, p_seq, p_states, p_ypre, p_dy, p_dlast,
     p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_dbias, p_dh0, p_chunk_g, p_chunk_decay, p_carry,
     dim, length, b_per_group, c_per_group, n_saved, n_chunks,
+    stride_xb, stride_xd, stride_xl, stride_zb, stride_zd, stride_zl, stride_dyb, stride_dyd, stride_dyl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, B_GROUPED: tl.constexpr, C_GROUPED: tl.constexpr,
@@ -452,7 +468,9 @@ def selective_scan_bwd_kernel(
     tl.debug_barrier()  # the tiles' rows are read back by other lanes than wrote them
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    row = (i_b * dim + o_d).to(tl.int64) * length
+    row = _rows(i_b, o_d, stride_xb, stride_xd)
+    z_row = _rows(i_b, o_d, stride_zb, stride_zd)
+    dy_row = _rows(i_b, o_d, stride_dyb, stride_dyd)
     p_chunks = p_states + (i_b * dim + o_d).to(tl.int64) * n_saved * N  # (BLOCK_D,) pointers
     first_tile = i_c * (CHUNK // BLOCK_L)
     n_tiles = tl.cdiv(tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L) - first_tile
@@ -461,13 +479,13 @@ def selective_scan_bwd_kernel(
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < length
         offs, m, u, delta, delta_raw, drive, reset, dy = _backward_tile_inputs(
-            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, m_d, o_t, i_b, length,
-            HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+            p_u, p_delta, p_z, p_ypre, p_dy, p_dz, p_seq, bias, row, z_row, dy_row, m_d, o_t, i_b, length,
+            stride_xl, stride_zl, stride_dyl, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         # The adjoint's inputs in descending time (suffix _rev), so that its reverse scan is a
         # forward scan; only its result g is flipped back.
         o_rev = i_t * BLOCK_L + BLOCK_L - 1 - o_l
         delta_next_rev, reset_next_rev = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
-                                                            HAS_BIAS, SOFTPLUS, HAS_SEQ)
+                                                            stride_xl, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         dy_rev = tl.flip(dy, 1)
         ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
@@ -538,6 +556,7 @@ def selective_scan_bwd_kernel(
 def selective_scan_chunk_adjoint_kernel(
     p_delta, p_A, p_C, p_z, p_bias, p_seq, p_dy, p_chunk_g, p_chunk_decay,
     dim, length, c_per_group, n_chunks,
+    stride_xb, stride_xd, stride_xl, stride_zb, stride_zd, stride_zl, stride_dyb, stride_dyd, stride_dyl,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     C_VARIABLE: tl.constexpr, C_GROUPED: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -555,18 +574,20 @@ def selective_scan_chunk_adjoint_kernel(
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else None
     g = _load_columns(p_A, o_d, m_d, N, NP) * 0.0
     decay = g + 1.0
-    row = (i_b * dim + o_d).to(tl.int64) * length
+    row = _rows(i_b, o_d, stride_xb, stride_xd)
+    z_row = _rows(i_b, o_d, stride_zb, stride_zd)
+    dy_row = _rows(i_b, o_d, stride_dyb, stride_dyd)
     first_tile = i_c * (CHUNK // BLOCK_L)
     n_tiles = tl.cdiv(tl.minimum((i_c + 1) * CHUNK, length), BLOCK_L) - first_tile
     for i_rev in range(0, n_tiles):
         o_t = (first_tile + n_tiles - 1 - i_rev) * BLOCK_L + o_l
         o_rev = (first_tile + n_tiles - 1 - i_rev) * BLOCK_L + BLOCK_L - 1 - o_l  # descending time
         delta_next, reset_next = _next_decay_inputs(p_delta, p_seq, bias, row, m_d, o_t, o_rev, i_b, length,
-                                                    HAS_BIAS, SOFTPLUS, HAS_SEQ)
+                                                    stride_xl, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         m = m_d[:, None] & (o_t < length)[None, :]
-        dy = tl.load(p_dy + row[:, None] + o_t[None, :], mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(p_dy + _at(dy_row, o_t, stride_dyl), mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(p_z + row[:, None] + o_t[None, :], mask=m, other=0.0).to(tl.float32)
+            zv = tl.load(p_z + _at(z_row, o_t, stride_zl), mask=m, other=0.0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
         dy = tl.flip(dy, 1)
         for i_n in tl.static_range(N):

@@ -11,6 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._backend import sm_count
 from .._checks import grad_needed
 from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
@@ -22,6 +23,11 @@ F32 = torch.float32
 # least 1024 tokens picks those.
 _PROGRAMS_PER_SM = 24
 _MAX_CHUNKS = 128
+# Below this many forward programs per SM the chunks shrink under 1024 tokens, down to
+# _MIN_SHORT_CHUNK: a 2048-token prefill of 1536 channels at batch 1 ran as 96 programs of
+# 1024-token chunks (0.48 ms a layer on an H100, most SMs idle).
+_FEW_PROGRAMS_PER_SM = 4
+_MIN_SHORT_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
     # states of the chunks before it); but a forward that saves states is not split when the
     # channel blocks alone give 6 warps per SM (b8 d2048 l4096: 1.37 ms unsplit, 1.66 split).
     # Backward: 8 channels of 32-token tiles, its entry loop's loads prefetched 2 entries ahead
-    # (3 stages), 512-token chunks (its programs do ~5x the work per token).
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    # (3 stages), 512-token chunks (its programs do ~5x the work per token). Short sequences with
+    # few channels go below 1024-token chunks (_FEW_PROGRAMS_PER_SM).
+    sms = sm_count(torch.cuda.current_device())
     groups = 2
     channel_blocks = triton.cdiv(batch * dim, 32)
 
@@ -81,6 +88,9 @@ def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
     if not (save_states and channel_blocks * groups >= 6 * sms):
         while (fwd_tokens > 1024 and triton.cdiv(length, fwd_tokens) < _MAX_CHUNKS
                and channel_blocks * triton.cdiv(length, fwd_tokens) < _PROGRAMS_PER_SM * sms):
+            fwd_tokens //= 2
+        while (fwd_tokens > _MIN_SHORT_CHUNK and 2 * triton.cdiv(length, fwd_tokens) <= _MAX_CHUNKS
+               and channel_blocks * triton.cdiv(length, fwd_tokens) < _FEW_PROGRAMS_PER_SM * sms):
             fwd_tokens //= 2
     bwd_tokens = max(512, triton.next_power_of_2(triton.cdiv(length, _MAX_CHUNKS)))
     return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
@@ -112,6 +122,18 @@ def _fp32(X: Optional[Tensor]) -> Optional[Tensor]:
     return X.to(F32).contiguous()
 
 
+def _strides(t: Optional[Tensor]) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _time_rows(x: Optional[Tensor]) -> Optional[Tensor]:
+    """x (b, d, l) itself when time is its unit stride (any batch and channel strides), else a
+    contiguous copy (see :func:`selective_scan_triton`)."""
+    if x is None or x.stride(2) == 1 or x.shape[2] == 1:
+        return x
+    return x.contiguous()
+
+
 def _state(shape: tuple, complex_a: bool, device, zeros: bool = False) -> Tensor:
     """An fp32 state-shaped buffer, with a trailing (re, im) axis for a complex A."""
     shape = shape + (2,) if complex_a else shape
@@ -128,7 +150,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, chunk-end states (b, d, n_chunks, n)
     fp32 and the output before the z gate (b, d, l); the last two are empty unless
-    ``save_states`` (and z, for the last)."""
+    ``save_states`` (and z, for the last). u and delta contiguous, z any strides (fastest with
+    time as the unit stride); y and the output before the gate contiguous."""
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length, save_states)
@@ -147,6 +170,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                  C_VARIABLE=c_var, C_GROUPED=c_grp, SAVE_EVERY=p.save_every)
     d_blocks = triton.cdiv(d, p.fwd_block_d)
     if cplx:
+        z = None if z is None else z.contiguous()  # the complex kernels read z time-contiguous
         complex_kernels.selective_scan_complex_fwd_kernel[(d_blocks, bsz)](
             u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, y, y_pre, last, states,
             d, length, b_pg, c_pg, n_saved, **flags, num_warps=p.fwd_warps)
@@ -156,14 +180,14 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     if n_chunks > 1:  # the end state and decay of every chunk but the last
         chunk_h, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
         kernels.selective_scan_chunk_state_kernel[(d_blocks, bsz, n_chunks - 1)](
-            u, delta, A, B32, delta_bias, seq_idx, chunk_h, chunk_decay, d, length, b_pg, n_chunks,
+            u, delta, A, B32, delta_bias, seq_idx, chunk_h, chunk_decay, d, length, b_pg, n_chunks, *_strides(u),
             HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=delta_softplus, HAS_SEQ=flags["HAS_SEQ"], B_VARIABLE=b_var,
             B_GROUPED=b_grp, N=n, NP=flags["NP"], BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, CHUNK=p.fwd_chunk,
             num_warps=p.fwd_warps)
     groups = min(p.fwd_groups, flags["NP"])  # groups of state entries, a warp (or fwd_warps) each
     kernels.selective_scan_fwd_kernel[(d_blocks, bsz, n_chunks)](
         u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states, chunk_h, chunk_decay,
-        d, length, b_pg, c_pg, n_saved, n_chunks, **flags, G=groups, CHUNK=p.fwd_chunk,
+        d, length, b_pg, c_pg, n_saved, n_chunks, *_strides(u), *_strides(z), **flags, G=groups, CHUNK=p.fwd_chunk,
         num_warps=p.fwd_warps * groups)
     return y, last, states, y_pre
 
@@ -185,12 +209,13 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_sta
 def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], states: Tensor, y_pre: Tensor, delta_softplus: bool) -> list[Tensor]:
-    """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty."""
+    """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty; du,
+    ddelta and dz contiguous (inputs as for the forward, dy any strides)."""
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)  # (distinct from the other empties)
+    dz = torch.empty_like(u, dtype=z.dtype) if z is not None else u.new_empty(0)  # (distinct from the other empties)
     # Reductions over channels, batch or time are accumulated atomically in fp32.
     cplx = A.is_complex()
     dA = _state(tuple(A.shape), cplx, u.device, zeros=True)
@@ -209,6 +234,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     d_blocks = triton.cdiv(d, p.bwd_block_d)
     n_saved = triton.cdiv(length, p.save_every)
     if cplx:
+        dy, z = dy.contiguous(), None if z is None else z.contiguous()  # time-contiguous, as above
         complex_kernels.selective_scan_complex_bwd_kernel[(d_blocks, bsz)](
             u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, states, y_pre, dy, _fp32(dlast),
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, d, length, b_pg, c_pg, n_saved,
@@ -220,6 +246,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
             chunk_g, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
             kernels.selective_scan_chunk_adjoint_kernel[(d_blocks, bsz, n_chunks - 1)](
                 delta, A, C32, z, delta_bias, seq_idx, dy, chunk_g, chunk_decay, d, length, c_pg, n_chunks,
+                *_strides(u), *_strides(z), *_strides(dy),
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
                 HAS_SEQ=seq_idx is not None, C_VARIABLE=c_var, C_GROUPED=c_grp, N=n, NP=flags["NP"],
                 BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
@@ -228,7 +255,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         kernels.selective_scan_bwd_kernel[(d_blocks, bsz, n_chunks)](
             u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, carry,
-            d, length, b_pg, c_pg, n_saved, n_chunks,
+            d, length, b_pg, c_pg, n_saved, n_chunks, *_strides(u), *_strides(z), *_strides(dy),
             **flags, CHUNK=p.bwd_chunk, STAGES=p.bwd_stages, num_warps=p.bwd_warps)
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
@@ -248,7 +275,8 @@ def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre
     def like(t):
         return torch.empty_like(t) if t is not None else u.new_empty(0)
 
-    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(h0)]
+    dz = torch.empty_like(u, dtype=z.dtype) if z is not None else u.new_empty(0)
+    return [like(u), like(delta), like(A), like(B), like(C), like(D), dz, like(delta_bias), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -261,7 +289,7 @@ def _backward(ctx, dy, dlast, _dstates, _dy_pre):
     u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states, y_pre = ctx.saved_tensors
     if states.numel() == 0:
         raise RuntimeError("selective_scan: the forward ran without saving for backward (no input required grad)")
-    grads = selective_scan_bwd(dy.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
+    grads = selective_scan_bwd(_time_rows(dy), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D,
                                z, delta_bias, h0, seq_idx, states, y_pre, ctx.delta_softplus)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
@@ -302,7 +330,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """Triton path of :func:`mambakit.ops.selective_scan` (inputs already validated).
 
     A single token without gradients (decoding) with a real A takes the one-step kernel;
-    everything else the tiled scan."""
+    everything else the tiled scan. Its kernels take any strides, but Triton lays their register
+    tiles out after the loads: with channel-last inputs (memory (b, l, d)) the scan over time
+    crossed lanes and ran 3.5x slower than copying them first (11.6 against 3.3 ms forward +
+    backward at a 130M-class Mamba-1 shape on an H100, benchmarks/bench_scan_layouts.py). So u
+    and delta are made contiguous, and z and the output gradient are read in place when time is
+    their unit stride (a column slice of a (b, 2d, l) tensor, say) and copied otherwise."""
     def c(t):
         return None if t is None else t.contiguous()
 
@@ -312,6 +345,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         y, last = selective_scan_step(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
                                       c(initial_state), delta_softplus)
         return (y, last) if return_final_state else y
-    y, last, _, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), c(initial_state),
-                                    c(seq_idx), delta_softplus, save_states)
+    y, last, _, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), _time_rows(z), c(delta_bias),
+                                       c(initial_state), c(seq_idx), delta_softplus, save_states)
     return (y, last) if return_final_state else y
