@@ -31,16 +31,15 @@ GRAPH_MIXERS = (Mamba1, Mamba2, Mamba3, MHA)
 MIN_KV_BUCKET = 256
 
 
-def graph_supported(model, attention: bool = True) -> bool:
+def graph_supported(model) -> bool:
     """Whether every layer of ``model`` (a MambaLM) can run its decode step inside a CUDA graph:
-    Mamba-1, Mamba-2, Mamba-3 or (with ``attention``) attention mixers, and plain (non-MoE) MLPs."""
+    Mamba-1, Mamba-2, Mamba-3 or attention mixers, and plain (non-MoE) MLPs."""
     from .layers.moe import MoE
 
     layers = getattr(getattr(model, "backbone", None), "layers", None)
     if layers is None:
         return False
-    mixers = GRAPH_MIXERS if attention else tuple(m for m in GRAPH_MIXERS if m is not MHA)
-    return all(isinstance(block.mixer, mixers) and not isinstance(block.mlp, MoE) for block in layers)
+    return all(isinstance(block.mixer, GRAPH_MIXERS) and not isinstance(block.mlp, MoE) for block in layers)
 
 
 class _Captured:

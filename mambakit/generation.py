@@ -127,9 +127,7 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
     from .cuda_graphs import graph_supported, graphed_decoder
 
     if cuda_graph is None:
-        # Hybrids with attention are captured on request only: their static-shape capture is
-        # tested on the CPU path but has not yet run on a GPU.
-        cuda_graph = device.type == "cuda" and graph_supported(model, attention=False)
+        cuda_graph = device.type == "cuda" and graph_supported(model)
     if cuda_graph:
         decoder = graphed_decoder(model)  # raises for a CPU model or layers it cannot capture
         cache: InferenceCache = decoder.cache(b, longest + max_new_tokens)
@@ -200,8 +198,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
         max_length: refuse prompts whose length + max_new_tokens exceeds it.
         cuda_graph: decode through CUDA graphs captured once per batch size and reused across calls
             (:mod:`mambakit.cuda_graphs`); None (default) does so for a CUDA model of Mamba-1/2/3
-            layers (no MoE); True requires it and also captures hybrids with attention layers;
-            False decodes eagerly.
+            and attention layers (no MoE); True requires it; False decodes eagerly.
             With graphs, prompts of equal length up to ``GRAPH_PREFILL_MAX_TOKENS`` (32) tokens are
             also fed through the graph, one token per replay.
 

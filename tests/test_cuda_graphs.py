@@ -15,7 +15,6 @@ from tests.fixtures import tiny_config, tiny_model
 def test_graph_supported(kind, hybrid, supported):
     model = tiny_model(kind, hybrid)
     assert graph_supported(model) is supported
-    assert graph_supported(model, attention=False) is (supported and not hybrid)  # generate's default
 
 
 def test_moe_is_not_capturable_and_cpu_models_are_refused():
@@ -41,18 +40,17 @@ def test_graphed_decoding_gives_the_eager_tokens(kind, prompts):
     decoder = graphed_decoder(model)
     (key, captured), = decoder.captured.items()
     assert key == (len(prompts), 256 if hybrid else 1)  # attention: a key/value length bucket
-    graph = True if hybrid else None  # the default on CUDA for Mamba-only models; hybrids ask for it
-    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=graph) == eager
+    assert model.generate(prompts, max_new_tokens=20, temperature=0) == eager  # graphs: the default on CUDA
     assert graphed_decoder(model) is decoder and decoder.captured[key].graph is captured.graph
 
     with torch.no_grad():  # in place: values derived from the weights change, so recaptured
         for p in model.parameters():
             p.mul_(1.1)
     eager = model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=False)
-    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=graph) == eager
+    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=None) == eager
     assert graphed_decoder(model) is not decoder
 
     model.to(torch.float64)  # new storage: recaptured
     eager = model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=False)
-    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=graph) == eager
+    assert model.generate(prompts, max_new_tokens=20, temperature=0, cuda_graph=None) == eager
     assert graphed_decoder(model) is not decoder
