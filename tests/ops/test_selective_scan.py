@@ -167,12 +167,23 @@ EQUIV_CASES = [
 ]
 
 
+@pytest.fixture(params=["time-major", "parallel"])
+def chunked_layout(request, monkeypatch):
+    """The chunked algorithm's two ways: short sequences (all of these) scan time-major blocks
+    token by token; "parallel" forces the (b, k, n, l) blocks and the parallel chunked scan that
+    sequences of _PARALLEL_SCAN_LENGTH tokens and more take."""
+    if request.param == "parallel":
+        monkeypatch.setattr(reference, "_PARALLEL_SCAN_LENGTH", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("complex_a,b_kind,c_kind,l,options", EQUIV_CASES)
-def test_chunked_matches_recurrent(complex_a, b_kind, c_kind, l, options, monkeypatch):
+def test_chunked_matches_recurrent(complex_a, b_kind, c_kind, l, options, chunked_layout, monkeypatch):
     options = dict(options)
     if options.pop("small_blocks", False):
         # Blocks of 2 channels: with 2 or 3 groups over d = 6 some blocks end at a group boundary.
         monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", 2 * 2 * 4 * l)
+        monkeypatch.setattr(reference, "_MIN_TIME_MAJOR_ROW", 1)
     kw = make_inputs(l, complex_a=complex_a, b_kind=b_kind, c_kind=c_kind, l=l, **options)
     y, h = selective_scan(**kw, return_final_state=True, algorithm="chunked")
     y_ref, h_ref = selective_scan(**kw, return_final_state=True, algorithm="recurrent")
@@ -201,8 +212,11 @@ GRAD_INPUTS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_sta
 
 
 @pytest.mark.parametrize("complex_a,b_kind,c_kind", GRAD_CASES)
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_gradcheck_every_input_and_final_state(complex_a, b_kind, c_kind, algorithm):
+@pytest.mark.parametrize("algorithm,parallel", [("chunked", False), ("chunked", True), ("recurrent", False)],
+                         ids=["chunked-time-major", "chunked-parallel", "recurrent"])
+def test_gradcheck_every_input_and_final_state(complex_a, b_kind, c_kind, algorithm, parallel, monkeypatch):
+    if parallel:  # see chunked_layout
+        monkeypatch.setattr(reference, "_PARALLEL_SCAN_LENGTH", 0)
     kw = make_inputs(7, complex_a=complex_a, b_kind=b_kind, c_kind=c_kind, b=1, d=4, n=2, l=5)
     inputs = tuple(kw[name].detach().clone().requires_grad_() for name in GRAD_INPUTS)
 

@@ -1,7 +1,7 @@
 """Four algorithms for the first-order linear recurrence h_t = a_t * h_{t-1} + b_t.
 
 Each function takes ``a, b`` of shape (..., T) with time on the last axis and ``h0`` of shape
-(...), and returns h of shape (..., T). They run without autograd (the backward of
+(...), and returns h of shape (..., T) (``sequential`` also takes ``reverse``). They run without autograd (the backward of
 :func:`mambakit.ops.linear_scan` is itself a reverse scan). The pair (a, b) is an affine map
 h -> a h + b; maps compose associatively, "(a1, b1) then (a2, b2)" = (a2 a1, a2 b1 + b2), which
 is what makes the parallel algorithms possible (MATH.md section 0).
@@ -17,14 +17,17 @@ def _then(first_a, first_b, second_a, second_b):
     return second_a * first_a, second_a * first_b + second_b
 
 
-def sequential(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """O(T) steps, one per time step: the definition, used as the ground truth."""
-    h = torch.empty_like(b)
+def sequential(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """O(T) steps, one per time step (from the end if ``reverse``): the definition, used as the
+    ground truth. It runs on time-major (T, ...) copies of a and b, so that every step reads and
+    writes contiguous rows; when a and b are views of time-major tensors (time the slowest
+    axis in memory) nothing is copied. h is returned as the same kind of view."""
+    a_t, b_t = a.movedim(-1, 0).contiguous(), b.movedim(-1, 0).contiguous()
+    h = torch.empty_like(b_t)
     state = h0
-    for t in range(b.shape[-1]):
-        state = a[..., t] * state + b[..., t]
-        h[..., t] = state
-    return h
+    for t in reversed(range(len(b_t))) if reverse else range(len(b_t)):
+        state = torch.addcmul(b_t[t], a_t[t], state, out=h[t])
+    return h.movedim(0, -1)
 
 
 def _hillis_steele_maps(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

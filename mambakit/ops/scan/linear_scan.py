@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import expect_choice, expect_positive_int, expect_same_device, expect_tensor
-from .algorithms import METHODS
+from .algorithms import METHODS, sequential
 
 SCAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -17,6 +17,8 @@ _BLOCK_ELEMENTS = 1 << 20
 
 def _forward_scan(a, b, h0, method, chunk_size, reverse):
     """Scan along the last axis (in the reverse direction if ``reverse``), no autograd."""
+    if method == "sequential":  # a loop over time-major rows: no flips, no row blocks
+        return sequential(a, b, h0, reverse)
     shape = b.shape
     T = shape[-1]
     a, b, h0 = a.reshape(-1, T), b.reshape(-1, T), h0.reshape(-1)
@@ -49,7 +51,9 @@ class _LinearScan(torch.autograd.Function):
         # db_t = dh_t, da_t = dh_t conj(h_prev), dh0 = conj(a_first) dh_first. conj() is a no-op
         # for real tensors and gives PyTorch's convention for complex gradients.
         a_c = a.conj()
-        if not reverse:
+        if method == "sequential":
+            a_next, h_prev, first = _time_major_shifts(a_c, h0, h, reverse)
+        elif not reverse:
             a_next = torch.cat([a_c[..., 1:], torch.zeros_like(a_c[..., :1])], dim=-1)
             h_prev = torch.cat([h0.unsqueeze(-1), h[..., :-1]], dim=-1)
             first = 0
@@ -62,6 +66,16 @@ class _LinearScan(torch.autograd.Function):
         grad_a = dh * h_prev.conj()
         grad_h0 = a_c[..., first] * dh[..., first]
         return grad_a, dh, grad_h0, None, None, None
+
+
+def _time_major_shifts(a_c, h0, h, reverse):
+    """(a_next, h_prev, index of the first step) of the adjoint, built along the time-major axis
+    so that they stay time-major views like the sequential method's inputs and output."""
+    a_t, h_t = a_c.movedim(-1, 0), h.movedim(-1, 0)
+    zero, start = torch.zeros_like(a_t[:1]), h0.unsqueeze(0)
+    if not reverse:
+        return torch.cat([a_t[1:], zero]).movedim(0, -1), torch.cat([start, h_t[:-1]]).movedim(0, -1), 0
+    return torch.cat([zero, a_t[:-1]]).movedim(0, -1), torch.cat([h_t[1:], start]).movedim(0, -1), -1
 
 
 def linear_scan(
@@ -80,7 +94,8 @@ def linear_scan(
         b: inputs, same shape as ``a``.
         h0: state before the first step, shape of ``b`` without ``dim``; default zeros.
         dim: the time axis.
-        method: ``"sequential"`` (O(T) steps), ``"hillis_steele"`` (log2 T steps, O(T log T)
+        method: ``"sequential"`` (O(T) steps; fastest on a CPU for short T or many rows,
+            and when ``dim`` is the slowest axis in memory), ``"hillis_steele"`` (log2 T steps, O(T log T)
             work), ``"blelloch"`` (up/down sweep, O(T) work) or ``"chunked"`` (parallel scan in
             chunks of ``chunk_size``, chunk states carried by a recursive chunked scan).
         reverse: run from the end: h_t = a_t * h_{t+1} + b_t, with h0 the state after the last step.
