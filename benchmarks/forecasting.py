@@ -8,6 +8,9 @@ seeds accumulating, so several invocations build one table).
     # the reproduction grid on one GPU, 16 runs at a time, resumable:
     python -m benchmarks.forecasting --data ETTh1.csv ETTh2.csv --horizons 96 192 336 720 \
         --seeds 0 1 2 --jobs 16 --skip-done
+    # the authors' run-script settings per dataset and horizon (variant "authors-script"):
+    python -m benchmarks.forecasting --data ETTh1.csv --models bi-mamba+ --horizons 720 --seeds 0 1 2 \
+        --authors-script
     # settings chosen by validation MSE; the chosen runs go in as variant "val-selected":
     python -m benchmarks.forecasting --data ETTh1.csv --models bi-mamba+ --horizons 720 --seeds 0 1 2 \
         --search patch_len/stride=4/2,12/6,24/12 --search lr=4e-5,1e-4 --record-best --jobs 16
@@ -31,6 +34,7 @@ import torch
 
 from mambakit.checkpoints import atomic_write
 from mambakit.forecasting import MODELS, PAPER_TRAINING, ForecastConfig, run_forecast
+from mambakit.forecasting.train import TRAINING_DEFAULTS
 
 RESULTS = Path(__file__).parent / "results"
 # Published numbers at L = 96: (horizon) -> (MSE, MAE). S-Mamba: the full ETT table of Wang et al.
@@ -43,6 +47,30 @@ PUBLISHED = {
     ("bi-mamba+", "ETTh1"): {96: (0.378, 0.395), 192: (0.427, 0.428), 336: (0.471, 0.445), 720: (0.470, 0.457)},
 }
 KEY = ("model", "variant", "dataset", "lookback", "horizon")
+
+# --authors-script: the settings of the authors' own run script per dataset and horizon, where
+# they differ from the paper's (PAPER_CONFIGS / PAPER_TRAINING), with their trainer's effective
+# optimizer (see mambakit.forecasting.train.TRAINING_DEFAULTS) and their patching. Bi-Mamba+:
+# scripts/BiMamba4TS/ETT.sh of the authors' repository (1 layer, d_model 64, d_ff 128, d_state 8,
+# seed 2024 throughout; ETTh1 patch 4, ETTh2 patch 24, stride patch / 2).
+_BI_MAMBA_CODE = dict(first_epoch_lr=0.04, beta1=0.95, patch_padding="to-multiple")
+AUTHORS_SCRIPT = {
+    ("bi-mamba+", "ETTh1"): {h: dict(_BI_MAMBA_CODE, lr=lr, dropout=p) for h, lr, p in
+                             [(96, 4e-5, 0.2), (192, 1e-4, 0.2), (336, 2e-4, 0.2), (720, 1e-4, 0.1)]},
+    ("bi-mamba+", "ETTh2"): {h: dict(_BI_MAMBA_CODE, lr=lr, dropout=0.1, patch_len=24, stride=12) for h, lr in
+                             [(96, 2e-4), (192, 2e-4), (336, 1e-4), (720, 4e-4)]},
+}
+TRAINER_SETTINGS = ("lr", "first_epoch_lr", "beta1")
+
+
+def authors_script(model: str, dataset: str, horizon: int) -> tuple[dict, dict]:
+    """(trainer settings, model settings) of AUTHORS_SCRIPT for one run; raises when it has none."""
+    settings = AUTHORS_SCRIPT.get((model, dataset), {}).get(horizon)
+    if settings is None:
+        known = sorted((m, d, h) for (m, d), by_h in AUTHORS_SCRIPT.items() for h in by_h)
+        raise ValueError(f"--authors-script: no settings for {model} on {dataset} at H = {horizon}; known: {known}")
+    trainer = {k: v for k, v in settings.items() if k in TRAINER_SETTINGS}
+    return trainer, {k: v for k, v in settings.items() if k not in TRAINER_SETTINGS}
 
 
 def merge(records: list[dict], new: dict) -> list[dict]:
@@ -71,7 +99,8 @@ def write_outputs(records: list[dict], directory: Path) -> None:
              "device | seconds/seed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        options = ", ".join([f"{r['lr']:g}"] + [f"{k}={v}" for k, v in r["model_options"].items()])
+        trainer = [f"{k}={r[k]:g}" for k in ("first_epoch_lr", "beta1") if r.get(k, TRAINING_DEFAULTS[k]) != TRAINING_DEFAULTS[k]]
+        options = ", ".join([f"{r['lr']:g}"] + trainer + [f"{k}={v}" for k, v in r["model_options"].items()])
         lines.append(f"| {label(r)} | {r['dataset']} | {r['lookback']} | {r['horizon']} | {len(r['seeds'])} | "
                      f"{fmt(r['mse'])} ± {r['mse_std']:.3f} | {fmt(r['mae'])} ± {r['mae_std']:.3f} | "
                      f"{fmt(r['published_mse'])} | {fmt(r['published_mae'])} | {options} | {r['budget']} | "
@@ -163,8 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate instead of the paper's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a model setting instead of the paper's (repeatable), e.g. --set patch_len=12")
-    p.add_argument("--variant", default="paper",
-                   help="name of these settings in the results (records of different variants are kept apart)")
+    p.add_argument("--variant", default=None,
+                   help="name of these settings in the results (records of different variants are kept apart); "
+                        "default 'paper', or 'authors-script' with --authors-script")
+    p.add_argument("--authors-script", action="store_true",
+                   help="each run with the settings of the model's authors' run script for its dataset and horizon "
+                        "(AUTHORS_SCRIPT: learning rate, dropout, patching, their trainer's optimizer)")
     p.add_argument("--record-best", action="store_true",
                    help="with --search: add the selected settings' runs to forecasting.json (variant "
                         "'val-selected' unless --variant names another)")
@@ -173,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                         "and ranked by validation MSE into search-*.json; 'lr' is the learning rate, tied keys "
                         "take tied values, e.g. --search lr=4e-5,1e-4 --search patch_len/stride=4/2,12/6")
     args = p.parse_args(argv)
+    if args.variant is None:
+        args.variant = "authors-script" if args.authors_script else "paper"
     if args.jobs < 1:
         raise ValueError(f"--jobs: expected a positive int, got {args.jobs}")
     overrides = parse_settings(args.overrides)
@@ -197,11 +232,13 @@ def main(argv: list[str] | None = None) -> None:
                     if args.skip_done and seed in done_seeds(records, model, Path(data).stem, args.lookback,
                                                               horizon, args.variant, gpu, budget(model)):
                         continue
+                    trainer, options = ({"lr": args.lr}, {}) if not args.authors_script else \
+                        authors_script(model, Path(data).stem, horizon)
                     tasks.append(ForecastConfig(
                         data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs,
                         seed=seed, out=f"runs/forecast-{Path(data).stem}-{model}-H{horizon}-s{seed}", device=device,
-                        max_train_batches=args.max_train_batches, progress=args.jobs == 1, lr=args.lr,
-                        model_overrides=overrides))
+                        max_train_batches=args.max_train_batches, progress=args.jobs == 1,
+                        model_overrides={**options, **overrides}, **{**trainer, **({"lr": args.lr} if args.lr else {})}))
     print(f"{len(tasks)} runs, {args.jobs} at a time", flush=True)
 
     failures = 0
@@ -352,7 +389,8 @@ def make_record(run: dict, per_seed: list[dict], command: str, gpu: str, budget:
         mse_std=float(mse.std(unbiased=False)), mae_std=float(mae.std(unbiased=False)),
         seeds=[s["seed"] for s in per_seed], per_seed=per_seed,
         published_mse=published[0] if published else None, published_mae=published[1] if published else None,
-        budget=budget, lr=run["lr"], batch_size=run["batch_size"], model_options=run["model_options"],
+        budget=budget, lr=run["lr"], batch_size=run["batch_size"], first_epoch_lr=run["first_epoch_lr"],
+        beta1=run["beta1"], model_options=run["model_options"],
         seconds_per_seed=round(sum(s["seconds"] for s in per_seed) / len(per_seed)),
         gpu=gpu, command=command, date=datetime.date.today().isoformat(), torch=torch.__version__,
         **({"coverage_2sigma": sum(s["coverage_2sigma"] for s in per_seed) / len(per_seed)}

@@ -305,20 +305,34 @@ def shortest_path_order(cost: torch.Tensor, steps: int = 5000, seed: int = 0, st
     return best
 
 
-def patch_count(lookback: int, patch_len: int, stride: int) -> int:
+# How the end of a look-back is padded before patching (by repeating its last value):
+# "stride": always by ``stride`` values, as PatchTST (one patch more than the unpadded series has);
+# "to-multiple": only up to a multiple of ``stride`` (none when it divides the look-back), as the
+# Bi-Mamba+ authors' code does.
+PATCH_PADDINGS = ("stride", "to-multiple")
+
+
+def _end_padding(lookback: int, stride: int, padding: str) -> int:
+    if padding not in PATCH_PADDINGS:
+        raise ValueError(f"padding: expected one of {PATCH_PADDINGS}, got {padding!r}")
+    return stride if padding == "stride" else -lookback % stride
+
+
+def patch_count(lookback: int, patch_len: int, stride: int, padding: str = "stride") -> int:
     """How many patches :func:`patchify` cuts from a look-back of ``lookback`` steps; checks that
-    patch_len and stride are positive ints and the patch fits the look-back."""
+    patch_len and stride are positive ints, the padding is known and the patch fits the look-back."""
     positive_ints(patch_len=patch_len, stride=stride)
     if patch_len > lookback:
         raise ValueError(f"patch_len: expected at most lookback = {lookback}, got {patch_len}")
-    return (lookback - patch_len) // stride + 2
+    return (lookback + _end_padding(lookback, stride, padding) - patch_len) // stride + 1
 
 
-def patchify(x: torch.Tensor, patch_len: int, stride: int) -> torch.Tensor:
-    """Patches of each series, PatchTST-style (the end padded by repeating the last value
-    ``stride`` times): x (b, n, L) -> (b, n, (L - patch_len) // stride + 2, patch_len), a view of
-    the padded series."""
-    x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], stride)], dim=-1)
+def patchify(x: torch.Tensor, patch_len: int, stride: int, padding: str = "stride") -> torch.Tensor:
+    """Patches of each series, the end padded by repeating the last value (``padding``, see
+    PATCH_PADDINGS): x (b, n, L) -> (b, n, patch_count(L, patch_len, stride, padding), patch_len),
+    a view of the padded series."""
+    pad = _end_padding(x.shape[-1], stride, padding)
+    x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
     return x.unfold(-1, patch_len, stride)
 
 

@@ -89,8 +89,8 @@ class SMamba(_Forecaster):
 class BiMambaPlus(_Forecaster):
     """Bi-Mamba+ (Liang et al., "Bi-Mamba+: Bidirectional Mamba for time series forecasting", 2024).
 
-    Instance normalisation; each series cut into patches (``patch_len``, ``stride``, end padded
-    by ``stride``), Linear(patch_len -> D); ``n_layers`` x :class:`BiMambaLayer` with
+    Instance normalisation; each series cut into patches (``patch_len``, ``stride``, the end
+    padded as ``patch_padding`` says), Linear(patch_len -> D); ``n_layers`` x :class:`BiMambaLayer` with
     :class:`MambaPlus` mixers, ``branch_norm=True`` and no dropout on the mixer outputs; a final
     LayerNorm; flatten the patch tokens and Linear(P * D -> H) per variable.
 
@@ -101,16 +101,19 @@ class BiMambaPlus(_Forecaster):
 
     Defaults are the paper's ETTh1 settings: 1 layer, patch 4, stride 2, d_model 64, d_ff 128,
     d_state 8, dropout 0.2; d_conv 2 and expand 1 are the defaults of the authors' code (the paper
-    does not give them).
+    does not give them). ``patch_padding`` (see :data:`~mambakit.forecasting.blocks.PATCH_PADDINGS`):
+    "stride" (default, PatchTST's: 48 patches of 4 from 96 steps) or "to-multiple" (the authors'
+    code: 47).
     """
 
     def __init__(self, n_vars: int, lookback: int, horizon: int, d_model: int = 64, d_state: int = 8,
                  d_ff: int = 128, n_layers: int = 1, patch_len: int = 4, stride: int = 2, d_conv: int = 2,
-                 expand: int = 1, dropout: float = 0.2, channel_mixing: bool = False):
+                 expand: int = 1, dropout: float = 0.2, channel_mixing: bool = False, patch_padding: str = "stride"):
         super().__init__(n_vars, lookback, horizon)
         positive_ints(d_model=d_model, d_ff=d_ff, n_layers=n_layers)
-        self.n_patches = patch_count(lookback, patch_len, stride)
+        self.n_patches = patch_count(lookback, patch_len, stride, patch_padding)
         self.patch_len, self.stride, self.channel_mixing = patch_len, stride, bool(channel_mixing)
+        self.patch_padding = patch_padding
         self.revin = RevIN(n_vars, affine=False)
         self.embed = nn.Linear(patch_len, d_model)
         self.dropout = nn.Dropout(dropout)
@@ -126,7 +129,8 @@ class BiMambaPlus(_Forecaster):
         self._check(x, x_time)
         b, n = x.shape[0], self.n_vars
         x, stats = self.revin.normalize(x)
-        tokens = self.dropout(self.embed(patchify(x.transpose(1, 2), self.patch_len, self.stride)))  # (b, n, P, D)
+        patches = patchify(x.transpose(1, 2), self.patch_len, self.stride, self.patch_padding)  # (b, n, P, patch_len)
+        tokens = self.dropout(self.embed(patches))  # (b, n, P, D)
         if self.channel_mixing:
             tokens = tokens.transpose(1, 2)  # (b, P, n, D): the scan runs over variables
         tokens = tokens.flatten(0, 1)

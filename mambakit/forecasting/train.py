@@ -48,11 +48,21 @@ PAPER_TRAINING = {
 }
 
 
+# Training settings a model's PAPER_TRAINING entry may leave out, and their values then.
+# first_epoch_lr: the first epoch's learning rate as a factor of lr (the schedule takes over after
+# it); beta1: Adam's first-moment decay. The Bi-Mamba+ authors' trainer builds a OneCycleLR it
+# never steps (under their "type3" schedule); building it alone sets the rate to lr / 25 until
+# the first epoch ends and Adam's beta1 to 0.95 for the whole run, which first_epoch_lr=0.04 and
+# beta1=0.95 reproduce.
+TRAINING_DEFAULTS = dict(schedule="type1", first_epoch_lr=1.0, beta1=0.9)
+
+
 @dataclass
 class ForecastConfig:
-    """One training run. ``None`` for lr/batch_size/epochs/patience takes the model's
-    PAPER_TRAINING value; ``model_overrides`` update its PAPER_CONFIGS settings (for Bi-Mamba+,
-    ``channel_mixing`` defaults to the SRA decider's choice on the training split)."""
+    """One training run. ``None`` for lr/batch_size/epochs/patience/first_epoch_lr/beta1 takes
+    the model's PAPER_TRAINING value (else TRAINING_DEFAULTS'); ``model_overrides`` update its
+    PAPER_CONFIGS settings (for Bi-Mamba+, ``channel_mixing`` defaults to the SRA decider's choice
+    on the training split)."""
 
     data: str
     model: str = "s-mamba"
@@ -67,6 +77,8 @@ class ForecastConfig:
     device: str = "cpu"
     borders: tuple[int, int, int] = ETT_BORDERS
     max_train_batches: int | None = None  # cap on optimizer steps per epoch (quick runs, tests)
+    first_epoch_lr: float | None = None
+    beta1: float | None = None
     progress: bool = True
     model_overrides: dict = field(default_factory=dict)
 
@@ -112,13 +124,16 @@ def two_sigma_coverage(model, windows: Windows, batch_size: int = 256, device="c
 def _resolve(cfg: ForecastConfig) -> dict:
     if cfg.model not in MODELS:
         raise ValueError(f"model: expected one of {tuple(MODELS)}, got {cfg.model!r}")
-    paper = {"schedule": "type1", **PAPER_TRAINING[cfg.model]}
+    paper = {**TRAINING_DEFAULTS, **PAPER_TRAINING[cfg.model]}
     settings = {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else v for k, v in paper.items()}
     for name in ("epochs", "patience", "batch_size"):
         if isinstance(settings[name], bool) or not isinstance(settings[name], int) or settings[name] <= 0:
             raise ValueError(f"{name}: expected a positive int, got {settings[name]!r}")
-    if not (isinstance(settings["lr"], (int, float)) and math.isfinite(settings["lr"]) and settings["lr"] > 0):
-        raise ValueError(f"lr: expected a positive number, got {settings['lr']!r}")
+    for name in ("lr", "first_epoch_lr"):
+        if not (isinstance(settings[name], (int, float)) and math.isfinite(settings[name]) and settings[name] > 0):
+            raise ValueError(f"{name}: expected a positive number, got {settings[name]!r}")
+    if not (isinstance(settings["beta1"], (int, float)) and 0 <= settings["beta1"] < 1):
+        raise ValueError(f"beta1: expected a number in [0, 1), got {settings['beta1']!r}")
     return settings
 
 
@@ -155,7 +170,8 @@ def _run(cfg: ForecastConfig, settings: dict) -> dict:
 
     from tqdm import tqdm
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"] * settings["first_epoch_lr"],
+                                 betas=(settings["beta1"], 0.999))
     generator = torch.Generator().manual_seed(cfg.seed)
     best_val, best_state, best_epoch, stale, epochs_run = math.inf, None, 0, 0, 0
     steps = math.ceil(len(train_w) / settings["batch_size"])

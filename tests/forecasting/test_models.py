@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from mambakit.forecasting import ForecastConfig, run_forecast
-from mambakit.forecasting.blocks import BiMambaLayer, MambaPlus, MultiScaleMamba, RevIN, patchify, sra_decider
+from mambakit.forecasting.blocks import (
+    PATCH_PADDINGS,
+    BiMambaLayer,
+    MambaPlus,
+    MultiScaleMamba,
+    RevIN,
+    patch_count,
+    patchify,
+    sra_decider,
+)
 from mambakit.forecasting.data import ett_splits, read_csv
 from mambakit.forecasting.models import MODELS, build_model
 from mambakit.layers import Mamba1
@@ -154,6 +163,31 @@ def test_patchify_pads_and_views():
     torch.testing.assert_close(p[0, 0, 0], torch.tensor([0.0, 1, 2, 3]))
     torch.testing.assert_close(p[0, 0, -1], torch.tensor([8.0, 9, 9, 9]))
     torch.testing.assert_close(patchify(x, 3, 2)[0, 0, -1], torch.tensor([8.0, 9, 9]))
+
+
+def test_patchify_to_a_multiple_of_the_stride():
+    # The Bi-Mamba+ authors' patching: no padding when the stride divides the look-back, else up
+    # to the next multiple of it.
+    x = torch.arange(10.0).view(1, 1, 10)
+    p = patchify(x, 4, 2, padding="to-multiple")
+    assert p.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(p[0, 0, -1], torch.tensor([6.0, 7, 8, 9]))
+    p = patchify(x[..., :9], 4, 2, padding="to-multiple")
+    assert p.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(p[0, 0, -1], torch.tensor([6.0, 7, 8, 8]))
+    for lookback, patch_len, stride in [(96, 4, 2), (96, 24, 12), (96, 16, 8), (97, 16, 8), (30, 7, 4)]:
+        for padding in PATCH_PADDINGS:
+            shape = patchify(torch.zeros(1, 1, lookback), patch_len, stride, padding).shape
+            assert shape[2] == patch_count(lookback, patch_len, stride, padding), (lookback, patch_len, stride, padding)
+    assert patch_count(96, 4, 2, "to-multiple") == 47 and patch_count(96, 4, 2) == 48
+    with pytest.raises(ValueError, match="padding"):
+        patch_count(96, 4, 2, "both")
+
+
+def test_bi_mamba_plus_with_the_authors_patching():
+    model = build_model("bi-mamba+", 3, 24, 8, **{**SMALL["bi-mamba+"], "patch_padding": "to-multiple"}).eval()
+    assert model.n_patches == (24 - 8) // 4 + 1 and model.head.in_features == model.n_patches * 16
+    assert model(torch.randn(2, 24, 3)).shape == (2, 8, 3)
 
 
 def test_sra_decider():
