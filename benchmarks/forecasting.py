@@ -99,7 +99,8 @@ def write_outputs(records: list[dict], directory: Path) -> None:
              "device | seconds/seed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        trainer = [f"{k}={r[k]:g}" for k in ("first_epoch_lr", "beta1") if r.get(k, TRAINING_DEFAULTS[k]) != TRAINING_DEFAULTS[k]]
+        trainer = [f"{k}={r[k]:g}" for k in ("first_epoch_lr", "beta1")
+                   if r.get(k, TRAINING_DEFAULTS[k]) != TRAINING_DEFAULTS[k]]
         options = ", ".join([f"{r['lr']:g}"] + trainer + [f"{k}={v}" for k, v in r["model_options"].items()])
         lines.append(f"| {label(r)} | {r['dataset']} | {r['lookback']} | {r['horizon']} | {len(r['seeds'])} | "
                      f"{fmt(r['mse'])} ± {r['mse_std']:.3f} | {fmt(r['mae'])} ± {r['mae_std']:.3f} | "
@@ -232,13 +233,15 @@ def main(argv: list[str] | None = None) -> None:
                     if args.skip_done and seed in done_seeds(records, model, Path(data).stem, args.lookback,
                                                               horizon, args.variant, gpu, budget(model)):
                         continue
-                    trainer, options = ({"lr": args.lr}, {}) if not args.authors_script else \
-                        authors_script(model, Path(data).stem, horizon)
+                    trainer, options = authors_script(model, Path(data).stem, horizon) if args.authors_script \
+                        else ({}, {})
+                    if args.lr is not None:
+                        trainer["lr"] = args.lr
                     tasks.append(ForecastConfig(
                         data=data, model=model, lookback=args.lookback, horizon=horizon, epochs=args.epochs,
                         seed=seed, out=f"runs/forecast-{Path(data).stem}-{model}-H{horizon}-s{seed}", device=device,
                         max_train_batches=args.max_train_batches, progress=args.jobs == 1,
-                        model_overrides={**options, **overrides}, **{**trainer, **({"lr": args.lr} if args.lr else {})}))
+                        model_overrides={**options, **overrides}, **trainer))
     print(f"{len(tasks)} runs, {args.jobs} at a time", flush=True)
 
     failures = 0

@@ -90,9 +90,10 @@ class BiMambaPlus(_Forecaster):
     """Bi-Mamba+ (Liang et al., "Bi-Mamba+: Bidirectional Mamba for time series forecasting", 2024).
 
     Instance normalisation; each series cut into patches (``patch_len``, ``stride``, the end
-    padded as ``patch_padding`` says), Linear(patch_len -> D); ``n_layers`` x :class:`BiMambaLayer` with
-    :class:`MambaPlus` mixers, ``branch_norm=True`` and no dropout on the mixer outputs; a final
-    LayerNorm; flatten the patch tokens and Linear(P * D -> H) per variable.
+    padded as ``patch_padding`` says), Linear(patch_len -> D); ``n_layers`` x
+    :class:`BiMambaLayer` with :class:`MambaPlus` mixers, ``branch_norm=True`` and no dropout on
+    the mixer outputs; a final LayerNorm; flatten the patch tokens and Linear(P * D -> H) per
+    variable.
 
     Tokenisation (chosen by :func:`~mambakit.forecasting.blocks.sra_decider` on the training
     split, or given): ``channel_mixing=False`` runs each variable's patch sequence alone

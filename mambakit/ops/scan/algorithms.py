@@ -1,8 +1,8 @@
 """Four algorithms for the first-order linear recurrence h_t = a_t * h_{t-1} + b_t.
 
 Each function takes ``a, b`` of shape (..., T) with time on the last axis and ``h0`` of shape
-(...), and returns h of shape (..., T) (``sequential`` also takes ``reverse``). They run without autograd (the backward of
-:func:`mambakit.ops.linear_scan` is itself a reverse scan). The pair (a, b) is an affine map
+(...), and returns h of shape (..., T) (``sequential`` also takes ``reverse``). They run without
+autograd (the backward of :func:`mambakit.ops.linear_scan` is itself a reverse scan). The pair (a, b) is an affine map
 h -> a h + b; maps compose associatively, "(a1, b1) then (a2, b2)" = (a2 a1, a2 b1 + b2), which
 is what makes the parallel algorithms possible (MATH.md section 0).
 """

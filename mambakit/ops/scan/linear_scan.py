@@ -94,10 +94,10 @@ def linear_scan(
         b: inputs, same shape as ``a``.
         h0: state before the first step, shape of ``b`` without ``dim``; default zeros.
         dim: the time axis.
-        method: ``"sequential"`` (O(T) steps; fastest on a CPU for short T or many rows,
-            and when ``dim`` is the slowest axis in memory), ``"hillis_steele"`` (log2 T steps, O(T log T)
-            work), ``"blelloch"`` (up/down sweep, O(T) work) or ``"chunked"`` (parallel scan in
-            chunks of ``chunk_size``, chunk states carried by a recursive chunked scan).
+        method: ``"sequential"`` (O(T) steps; on a CPU the fastest for short T or many rows, most
+            of all when ``dim`` is the slowest axis in memory), ``"hillis_steele"`` (log2 T steps,
+            O(T log T) work), ``"blelloch"`` (up/down sweep, O(T) work) or ``"chunked"`` (parallel
+            scan in chunks of ``chunk_size``, chunk states carried by a recursive chunked scan).
         reverse: run from the end: h_t = a_t * h_{t+1} + b_t, with h0 the state after the last step.
         chunk_size: chunk length for ``method="chunked"``.
 
