@@ -16,15 +16,14 @@ import datetime
 import importlib
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import wall_seconds  # noqa: E402
 from mambakit.checkpoints import atomic_write  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan  # noqa: E402
 
@@ -57,13 +56,7 @@ def time_layout(kw: dict, grad: bool, parallel: bool, repeats: int) -> tuple[flo
                     y.sum().backward()
             return y.detach()
 
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            y = run()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), y
+        return wall_seconds(run, repeats), run()
     finally:
         reference._PARALLEL_SCAN_LENGTH = saved
 
