@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(path.read_text()) if path.exists() else []
     budget = budget_text(args)
     if args.search:
+        if args.authors_script:
+            raise ValueError("--authors-script: not with --search (a search sets its own settings)")
         return search(args, overrides, device, command, gpu, budget)
 
     tasks = []

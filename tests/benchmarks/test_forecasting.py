@@ -31,3 +31,9 @@ def test_authors_script_run_is_recorded_with_its_settings(tmp_path, monkeypatch)
     assert record["first_epoch_lr"] == 0.04 and record["beta1"] == 0.95
     assert record["model_options"]["patch_padding"] == "to-multiple" and record["model_options"]["dropout"] == 0.2
     assert "first_epoch_lr=0.04" in (tmp_path / "forecasting.md").read_text()
+
+
+def test_authors_script_is_refused_with_a_search(tmp_path):
+    with pytest.raises(ValueError, match="--authors-script: not with --search"):
+        forecasting.main(["--data", str(tmp_path / "ETTh1.csv"), "--models", "bi-mamba+", "--horizons", "720",
+                          "--authors-script", "--search", "lr=1e-4,2e-4", "--results", str(tmp_path)])

@@ -174,8 +174,7 @@ def _chunked(u, Delta, A, B, C, h0, d, keep=None):
     n = A.shape[1]
     per_channel = max(1, _BLOCK_ELEMENTS // (bsz * n * l))
     if l < _PARALLEL_SCAN_LENGTH:
-        rows = max(per_channel, -(-_MIN_TIME_MAJOR_ROW // (bsz * n)))
-        return _time_major(u, Delta, A, B, C, h0, d, keep, rows)
+        return _time_major(u, Delta, A, B, C, h0, d, keep, max(per_channel, -(-_MIN_TIME_MAJOR_ROW // (bsz * n))))
     ys, finals = [], []
     for lo, hi in _channel_blocks(d, per_channel, B, C):
         dt = Delta[:, lo:hi, None, :]                                            # (b, k, 1, l)
@@ -202,11 +201,11 @@ _MIN_TIME_MAJOR_ROW = 4096
 
 
 def _time_major(u, Delta, A, B, C, h0, d, keep, per_channel: int):
-    """:func:`_chunked` on (l, b, k, n) blocks whose memory is time-major, scanned by
-    :func:`linear_scan`'s sequential method: each token then updates one contiguous row of
-    b k n states, with no flips, shifts or log-depth passes over the block."""
+    """:func:`_chunked` on (l, b, k, n) blocks of ``per_channel`` channels whose memory is
+    time-major, scanned by :func:`linear_scan`'s sequential method: each token then updates one
+    contiguous row of b k n states, with no flips, shifts or log-depth passes over the block."""
     Delta_t, u_t = Delta.permute(2, 0, 1).contiguous(), u.permute(2, 0, 1).contiguous()       # (l, b, d)
-    B_t, C_t = _time_major_projection(B), _time_major_projection(C)
+    B_t, C_t = _time_slowest(B), _time_slowest(C)
     keep_t = None if keep is None else keep.T.contiguous()[:, :, None, None]                # (l, b, 1, 1)
     ys, finals = [], []
     for lo, hi in _channel_blocks(d, per_channel, B, C):
@@ -214,27 +213,18 @@ def _time_major(u, Delta, A, B, C, h0, d, keep, per_channel: int):
         decay = _decay(dt * A[lo:hi])                                             # (l, b, k, n)
         if keep_t is not None:
             decay = decay * keep_t
-        drive = (dt * u_t[:, :, lo:hi, None]) * _time_major_block(B_t, B, d, lo, hi)
+        drive = (dt * u_t[:, :, lo:hi, None]) * _channel_block(B_t, d, lo, hi).permute(3, 0, 1, 2)
         h = linear_scan(decay, drive, None if h0 is None else h0[:, lo:hi], dim=0, method="sequential")
-        ys.append(_inner(_time_major_block(C_t, C, d, lo, hi), h, dim=-1))       # (l, b, k)
+        ys.append(_inner(_channel_block(C_t, d, lo, hi).permute(3, 0, 1, 2), h, dim=-1))   # (l, b, k)
         finals.append(h[-1])                                                      # (b, k, n)
     return torch.cat(ys, dim=2).permute(1, 2, 0).contiguous(), torch.cat(finals, dim=1)
 
 
-def _time_major_projection(X):
-    """B or C with time moved first: (b, n, l) -> (l, b, n), (b, g, n, l) -> (l, b, g, n)
-    (copies); a time-invariant (d, n) X as it is."""
-    return X if X.dim() == 2 else X.movedim(-1, 0).contiguous()
-
-
-def _time_major_block(X_t, X, d, lo, hi):
-    """Channels [lo, hi) of :func:`_time_major_projection`'s X_t, broadcastable to (l, b, k, n)
-    (a grouped block lies inside one group, see :func:`_channel_blocks`)."""
-    if X.dim() == 2:  # (d, n)
-        return X_t[lo:hi]
-    if X.dim() == 3:  # (l, b, n)
-        return X_t[:, :, None]
-    return X_t[:, :, lo // (d // X.shape[1]), None]  # (l, b, g, n) -> the block's group, (l, b, 1, n)
+def _time_slowest(X):
+    """B or C, same shape and values, with time the slowest axis in memory (a copy), so that the
+    (l, b, k, n) views of :func:`_channel_block` permuted time first are dense; a time-invariant
+    (d, n) X as it is."""
+    return X if X.dim() == 2 else X.movedim(-1, 0).contiguous().movedim(0, -1)
 
 
 def _decay(log_decay):
