@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._backend import resolve_backend
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
 from .mixer_common import (
@@ -158,48 +159,98 @@ class Mamba1(nn.Module):
         return out, conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False):
+        if self._runs_channel_major(hidden_states, resume):
+            return self._mix_channel_major(hidden_states, states, resume)
         return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
+
+    def _runs_channel_major(self, hidden_states, resume) -> bool:
+        """Whether this call takes :meth:`_mix_channel_major`: on the Triton backend, for more
+        than one new token, with plain ``nn.Linear`` projections and no inner norms."""
+        return (resolve_backend(None, hidden_states.device) == "triton"
+                and not (resume and hidden_states.shape[1] == 1)
+                and not self.inner_norms
+                and type(self.in_proj) is nn.Linear and type(self.out_proj) is nn.Linear)
+
+    def _mix_channel_major(self, hidden_states, states, resume):
+        """The mixer with its activations stored channel-major, memory (channels, b l), as the
+        official fused layer lays them out: every projection is then one matrix product whose
+        output the kernels read in place (time is the unit stride), and autograd's products hand
+        back gradients in the same layout. The (b, l, channels) layout of :meth:`mix_projected`
+        costs nine transposing copies of a (b, l, d_inner) tensor per training step of a layer.
+        """
+        b, l, _ = hidden_states.shape
+        tokens = hidden_states.reshape(b * l, self.d_model)
+
+        def batch_first(t):  # (channels, b l) -> a (b, channels, l) view
+            return t.view(t.shape[0], b, l).transpose(0, 1)
+
+        def channel_major(t):  # (b, channels, l) channel-major -> a (channels, b l) view (a copy otherwise)
+            return t.transpose(0, 1).reshape(t.shape[1], b * l)
+
+        xz = _channel_major_linear(self.in_proj.weight, tokens, self.in_proj.bias)  # (2 d_inner, b l)
+        x, z = (batch_first(part) for part in xz.split(self.d_inner))
+        x, conv_final = self._conv(x, states, resume)
+        x_dbl = torch.mm(self.x_proj.weight, channel_major(x))  # (dt_rank + 2 n, b l)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state])
+        dt = torch.mm(self.dt_proj.weight, dt)  # (d_inner, b l); the bias goes in the scan
+        y = self._scan(x, batch_first(dt), batch_first(B), batch_first(C), z, states, resume, conv_final)
+        y = channel_major(y).t()  # (b l, d_inner), a transposed view
+        out = torch.mm(y, self.out_proj.weight.t()) if self.out_proj.bias is None else \
+            torch.addmm(self.out_proj.bias, y, self.out_proj.weight.t())
+        return out.view(b, l, self.d_model)
 
     def mix_projected(self, projected, states=None, resume=False):
         """The mixer between its projections: in_proj's output (b, l, 2 d_inner) -> the gated
         scan output (b, l, d_inner) that out_proj takes."""
         xz = projected.transpose(1, 2)  # (b, 2 d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        conv_state, ssm_state = states if states is not None else (None, None)
-        keep = states is not None
         if resume and x.shape[2] == 1:  # decoding: the one-token conv updates conv_state in place
+            conv_state = states[0]
             x = causal_conv1d_update(x[..., 0], conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
                                      activation=self.activation)[..., None]
             conv_final = conv_state
         else:
-            conv = causal_conv1d(
-                x,
-                self.conv1d.weight[:, 0],
-                self.conv1d.bias,
-                activation=self.activation,
-                initial_state=conv_state if resume else None,
-                return_final_state=keep,
-            )
-            x, conv_final = conv if keep else (conv, None)
+            x, conv_final = self._conv(x, states, resume)
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias goes in the scan
+        y = self._scan(x, dt, B.transpose(1, 2), C.transpose(1, 2), z, states, resume, conv_final)
+        return y.transpose(1, 2)
+
+    def _conv(self, x, states, resume):
+        """Causal conv + SiLU of x (b, d_inner, l) -> (its output, the conv's final state or None
+        without a cache)."""
+        keep = states is not None
+        conv = causal_conv1d(
+            x,
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            activation=self.activation,
+            initial_state=states[0] if resume else None,
+            return_final_state=keep,
+        )
+        return conv if keep else (conv, None)
+
+    def _scan(self, x, dt, B, C, z, states, resume, conv_final):
+        """The selective scan of x, dt (b, d_inner, l) with B, C (b, n, l) gated by z; with a cache,
+        the final conv and scan states are written into it. -> y (b, d_inner, l)."""
+        keep = states is not None
         A = derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log)
         scan = selective_scan(
             x,
             dt,
             A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             D=derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D),
             z=z,
             delta_bias=derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias),
                                          self.dt_proj.bias),
             delta_softplus=True,
-            initial_state=ssm_state if resume else None,
+            initial_state=states[1] if resume else None,
             return_final_state=keep,
             # The reference (CPU) path only; the kernels ignore it. Without autograd the token loop
             # was 1.3-2.6x faster than the chunked scan at 130M-class sizes on 2 cores; with a
@@ -209,7 +260,7 @@ class Mamba1(nn.Module):
         y, ssm_final = scan if keep else (scan, None)
         if keep:
             write_states(states, (conv_final, ssm_final))
-        return y.transpose(1, 2)
+        return y
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zero states (conv_state (b, d_inner, d_conv - 1) in ``dtype`` or the conv weight's dtype,
@@ -221,3 +272,12 @@ class Mamba1(nn.Module):
             batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype(dtype or self.dt_proj.weight.dtype)
         )
         return conv_state, ssm_state
+
+
+def _channel_major_linear(weight, tokens, bias=None):
+    """``weight`` (out, in) applied to tokens (N, in) -> (out, N), channel-major: the transpose of
+    ``F.linear``'s output. Autograd's matrix-product backward keeps each operand's layout, so the
+    gradient of tokens comes back (N, in) contiguous."""
+    if bias is None:
+        return torch.mm(weight, tokens.t())
+    return torch.addmm(bias[:, None], weight, tokens.t())

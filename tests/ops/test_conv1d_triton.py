@@ -146,6 +146,45 @@ def test_channel_last_input_is_read_in_place():
     assert not copies, copies
 
 
+# Channel-major layout: x (b, d, l) a view of the first d rows of a (D, b l) product, as the
+# Mamba-1 layer computes in_proj (time the unit stride, the channel stride widest).
+
+
+def channel_major_view(b, d, l, dtype, seed, extra=3):
+    """A leaf (d + extra, b l) and its view x (b, d, l) on its first d rows."""
+    wide = torch.randn(d + extra, b * l, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    wide.requires_grad_()
+    return wide, wide[:d].view(d, b, l).transpose(0, 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("w", [2, 4])
+@pytest.mark.parametrize("l", [3, 40])
+def test_channel_major_input_keeps_its_layout(case, w, l):
+    kw = make(3, 5, l, w, seed=l + w, **case)
+    names = [k for k in ("weight", "bias", "initial_state") if kw[k] is not None]
+    out = {}
+    for backend in ("reference", "triton"):
+        wide, x = channel_major_view(3, 5, l, torch.float32, seed=l + w)
+        args = {k: (v.clone().requires_grad_() if k in names else v) for k, v in kw.items() if k != "x"}
+        with OpRecorder() as recorder:
+            y, final = causal_conv1d(x, **args, activation="silu", return_final_state=True, backend=backend)
+        g = torch.Generator().manual_seed(2)
+        dy = torch.randn(y.shape, generator=g).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
+        dfinal = torch.randn(final.shape, generator=g).to(DEVICE)
+        if backend == "triton":
+            copies = [str(f) for f, a in recorder.calls if any(k in str(f) for k in ("clone", "copy", "contiguous"))
+                      and a[0].numel() == x.numel()]  # (seq_idx's conversions are not x's)
+            assert not copies, copies
+            assert y.transpose(0, 1).is_contiguous(), f"y: strides {y.stride()}, not channel-major"
+            (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)  # the kernel's own, without the state's
+            assert dx.transpose(0, 1).is_contiguous(), f"dx: strides {dx.stride()}, not channel-major"
+        grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), [wide] + [args[k] for k in names])
+        out[backend] = [y, final] + list(grads)
+    for name, a, b in zip(["y", "final", "dwide"] + ["d" + k for k in names], out["triton"], out["reference"]):
+        assert_close(a, b, 1e-5, name)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])

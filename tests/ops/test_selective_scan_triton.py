@@ -140,16 +140,22 @@ def channel_slice(t):
     return torch.cat([torch.zeros_like(t), t], dim=1)[:, t.shape[1]:]
 
 
-@pytest.mark.parametrize("layout", ["time-rows", "channel-last"])
+def channel_major(t):
+    """The same values, memory (d, b, l): as the Mamba-1 layer's (channels, b l) products give them."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("layout", ["time-rows", "channel-last", "channel-major"])
 @pytest.mark.parametrize("features", [FEATURES[0], FEATURES[5]])
 def test_strided_z_and_output_gradient(layout, features, tiles):
-    # z and the output gradient as slices whose rows run along time are read in place (no copy);
-    # channel-last ones (and channel-last u, delta) are copied first. Both match the reference.
+    # z and the output gradient as slices whose rows run along time are read in place (no copy),
+    # and so are channel-major u, delta, z and dy (whose layout y and the gradients keep);
+    # channel-last ones are copied first. All match the reference.
     kw = make_case(2, 6, 40, 5, seed=21, **features)
     b, d, l = kw["u"].shape
-    to_layout = channel_slice if layout == "time-rows" else channel_last
-    if layout == "channel-last":
-        kw.update(u=channel_last(kw["u"]), delta=channel_last(kw["delta"]))
+    to_layout = {"time-rows": channel_slice, "channel-last": channel_last, "channel-major": channel_major}[layout]
+    if layout != "time-rows":
+        kw.update(u=to_layout(kw["u"]), delta=to_layout(kw["delta"]))
     g = torch.Generator().manual_seed(4)
     dy = to_layout(torch.randn(b, d, l, generator=g).to(DEVICE))
     dlast = torch.randn(b, d, 5, generator=g).to(DEVICE)
@@ -161,10 +167,13 @@ def test_strided_z_and_output_gradient(layout, features, tiles):
         assert args["z"].stride() == to_layout(kw["z"]).stride()
         with OpRecorder() as recorder:
             y, last = selective_scan(**args, return_final_state=True, backend=backend)
-        if backend == "triton" and layout == "time-rows":
+        if backend == "triton" and layout != "channel-last":
             copies = [str(f) for f, _ in recorder.calls if any(k in str(f) for k in ("clone", "copy", "contiguous"))]
             assert not copies, copies
         grads = torch.autograd.grad([y, last], [args[k] for k in names], [dy, dlast])
+        if backend == "triton" and layout == "channel-major":
+            for name, t in (("y", y), ("du", grads[0]), ("ddelta", grads[1]), ("dz", grads[6])):
+                assert t.stride() == args["u"].stride(), f"{name}: {t.stride()}, not u's {args['u'].stride()}"
         results[backend] = [y, last, *grads]
     for name, got, ref in zip(["y", "last"] + ["d" + k for k in names], results["triton"], results["reference"]):
         assert_close(got, ref, 1e-5 if name in ("y", "last") else 1e-4, name)

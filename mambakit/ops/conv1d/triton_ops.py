@@ -45,12 +45,21 @@ def _kernel_layout(x: Tensor) -> Tensor:
     return x if x.stride(1) == 1 or x.stride(2) == 1 else x.contiguous()
 
 
+def is_channel_major(x: Tensor) -> bool:
+    """x (b, d, l) time-contiguous with its rows ordered channel first (memory (d, b, l), maybe with
+    a channel stride wider than b l), as a (b, d, l) view of a column block of a (D, b l) product
+    such as ``in_proj.weight @ hidden.reshape(b l, d_model).T``."""
+    return x.stride(2) == 1 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(1) > x.stride(0)
+
+
 def _empty_in_layout_of(x: Tensor) -> Tensor:
-    """An uninitialised (b, d, l) tensor like x, channel-last (memory (b, l, d), dense) if x is,
-    else contiguous."""
+    """An uninitialised (b, d, l) tensor like x, dense: channel-last (memory (b, l, d)) or
+    channel-major (memory (d, b, l)) if x is, else contiguous."""
     b, d, length = x.shape
     if is_channel_last(x):
         return x.new_empty(b, length, d).transpose(1, 2)
+    if is_channel_major(x):
+        return x.new_empty(d, b, length).transpose(0, 1)
     return x.new_empty(b, d, length)
 
 
@@ -181,8 +190,9 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
 
     x (b, d, l) is read in place when time-contiguous (``x.stride(2) == 1``) or channel-last
     (``x.stride(1) == 1``: memory (b, l, d), e.g. ``xBC.transpose(1, 2)`` of a column slice of a
-    (b, l, D) projection), and y (b, d, l) comes back in the same layout (dense); any other layout
-    is copied to contiguous first.
+    (b, l, D) projection), and y (b, d, l) comes back in the same layout (dense; a time-contiguous
+    x whose channel stride exceeds its batch stride gives a channel-major y, memory (d, b, l));
+    any other layout is copied to contiguous first.
     """
     def c(t):
         return None if t is None else t.contiguous()

@@ -134,6 +134,27 @@ def _time_rows(x: Optional[Tensor]) -> Optional[Tensor]:
     return x.contiguous()
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements fill its storage span without gaps or overlaps in some axis order (so
+    ``empty_like(t)`` has t's strides)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _scan_rows(u: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """u and delta (b, d, l) in place when they share dense strides with time as the unit stride
+    (contiguous, or channel-major: memory (d, b, l), as the Mamba-1 layer's projections give),
+    else both contiguous. The kernels address u, delta and every (b, d, l) output through u's
+    strides, and the outputs are allocated ``empty_like(u)``."""
+    if u.stride(2) == 1 and u.stride() == delta.stride() and _dense(u):
+        return u, delta
+    return u.contiguous(), delta.contiguous()
+
+
 def _state(shape: tuple, complex_a: bool, device, zeros: bool = False) -> Tensor:
     """An fp32 state-shaped buffer, with a trailing (re, im) axis for a complex A."""
     shape = shape + (2,) if complex_a else shape
@@ -150,8 +171,9 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, chunk-end states (b, d, n_chunks, n)
     fp32 and the output before the z gate (b, d, l); the last two are empty unless
-    ``save_states`` (and z, for the last). u and delta contiguous, z any strides (fastest with
-    time as the unit stride); y and the output before the gate contiguous."""
+    ``save_states`` (and z, for the last). u and delta as :func:`_scan_rows` leaves them
+    (contiguous for a complex A), z any strides (fastest with time as the unit stride); y and the
+    output before the gate in u's layout."""
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length, save_states)
@@ -210,7 +232,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], states: Tensor, y_pre: Tensor, delta_softplus: bool) -> list[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty; du,
-    ddelta and dz contiguous (inputs as for the forward, dy any strides)."""
+    ddelta and dz in u's layout (inputs as for the forward, dy any strides)."""
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length)
@@ -335,7 +357,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     crossed lanes and ran 3.5x slower than copying them first (11.6 against 3.3 ms forward +
     backward at a 130M-class Mamba-1 shape on an H100, benchmarks/bench_scan_layouts.py). So u
     and delta are made contiguous, and z and the output gradient are read in place when time is
-    their unit stride (a column slice of a (b, 2d, l) tensor, say) and copied otherwise."""
+    their unit stride (a column slice of a (b, 2d, l) tensor, say) and copied otherwise. u and
+    delta in the same time-contiguous layout, contiguous or channel-major (memory (d, b, l)), are
+    read in place too, and y comes back in that layout."""
     def c(t):
         return None if t is None else t.contiguous()
 
@@ -345,6 +369,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         y, last = selective_scan_step(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias),
                                       c(initial_state), delta_softplus)
         return (y, last) if return_final_state else y
-    y, last, _, _ = selective_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), _time_rows(z), c(delta_bias),
+    u, delta = (c(u), c(delta)) if A.is_complex() else _scan_rows(u, delta)  # complex kernels: contiguous only
+    y, last, _, _ = selective_scan_fwd(u, delta, c(A), c(B), c(C), c(D), _time_rows(z), c(delta_bias),
                                        c(initial_state), c(seq_idx), delta_softplus, save_states)
     return (y, last) if return_final_state else y
