@@ -215,3 +215,15 @@ def test_backward_programs_of_several_time_tiles(case, w):
         out[backend] = torch.autograd.grad((y * dy).sum(), [args[k] for k in names])
     for name, a, b in zip(["d" + k for k in names], out["triton"], out["reference"]):
         assert_close(a, b, 1e-5, name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel-last", "channel-major"])
+def test_custom_op_fake_output_matches_the_real_one(layout):
+    # torch.compile allocates outputs from the fake kernels: their strides must be the real ones.
+    kw = make(2, 5, 12, 4, seed=9)
+    x = {"contiguous": kw["x"], "channel-last": kw["x"].transpose(1, 2).contiguous().transpose(1, 2),
+         "channel-major": kw["x"].transpose(0, 1).contiguous().transpose(0, 1)}[layout].requires_grad_()
+    from mambakit.ops.conv1d.triton_ops import causal_conv1d_fwd
+
+    torch.library.opcheck(causal_conv1d_fwd, (x, kw["weight"], kw["bias"], kw["initial_state"], None, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

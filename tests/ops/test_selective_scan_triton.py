@@ -247,3 +247,17 @@ def test_decode_step_kernel(features, monkeypatch):
         got = selective_scan(**kw, return_final_state=True, backend="triton")
     assert_close(got[0], ref[0], 1e-5, "y")
     assert_close(got[1], ref[1], 1e-5, "state")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel-major"])
+def test_custom_ops_fake_outputs_match_the_real_ones(layout):
+    # torch.compile allocates outputs from the fake kernels: their strides must be the real ones
+    # (for channel-major u, y and the output before the gate come back channel-major).
+    import mambakit.ops.selective_scan.triton_ops  # noqa: F401 (registers the custom ops)
+
+    kw = make_case(2, 6, 20, 4, seed=5)
+    to_layout = channel_major if layout == "channel-major" else (lambda t: t)
+    u, delta, z = (to_layout(kw[k]).requires_grad_() for k in ("u", "delta", "z"))
+    args = (u, delta, kw["A"], kw["B"], kw["C"], kw["D"], z, kw["delta_bias"], kw["initial_state"], None, True, True)
+    torch.library.opcheck(torch.ops.mambakit.selective_scan_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

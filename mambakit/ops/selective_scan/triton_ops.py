@@ -221,10 +221,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_sta
     states_shape = (bsz, d, triton.cdiv(length, plan(bsz, d, length).save_every), n) if save_states else (0,)
     if save_states and A.is_complex():
         states_shape += (2,)
-    y_pre_shape = u.shape if save_states and z is not None else (0,)
+    y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
     last_dtype = torch.complex64 if A.is_complex() else F32
-    return (torch.empty_like(u), u.new_empty(bsz, d, n, dtype=last_dtype), u.new_empty(states_shape, dtype=F32),
-            u.new_empty(y_pre_shape))
+    return torch.empty_like(u), u.new_empty(bsz, d, n, dtype=last_dtype), u.new_empty(states_shape, dtype=F32), y_pre
 
 
 @torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
