@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from ..ops._backend import resolve_backend
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
+from ..ops._checks import grad_needed
 from ..ops.selective_scan import selective_scan
+from ..ops.selective_scan.mixer_step import mamba1_mixer_step
 from .mixer_common import (
     at_least_fp32,
     cached_states,
@@ -202,6 +204,8 @@ class Mamba1(nn.Module):
     def mix_projected(self, projected, states=None, resume=False):
         """The mixer between its projections: in_proj's output (b, l, 2 d_inner) -> the gated
         scan output (b, l, d_inner) that out_proj takes."""
+        if resume and projected.shape[1] == 1 and self._steps_fused(projected):
+            return self._fused_step(projected[:, 0], states)[:, None]
         xz = projected.transpose(1, 2)  # (b, 2 d_inner, l)
         x, z = xz.chunk(2, dim=1)
         if resume and x.shape[2] == 1:  # decoding: the one-token conv updates conv_state in place
@@ -219,6 +223,25 @@ class Mamba1(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias goes in the scan
         y = self._scan(x, dt, B.transpose(1, 2), C.transpose(1, 2), z, states, resume, conv_final)
         return y.transpose(1, 2)
+
+    def _steps_fused(self, projected) -> bool:
+        """Whether a decode token takes :func:`mamba1_mixer_step` (two kernels): on the Triton
+        backend, without autograd, with plain ``nn.Linear`` x_proj and dt_proj and no inner norms."""
+        return (resolve_backend(None, projected.device) == "triton"
+                and not self.inner_norms
+                and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
+                and not grad_needed(projected, *self.parameters()))
+
+    def _fused_step(self, projected, states):
+        """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner),
+        the cached states updated in place."""
+        conv_state, ssm_state = states
+        x, z = projected.split(self.d_inner, dim=-1)
+        return mamba1_mixer_step(
+            x, z, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+            derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias), self.dt_proj.bias),
+            derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log),
+            derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D), ssm_state)
 
     def _conv(self, x, states, resume):
         """Causal conv + SiLU of x (b, d_inner, l) -> (its output, the conv's final state or None

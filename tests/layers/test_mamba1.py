@@ -117,3 +117,41 @@ def test_channel_major_path_is_not_taken_where_it_does_not_apply(monkeypatch):
     assert not binary._runs_channel_major(x, resume=False)
     monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
     assert not _layer()._runs_channel_major(x, resume=False)
+
+
+def _prefill_then_steps(layer, x, prefill):
+    cache = InferenceCache(x.shape[0], x.shape[1])
+    outs = [layer(x[:, :prefill], inference_params=cache)]
+    for t in range(prefill, x.shape[1]):
+        cache.seqlen_offset = t
+        outs.append(layer(x[:, t:t + 1], inference_params=cache))
+    return torch.cat(outs, dim=1), [s.clone() for s in cache.states[0]]
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"),
+                                    pytest.param(dict(conv_bias=False, dt_rank=3, d_conv=2), id="no-conv-bias")])
+def test_decode_steps_fused_match_the_unfused_ops(kwargs, monkeypatch):
+    layer = _layer(**kwargs)
+    x = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    calls = []
+    fused = Mamba1._fused_step
+    monkeypatch.setattr(Mamba1, "_fused_step", lambda self, *a: calls.append(1) or fused(self, *a))
+    with torch.no_grad():
+        got, got_states = _prefill_then_steps(layer, x, prefill=7)
+        assert len(calls) == 5, "the five one-token calls take the fused step"
+        monkeypatch.setattr(Mamba1, "_steps_fused", lambda self, projected: False)
+        expected, expected_states = _prefill_then_steps(layer, x, prefill=7)
+    assert_close(got, expected, 1e-5, "outputs")
+    for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
+        assert_close(a, e, 1e-5, name)
+
+
+def test_fused_step_is_not_taken_where_it_does_not_apply(monkeypatch):
+    projected = torch.empty(2, 2 * 16, device=DEVICE)
+    layer = _layer()
+    assert not layer._steps_fused(projected)  # grad mode on, parameters require grad
+    with torch.no_grad():
+        assert layer._steps_fused(projected)
+        assert not _layer(inner_norms=True)._steps_fused(projected)
+        monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
+        assert not layer._steps_fused(projected)
