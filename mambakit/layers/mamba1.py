@@ -28,6 +28,12 @@ from .mixer_common import (
 )
 from .norm import RMSNorm
 
+# Batch rows up to which a decode token takes the fused mixer step. Each of its programs reads
+# its own copy of the x_proj and dt_proj weight tiles, which costs more than the unfused ops'
+# matrix products once the batch is large: on an H200 the fused step decoded 1.2-1.55x faster
+# than the unfused ops at batch 1-32 and 0.91x at 64 (benchmarks/results/mamba1_decode_step.md).
+FUSED_STEP_MAX_BATCH = 32
+
 
 class Mamba1(nn.Module):
     """Mamba-1 mixer: (b, l, d_model) -> (b, l, d_model).
@@ -226,8 +232,10 @@ class Mamba1(nn.Module):
 
     def _steps_fused(self, projected) -> bool:
         """Whether a decode token takes :func:`mamba1_mixer_step` (two kernels): on the Triton
-        backend, without autograd, with plain ``nn.Linear`` x_proj and dt_proj and no inner norms."""
-        return (resolve_backend(None, projected.device) == "triton"
+        backend, up to FUSED_STEP_MAX_BATCH rows, without autograd, with plain ``nn.Linear``
+        x_proj and dt_proj and no inner norms."""
+        return (projected.shape[0] <= FUSED_STEP_MAX_BATCH
+                and resolve_backend(None, projected.device) == "triton"
                 and not self.inner_norms
                 and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
                 and not grad_needed(projected, *self.parameters()))

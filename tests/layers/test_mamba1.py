@@ -7,6 +7,7 @@ import torch
 
 from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba1
+from mambakit.layers.mamba1 import FUSED_STEP_MAX_BATCH
 from mambakit.layers.binary import binarize_projections
 from tests.utils import assert_close
 
@@ -153,5 +154,6 @@ def test_fused_step_is_not_taken_where_it_does_not_apply(monkeypatch):
     with torch.no_grad():
         assert layer._steps_fused(projected)
         assert not _layer(inner_norms=True)._steps_fused(projected)
+        assert not layer._steps_fused(torch.empty(FUSED_STEP_MAX_BATCH + 1, 2 * 16, device=DEVICE))  # large batch
         monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
         assert not layer._steps_fused(projected)
