@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops._backend import resolve_backend
-from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops._checks import grad_needed
+from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
 from ..ops.selective_scan.mixer_step import mamba1_mixer_step
 from .mixer_common import (
