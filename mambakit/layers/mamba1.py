@@ -245,11 +245,16 @@ class Mamba1(nn.Module):
         the cached states updated in place."""
         conv_state, ssm_state = states
         x, z = projected.split(self.d_inner, dim=-1)
-        return mamba1_mixer_step(
-            x, z, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-            derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias), self.dt_proj.bias),
-            derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log),
-            derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D), ssm_state)
+        A, D, dt_bias = self._scan_parameters()
+        return mamba1_mixer_step(x, z, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
+                                 self.dt_proj.weight, dt_bias, A, D, ssm_state)
+
+    def _scan_parameters(self):
+        """(A = -exp(A_log), D, dt_proj's bias), at least float32, each remembered while its
+        parameter is unchanged (:func:`derived_parameter`)."""
+        return (derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log),
+                derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D),
+                derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias), self.dt_proj.bias))
 
     def _conv(self, x, states, resume):
         """Causal conv + SiLU of x (b, d_inner, l) -> (its output, the conv's final state or None
@@ -269,17 +274,16 @@ class Mamba1(nn.Module):
         """The selective scan of x, dt (b, d_inner, l) with B, C (b, n, l) gated by z; with a cache,
         the final conv and scan states are written into it. -> y (b, d_inner, l)."""
         keep = states is not None
-        A = derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log)
+        A, D, dt_bias = self._scan_parameters()
         scan = selective_scan(
             x,
             dt,
             A,
             B,
             C,
-            D=derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D),
+            D=D,
             z=z,
-            delta_bias=derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias),
-                                         self.dt_proj.bias),
+            delta_bias=dt_bias,
             delta_softplus=True,
             initial_state=states[1] if resume else None,
             return_final_state=keep,

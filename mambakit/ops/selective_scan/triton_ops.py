@@ -355,10 +355,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     tiles out after the loads: with channel-last inputs (memory (b, l, d)) the scan over time
     crossed lanes and ran 3.5x slower than copying them first (11.6 against 3.3 ms forward +
     backward at a 130M-class Mamba-1 shape on an H100, benchmarks/bench_scan_layouts.py). So u
-    and delta are made contiguous, and z and the output gradient are read in place when time is
-    their unit stride (a column slice of a (b, 2d, l) tensor, say) and copied otherwise. u and
-    delta in the same time-contiguous layout, contiguous or channel-major (memory (d, b, l)), are
-    read in place too, and y comes back in that layout."""
+    and delta are read in place only when they share one dense layout with time as the unit
+    stride (contiguous or channel-major, memory (d, b, l); y and their gradients come back in it)
+    and are copied to contiguous otherwise; z and the output gradient are read in place when time
+    is their unit stride (a column slice of a (b, 2d, l) tensor, say) and copied otherwise."""
     def c(t):
         return None if t is None else t.contiguous()
 
