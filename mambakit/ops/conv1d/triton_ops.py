@@ -11,6 +11,8 @@ from torch import Tensor
 
 from . import triton_kernels as kernels
 from .._backend import interpreting, sm_count
+from .._checks import grad_needed
+from .._compile import compile_ahead, launch
 from ..common.segments import segment_resets
 
 # Tile (BLOCK_D, BLOCK_L, warps) per layout and pass: the tile's long side runs along the
@@ -76,16 +78,17 @@ def _launch(kernel, x: Tensor, pass_: str, *args, **constants):
     b, d, length = x.shape
     tile = _tile(x, pass_)
     grid = (triton.cdiv(length, tile["BLOCK_L"]), triton.cdiv(d, tile["BLOCK_D"]), b)
-    kernel[grid](*args, **constants, **tile)
+    launch(kernel, grid, *args, **constants, **tile)
 
 
-def _tiles_per_program(n_tiles: int, other_programs: int, device: torch.device) -> int:
+def _tiles_per_program(n_tiles: int, other_programs: int) -> int:
     """Time tiles per backward program: 2 under the interpreter (CI then runs programs of several
     tiles and several programs per row), else the most (a power of two, at most
-    MAX_TILES_PER_PROGRAM) that leave BWD_PROGRAMS_PER_SM programs per SM."""
-    if interpreting() or device.type != "cuda":
+    MAX_TILES_PER_PROGRAM) that leave BWD_PROGRAMS_PER_SM programs per SM of the current device
+    (where Triton launches)."""
+    if interpreting():
         return 2
-    target = BWD_PROGRAMS_PER_SM * sm_count(device.index)
+    target = BWD_PROGRAMS_PER_SM * sm_count(torch.cuda.current_device())
     tiles = 1
     while tiles < MAX_TILES_PER_PROGRAM and triton.cdiv(n_tiles, 2 * tiles) * other_programs >= target:
         tiles *= 2
@@ -100,8 +103,7 @@ def sequence_starts(seq_idx: Tensor) -> Tensor:
     return starts.cummax(dim=1).values.to(torch.int32).contiguous()
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
-def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
+def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                       starts: Optional[Tensor], silu: bool) -> Tensor:
     """y (b, d, l) in x's dtype and layout (time-contiguous or channel-last, see
     :func:`is_channel_last`); ``starts`` from :func:`sequence_starts` or None."""
@@ -112,13 +114,15 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial
     return y
 
 
+causal_conv1d_fwd = torch.library.custom_op("mambakit::causal_conv1d_fwd", _causal_conv1d_fwd, mutates_args=())
+
+
 @causal_conv1d_fwd.register_fake
 def _(x, weight, bias, initial_state, starts, silu):
     return _empty_in_layout_of(x)
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
-def causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
+def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                       starts: Optional[Tensor], silu: bool) -> list[Tensor]:
     """-> [dx (x's layout), dweight, dbias (empty without bias), dinitial_state (empty without one)]."""
     d = x.shape[1]
@@ -128,9 +132,9 @@ def causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     b, _, length = x.shape
     tile = _tile(x, "bwd")
     n_tiles, d_blocks = triton.cdiv(length, tile["BLOCK_L"]), triton.cdiv(d, tile["BLOCK_D"])
-    tiles = _tiles_per_program(n_tiles, d_blocks * b, x.device)
+    tiles = _tiles_per_program(n_tiles, d_blocks * b)
     w = weight.shape[1]
-    kernels.conv1d_bwd_kernel[(triton.cdiv(n_tiles, tiles), d_blocks, b)](
+    launch(kernels.conv1d_bwd_kernel, (triton.cdiv(n_tiles, tiles), d_blocks, b),
         x, weight, bias, initial_state, starts, dy, dx, dw, dbias, d, length, tiles, *_strides(x), *_strides(dy),
         *_strides(dx), W=w, WP=triton.next_power_of_2(w), HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None, HAS_SEQ=starts is not None, SILU=silu, **tile)
@@ -138,6 +142,16 @@ def causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     if initial_state is not None:
         d_init = _initial_state_grad(dy, x, weight, bias, initial_state, starts, silu)
     return [dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else x.new_empty(0), d_init]
+
+
+causal_conv1d_bwd = torch.library.custom_op("mambakit::causal_conv1d_bwd", _causal_conv1d_bwd, mutates_args=())
+
+
+def _forward_and_backward(x, weight, bias, initial_state, starts, silu, backward):
+    """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
+    y = _causal_conv1d_fwd(x, weight, bias, initial_state, starts, silu)
+    if backward:
+        _causal_conv1d_bwd(_kernel_layout(torch.empty_like(y)), x, weight, bias, initial_state, starts, silu)
 
 
 def _initial_state_grad(dy, x, weight, bias, initial_state, starts, silu):
@@ -198,7 +212,9 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
         return None if t is None else t.contiguous()
 
     starts = None if seq_idx is None else sequence_starts(seq_idx)
-    y = causal_conv1d_fwd(_kernel_layout(x), c(weight), c(bias), c(initial_state), starts, activation is not None)
+    args = (_kernel_layout(x), c(weight), c(bias), c(initial_state), starts, activation is not None)
+    compile_ahead("causal_conv1d", _forward_and_backward, *args, grad_needed(x, weight, bias, initial_state))
+    y = causal_conv1d_fwd(*args)
     if not return_final_state:
         return y
     return y, _final_state(x, weight.shape[1] - 1, initial_state, starts)

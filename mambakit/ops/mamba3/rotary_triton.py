@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._compile import compile_ahead, launch
+
 F32 = torch.float32
 BLOCK_T = 32  # tokens per program; the forward's grid also spans heads
 BWD_BLOCK_T = 8  # the backward loops over a group's heads, so more, smaller programs
@@ -129,26 +131,27 @@ def rotate_heads_bwd_kernel(
     tl.store(dv_ptr + (offs_t[:, None] * G + gi) * N + offs_n[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("mambakit::rotate_heads", mutates_args=())
-def rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype) -> Tensor:
+def _rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype) -> Tensor:
     """v (rows, g, n), bias (h, n) float32 or None, phi (rows, h, a) float32, all contiguous ->
     (rows, h, n) in ``out_dtype``: head j rotates group j // (h // g)'s row plus bias[j]."""
     rows, g, n = v.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     out = torch.empty(rows, h, n, device=v.device, dtype=out_dtype)
-    rotate_heads_fwd_kernel[(triton.cdiv(rows, BLOCK_T), h)](
+    launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, BLOCK_T), h),
         v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n), HALVES=halves,
         HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T)
     return out
 
 
-@rotate_heads.register_fake
+rotate_heads_op = torch.library.custom_op("mambakit::rotate_heads", _rotate_heads, mutates_args=())
+
+
+@rotate_heads_op.register_fake
 def _(v, bias, phi, halves, out_dtype):
     return v.new_empty(v.shape[0], phi.shape[1], v.shape[2], dtype=out_dtype)
 
 
-@torch.library.custom_op("mambakit::rotate_heads_bwd", mutates_args=())
-def rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool
+def _rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dv like v, dbias (h, n) float32 (empty without bias), dphi like phi)."""
     rows, g, n = v.shape
@@ -156,10 +159,13 @@ def rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tenso
     dv = torch.empty_like(v)
     dbias = torch.zeros(h, n, device=v.device, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
     dphi = torch.zeros_like(phi)
-    rotate_heads_bwd_kernel[(triton.cdiv(rows, BWD_BLOCK_T), g)](
+    launch(rotate_heads_bwd_kernel, (triton.cdiv(rows, BWD_BLOCK_T), g),
         dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n),
         HALVES=halves, HAS_BIAS=bias is not None, BLOCK_T=BWD_BLOCK_T)
     return dv, dbias, dphi
+
+
+rotate_heads_bwd = torch.library.custom_op("mambakit::rotate_heads_bwd", _rotate_heads_bwd, mutates_args=())
 
 
 @rotate_heads_bwd.register_fake
@@ -180,7 +186,22 @@ def _backward(ctx, dout):
     return dv, (dbias if bias is not None else None), dphi, None, None
 
 
-rotate_heads.register_autograd(_backward, setup_context=_setup)
+rotate_heads_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _rotate_forward_and_backward(v, bias, phi, halves, out_dtype, backward):
+    """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
+    out = _rotate_heads(v, bias, phi, halves, out_dtype)
+    if backward:
+        _rotate_heads_bwd(torch.empty_like(out), v, bias, phi, halves)
+
+
+def rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype,
+                 backward: bool) -> Tensor:
+    """The ``rotate_heads`` op (see the op), its kernels compiled ahead on a first call, those of
+    its backward too if ``backward`` (a gradient will follow)."""
+    compile_ahead("rotate_heads", _rotate_forward_and_backward, v, bias, phi, halves, out_dtype, backward)
+    return rotate_heads_op(v, bias, phi, halves, out_dtype)
 
 
 @triton.jit
@@ -248,36 +269,40 @@ def rotary_phase_bwd_kernel(
 PHASE_BLOCK_L = 64
 
 
-@torch.library.custom_op("mambakit::rotary_phase", mutates_args=())
-def rotary_phase_triton(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:
+def _rotary_phase(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:
     """angles (b, l, h, a) any strides, dt (b, l, h) float32, phi0 (b, h, a) float32 contiguous ->
     phi (b, l, h, a) float32 contiguous, in [0, 2 pi)."""
     b, length, h, n_angles = angles.shape
     phi = torch.empty(b, length, h, n_angles, device=angles.device, dtype=F32)
     if n_angles:
-        rotary_phase_fwd_kernel[(b * h,)](
+        launch(rotary_phase_fwd_kernel, (b * h,),
             angles, dt, phi0, phi, length, angles.stride(0), angles.stride(1), angles.stride(2), dt.stride(0),
             dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
     return phi
 
 
-@rotary_phase_triton.register_fake
+rotary_phase_op = torch.library.custom_op("mambakit::rotary_phase", _rotary_phase, mutates_args=())
+
+
+@rotary_phase_op.register_fake
 def _(angles, dt, phi0):
     return angles.new_empty(angles.shape, dtype=F32)
 
 
-@torch.library.custom_op("mambakit::rotary_phase_bwd", mutates_args=())
-def rotary_phase_bwd(dphi: Tensor, angles: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _rotary_phase_bwd(dphi: Tensor, angles: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dangles (b, l, h, a) float32, ddt (b, l, h) float32, dphi0 (b, h, a) float32)."""
     b, length, h, n_angles = angles.shape
     dangles = torch.empty(b, length, h, n_angles, device=angles.device, dtype=F32)
     ddt = torch.zeros(b, length, h, device=angles.device, dtype=F32)
     dphi0 = torch.zeros(b, h, n_angles, device=angles.device, dtype=F32)
     if n_angles:
-        rotary_phase_bwd_kernel[(b * h,)](
+        launch(rotary_phase_bwd_kernel, (b * h,),
             dphi, angles, dt, dangles, ddt, dphi0, length, angles.stride(0), angles.stride(1), angles.stride(2),
             dt.stride(0), dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
     return dangles, ddt, dphi0
+
+
+rotary_phase_bwd = torch.library.custom_op("mambakit::rotary_phase_bwd", _rotary_phase_bwd, mutates_args=())
 
 
 @rotary_phase_bwd.register_fake
@@ -298,4 +323,18 @@ def _phase_backward(ctx, dphi):
     return dangles.to(angles.dtype), ddt, dphi0
 
 
-rotary_phase_triton.register_autograd(_phase_backward, setup_context=_phase_setup)
+rotary_phase_op.register_autograd(_phase_backward, setup_context=_phase_setup)
+
+
+def _phase_forward_and_backward(angles, dt, phi0, backward):
+    """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
+    phi = _rotary_phase(angles, dt, phi0)
+    if backward:
+        _rotary_phase_bwd(torch.empty_like(phi), angles, dt)
+
+
+def rotary_phase_triton(angles: Tensor, dt: Tensor, phi0: Tensor, backward: bool) -> Tensor:
+    """The ``rotary_phase`` op (see the op), its kernels compiled ahead on a first call, those of
+    its backward too if ``backward`` (a gradient will follow)."""
+    compile_ahead("rotary_phase", _phase_forward_and_backward, angles, dt, phi0, backward)
+    return rotary_phase_op(angles, dt, phi0)

@@ -54,9 +54,11 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
     dtf = dt.to(F32)
+    tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
+    grad = grad_needed(*tensors)
     segment = None if seq_idx is None else canonical_segments(seq_idx)
     if segment is None:
-        phi = rotary_phase_triton(angles, dtf, phi0.contiguous())  # (b, l, h, n_angles) float32
+        phi = rotary_phase_triton(angles, dtf, phi0.contiguous(), grad)  # (b, l, h, n_angles) float32
     else:  # packed sequences restart their phase: the reference's segment-aware sum (PyTorch, autograd)
         phi = rotary_phase(angles.to(F32), dtf, phi0, segment).contiguous()
     phi_rows = phi.reshape(b * l, h, n_angles)
@@ -66,7 +68,7 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         for k in range(r):
             bias_k = None if bias is None else bias[:, k].to(F32).contiguous()
             ranks.append(rotate_heads(v[:, :, k].reshape(b * l, g, n).contiguous(), bias_k, phi_rows,
-                                      layout == "halves", x.dtype).view(b, l, 1, h, n))
+                                      layout == "halves", x.dtype, grad).view(b, l, 1, h, n))
         return ranks[0] if r == 1 else torch.cat(ranks, dim=2)
 
     K, Q = rotated(B, B_bias), rotated(C, C_bias)
@@ -81,8 +83,6 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         step_decay = torch.cat([log_decay[:, :, None], log_decay.new_zeros(b, l, r - 1, h)], dim=2).view(b, l * r, h)
         weight = (gamma + c_next)[:, :, None].expand(b, l, r, h).reshape(b, l * r, h)
     G0 = H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)
-    tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
-    grad = grad_needed(*tensors)
     y_core, H_final, *_ = ssd_fwd(
         v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
         K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(),

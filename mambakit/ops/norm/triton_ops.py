@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -10,6 +9,9 @@ import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
+from .._backend import interpreting, sm_count
+from .._checks import grad_needed
+from .._compile import compile_ahead, launch
 
 # Per program a tile of BLOCK_M rows x BLOCK_G >= group_size channels, about TILE_ELEMENTS values,
 # with warps for about ELEMENTS_PER_THREAD fp32 values of each live tile per thread: the backward
@@ -45,17 +47,16 @@ def _tile(group_size: int, pass_: str) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, num_warps)))
 
 
-@functools.lru_cache(maxsize=None)
-def _bwd_programs_target(device: torch.device) -> int:
-    """Backward row programs to aim for (over all groups): a few per SM on CUDA, 4 under the
-    interpreter (so that CI runs several programs with several row tiles each)."""
-    if device.type != "cuda":
+def _bwd_programs_target() -> int:
+    """Backward row programs to aim for (over all groups): a few per SM of the current device (where
+    Triton launches), 4 under the interpreter (so that CI runs several programs with several row
+    tiles each)."""
+    if interpreting():
         return 4
-    return BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return BWD_PROGRAMS_PER_SM * sm_count(torch.cuda.current_device())
 
 
-@torch.library.custom_op("mambakit::gated_rms_norm_fwd", mutates_args=())
-def gated_rms_norm_fwd(x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
+def _gated_rms_norm_fwd(x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
                        norm_before_gate: bool) -> Tensor:
     """y (..., d) contiguous in x's dtype; x and z (..., d) any strides with unit channel stride."""
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -66,11 +67,14 @@ def gated_rms_norm_fwd(x: Tensor, weight: Tensor, z: Optional[Tensor], eps: floa
     zr = _as_rows(z) if z is not None else None
     tile = _tile(group_size, "fwd")
     grid = (triton.cdiv(rows, tile["BLOCK_M"]) * (d // group_size),)
-    kernels.gated_rms_norm_fwd_kernel[grid](
+    launch(kernels.gated_rms_norm_fwd_kernel, grid,
         xr, zr, weight, y, rows, inner, d, group_size, eps, xr.stride(0), xr.stride(1),
         *((zr.stride(0), zr.stride(1)) if zr is not None else (0, 0)),
         HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, **tile)
     return y
+
+
+gated_rms_norm_fwd = torch.library.custom_op("mambakit::gated_rms_norm_fwd", _gated_rms_norm_fwd, mutates_args=())
 
 
 @gated_rms_norm_fwd.register_fake
@@ -78,8 +82,7 @@ def _(x, weight, z, eps, group_size, norm_before_gate):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
-@torch.library.custom_op("mambakit::gated_rms_norm_bwd", mutates_args=())
-def gated_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
+def _gated_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor], eps: float, group_size: int,
                        norm_before_gate: bool) -> list[Tensor]:
     """-> [dx (x's dtype), dweight (weight's dtype), dz (z's dtype; empty without z)], all contiguous."""
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -90,14 +93,24 @@ def gated_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor
         return [dx, torch.zeros_like(weight), dz]
     zr = _as_rows(z) if z is not None else None
     tile = _tile(group_size, "bwd")
-    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), max(1, _bwd_programs_target(x.device) * group_size // d))
+    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), max(1, _bwd_programs_target() * group_size // d))
     dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
-    kernels.gated_rms_norm_bwd_kernel[(programs * (d // group_size),)](
+    launch(kernels.gated_rms_norm_bwd_kernel, (programs * (d // group_size),),
         dyr, xr, zr, weight, dx, dz, dw_partial, rows, inner, d, group_size, eps,
         dyr.stride(0), dyr.stride(1), xr.stride(0), xr.stride(1),
         *((zr.stride(0), zr.stride(1)) if zr is not None else (0, 0)),
         HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, **tile)
     return [dx, dw_partial.sum(0).to(weight.dtype), dz]
+
+
+gated_rms_norm_bwd = torch.library.custom_op("mambakit::gated_rms_norm_bwd", _gated_rms_norm_bwd, mutates_args=())
+
+
+def _gated_forward_and_backward(x, weight, z, eps, group_size, norm_before_gate, backward):
+    """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
+    y = _gated_rms_norm_fwd(x, weight, z, eps, group_size, norm_before_gate)
+    if backward:
+        _gated_rms_norm_bwd(torch.empty_like(y), x, weight, z, eps, group_size, norm_before_gate)
 
 
 @gated_rms_norm_bwd.register_fake
@@ -123,7 +136,9 @@ gated_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def gated_rms_norm_triton(x, weight, z, eps, group_size, norm_before_gate):
     """Triton path of :func:`mambakit.ops.norm.gated_rms_norm` (inputs validated, group_size an int)."""
-    return gated_rms_norm_fwd(x, weight.contiguous(), z, float(eps), group_size, norm_before_gate)
+    args = (x, weight.contiguous(), z, float(eps), group_size, norm_before_gate)
+    compile_ahead("gated_rms_norm", _gated_forward_and_backward, *args, grad_needed(x, weight, z))
+    return gated_rms_norm_fwd(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +152,7 @@ def _add_norm_tile(d: int, pass_: str) -> dict:
     return dict(BLOCK_M=tile["BLOCK_M"], BLOCK_D=tile["BLOCK_G"], num_warps=tile["num_warps"])
 
 
-@torch.library.custom_op("mambakit::add_norm_fwd", mutates_args=())
-def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+def _add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
                  is_rms: bool, residual_in_fp32: bool) -> list[Tensor]:
     """-> [normed (..., d) in weight's dtype, new residual (..., d)]. The new residual is float32
     with residual_in_fp32, else x's dtype; it is empty when it would be x itself (no residual,
@@ -152,10 +166,13 @@ def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Op
     rows, d = xr.shape
     if rows:
         tile = _add_norm_tile(d, "fwd")
-        kernels.add_norm_fwd_kernel[(triton.cdiv(rows, tile["BLOCK_M"]),)](
+        launch(kernels.add_norm_fwd_kernel, (triton.cdiv(rows, tile["BLOCK_M"]),),
             xr, rr, weight, bias, y, new_residual, rows, d, eps, HAS_RES=residual is not None,
             STORE_RES=store_residual, IS_RMS=is_rms, HAS_BIAS=bias is not None, **tile)
     return [y, new_residual]
+
+
+add_norm_fwd = torch.library.custom_op("mambakit::add_norm_fwd", _add_norm_fwd, mutates_args=())
 
 
 @add_norm_fwd.register_fake
@@ -166,8 +183,7 @@ def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32):
             if store_residual else x.new_empty(0)]
 
 
-@torch.library.custom_op("mambakit::add_norm_bwd", mutates_args=())
-def add_norm_bwd(dy: Tensor, dnew_residual: Optional[Tensor], x: Tensor, residual: Optional[Tensor],
+def _add_norm_bwd(dy: Tensor, dnew_residual: Optional[Tensor], x: Tensor, residual: Optional[Tensor],
                  weight: Tensor, eps: float, is_rms: bool, residual_in_fp32: bool) -> list[Tensor]:
     """-> [dx (x's dtype), dresidual (residual's dtype; empty without one), dweight, dbias (both
     float32)]; dy, dnew_residual (..., d) as the forward's outputs (dnew_residual may be None)."""
@@ -180,17 +196,28 @@ def add_norm_bwd(dy: Tensor, dnew_residual: Optional[Tensor], x: Tensor, residua
         zeros = torch.zeros(d, device=x.device, dtype=torch.float32)
         return [dx, dres, zeros, zeros.clone()]
     tile = _add_norm_tile(d, "bwd")
-    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), _bwd_programs_target(x.device))
+    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), _bwd_programs_target())
     dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     residual_dtype_of = torch.empty(0, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
-    kernels.add_norm_bwd_kernel[(programs,)](
+    launch(kernels.add_norm_bwd_kernel, (programs,),
         dy.reshape(xr.shape).contiguous(),
         dnew_residual.reshape(xr.shape).contiguous() if dnew_residual is not None else None,
         xr, residual.reshape(xr.shape) if residual is not None else None, residual_dtype_of, weight,
         dx, dres, dw_partial, db_partial, rows, d, eps, HAS_RES=residual is not None, STORE_RES=store_residual,
         IS_RMS=is_rms, HAS_DRES=dnew_residual is not None, **tile)
     return [dx, dres, dw_partial.sum(0), db_partial.sum(0)]
+
+
+add_norm_bwd = torch.library.custom_op("mambakit::add_norm_bwd", _add_norm_bwd, mutates_args=())
+
+
+def _add_norm_forward_and_backward(x, residual, weight, bias, eps, is_rms, residual_in_fp32, backward):
+    """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
+    y, new_residual = _add_norm_fwd(x, residual, weight, bias, eps, is_rms, residual_in_fp32)
+    if backward:
+        dnew_residual = torch.empty_like(new_residual) if new_residual.numel() else None
+        _add_norm_bwd(torch.empty_like(y), dnew_residual, x, residual, weight, eps, is_rms, residual_in_fp32)
 
 
 @add_norm_bwd.register_fake
@@ -226,7 +253,9 @@ def add_norm_triton(x, residual, weight, bias, eps, kind, residual_in_fp32):
     """Triton path of :func:`mambakit.ops.norm.add_norm` (inputs validated) -> (normed, new residual)."""
     contiguous = [t.contiguous() if t is not None else None for t in (x, residual, weight, bias)]
     x, residual, weight, bias = contiguous
-    normed, new_residual = add_norm_fwd(x, residual, weight, bias, float(eps), kind == "rms", residual_in_fp32)
+    args = (x, residual, weight, bias, float(eps), kind == "rms", residual_in_fp32)
+    compile_ahead("add_norm", _add_norm_forward_and_backward, *args, grad_needed(x, residual, weight, bias))
+    normed, new_residual = add_norm_fwd(*args)
     if residual is None and not residual_in_fp32:
         new_residual = x
     return normed, new_residual

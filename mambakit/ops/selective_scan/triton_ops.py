@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._backend import sm_count
 from .._checks import grad_needed
+from .._compile import compile_ahead, launch
 from . import triton_complex as complex_kernels
 from . import triton_kernels as kernels
 
@@ -165,8 +166,7 @@ def _as_state(buffer: Tensor, complex_a: bool) -> Tensor:
     return torch.view_as_complex(buffer) if complex_a else buffer
 
 
-@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, d, l) in u's dtype, h_last (b, d, n) fp32, chunk-end states (b, d, n_chunks, n)
@@ -174,6 +174,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     ``save_states`` (and z, for the last). u and delta as :func:`_scan_rows` leaves them
     (contiguous for a complex A), z any strides (fastest with time as the unit stride); y and the
     output before the gate in u's layout."""
+    compile_ahead("selective_scan", _forward_and_backward, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx,
+                  delta_softplus, save_states)
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length, save_states)
@@ -193,7 +195,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     d_blocks = triton.cdiv(d, p.fwd_block_d)
     if cplx:
         z = None if z is None else z.contiguous()  # the complex kernels read z time-contiguous
-        complex_kernels.selective_scan_complex_fwd_kernel[(d_blocks, bsz)](
+        launch(complex_kernels.selective_scan_complex_fwd_kernel, (d_blocks, bsz),
             u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, y, y_pre, last, states,
             d, length, b_pg, c_pg, n_saved, **flags, num_warps=p.fwd_warps)
         return y, _as_state(last, cplx), states, y_pre
@@ -201,17 +203,20 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     chunk_h = chunk_decay = u.new_empty(0, dtype=F32)
     if n_chunks > 1:  # the end state and decay of every chunk but the last
         chunk_h, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
-        kernels.selective_scan_chunk_state_kernel[(d_blocks, bsz, n_chunks - 1)](
+        launch(kernels.selective_scan_chunk_state_kernel, (d_blocks, bsz, n_chunks - 1),
             u, delta, A, B32, delta_bias, seq_idx, chunk_h, chunk_decay, d, length, b_pg, n_chunks, *_strides(u),
             HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=delta_softplus, HAS_SEQ=flags["HAS_SEQ"], B_VARIABLE=b_var,
             B_GROUPED=b_grp, N=n, NP=flags["NP"], BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d, CHUNK=p.fwd_chunk,
             num_warps=p.fwd_warps)
     groups = min(p.fwd_groups, flags["NP"])  # groups of state entries, a warp (or fwd_warps) each
-    kernels.selective_scan_fwd_kernel[(d_blocks, bsz, n_chunks)](
+    launch(kernels.selective_scan_fwd_kernel, (d_blocks, bsz, n_chunks),
         u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, y, y_pre, last, states, chunk_h, chunk_decay,
         d, length, b_pg, c_pg, n_saved, n_chunks, *_strides(u), *_strides(z), **flags, G=groups, CHUNK=p.fwd_chunk,
         num_warps=p.fwd_warps * groups)
     return y, last, states, y_pre
+
+
+selective_scan_fwd = torch.library.custom_op("mambakit::selective_scan_fwd", _selective_scan_fwd, mutates_args=())
 
 
 @selective_scan_fwd.register_fake
@@ -226,8 +231,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_sta
     return torch.empty_like(u), u.new_empty(bsz, d, n, dtype=last_dtype), u.new_empty(states_shape, dtype=F32), y_pre
 
 
-@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
-def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+def _selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], h0: Optional[Tensor],
                        seq_idx: Optional[Tensor], states: Tensor, y_pre: Tensor, delta_softplus: bool) -> list[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0], absent inputs' gradients empty; du,
@@ -256,7 +260,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
     n_saved = triton.cdiv(length, p.save_every)
     if cplx:
         dy, z = dy.contiguous(), None if z is None else z.contiguous()  # time-contiguous, as above
-        complex_kernels.selective_scan_complex_bwd_kernel[(d_blocks, bsz)](
+        launch(complex_kernels.selective_scan_complex_bwd_kernel, (d_blocks, bsz),
             u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, states, y_pre, dy, _fp32(dlast),
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, d, length, b_pg, c_pg, n_saved,
             **flags, num_warps=p.bwd_warps)
@@ -265,7 +269,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         chunk_g = chunk_decay = u.new_empty(0, dtype=F32)
         if n_chunks > 1:  # the zero-end adjoint and decay of every chunk but the first
             chunk_g, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
-            kernels.selective_scan_chunk_adjoint_kernel[(d_blocks, bsz, n_chunks - 1)](
+            launch(kernels.selective_scan_chunk_adjoint_kernel, (d_blocks, bsz, n_chunks - 1),
                 delta, A, C32, z, delta_bias, seq_idx, dy, chunk_g, chunk_decay, d, length, c_pg, n_chunks,
                 *_strides(u), *_strides(z), *_strides(dy),
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
@@ -273,7 +277,7 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
                 BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d, CHUNK=p.bwd_chunk, num_warps=p.bwd_warps)
         # Per program: the adjoint after its tile and its dA (dB, dC) sums, one state entry at a time.
         carry = torch.empty(bsz, n_chunks, 4, d, n, device=u.device, dtype=F32)
-        kernels.selective_scan_bwd_kernel[(d_blocks, bsz, n_chunks)](
+        launch(kernels.selective_scan_bwd_kernel, (d_blocks, bsz, n_chunks),
             u, delta, A, B32, C32, D, z, delta_bias, h0, seq_idx, states, y_pre, dy, dlast,
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, chunk_g, chunk_decay, carry,
             d, length, b_pg, c_pg, n_saved, n_chunks, *_strides(u), *_strides(z), *_strides(dy),
@@ -289,6 +293,18 @@ def selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Te
         dbias.to(delta_bias.dtype) if delta_bias is not None else empty(),
         _as_state(dh0, cplx).to(h0.dtype) if h0 is not None else empty(),
     ]
+
+
+selective_scan_bwd = torch.library.custom_op("mambakit::selective_scan_bwd", _selective_scan_bwd, mutates_args=())
+
+
+def _forward_and_backward(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
+    """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
+    y, _, states, y_pre = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus,
+                                              save_states)
+    if save_states:
+        _selective_scan_bwd(torch.empty_like(y), None, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states,
+                            y_pre, delta_softplus)
 
 
 @selective_scan_bwd.register_fake

@@ -10,6 +10,7 @@ import triton
 from torch import Tensor
 
 from .._checks import grad_needed
+from .._compile import compile_ahead, launch
 from ..common import canonical_segments
 from . import triton_kernels as kernels
 
@@ -94,8 +95,7 @@ def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
     return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
 
 
-@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
-def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool, per_token: bool = False,
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -105,6 +105,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
 
     ``per_token``: A is (b, l, h) contiguous, each token's log-decay itself (the state decays by
     exp(A_t), not exp(dt_t A)), and dt weighs the input as given (Mamba-3's core)."""
+    compile_ahead("ssd", _forward_and_backward, x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi,
+                  clamp, chunk, save, per_token)
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
@@ -116,7 +118,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n)
-    kernels.ssd_fwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
+    launch(kernels.ssd_fwd_state_kernel, (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h),
         x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
         *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
@@ -124,13 +126,16 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
     )
     cfg = _launch("fwd_output", chunk, p, n)
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
-    kernels.ssd_fwd_output_kernel[grid](
+    launch(kernels.ssd_fwd_output_kernel, grid,
         x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks, *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
         NARROW=_narrow(x, per_token), **cfg,
     )
     return y, final, states, dtp, cum, y_pre
+
+
+ssd_fwd = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=())
 
 
 @ssd_fwd.register_fake
@@ -143,8 +148,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
             x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
-@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
-def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
             seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, per_token: bool = False) -> list[Tensor]:
@@ -161,7 +165,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
     cfg = _launch("bwd_state", chunk, p, n)
-    kernels.ssd_bwd_state_kernel[(triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h)](
+    launch(kernels.ssd_bwd_state_kernel, (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h),
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
         *_rows(x), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
@@ -182,7 +186,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     cfg = _launch("bwd_dx", chunk, p, n)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dB = group_grad(cfg["HEADS"])
-    kernels.ssd_bwd_dx_kernel[(n_chunks * (chunk // cfg["BLOCK_S"]), bsz * h // cfg["HEADS"])](
+    launch(kernels.ssd_bwd_dx_kernel, (n_chunks * (chunk // cfg["BLOCK_S"]), bsz * h // cfg["HEADS"]),
         x, B, C, D, seg, dtp, cum, dy, dstates, dx, dB, ddt_direct, dcum_src, chunk_const, length, n_chunks,
         *_rows(x), *_rows(B), *_rows(C),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **common, **cfg,
@@ -190,14 +194,14 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     cfg = _launch("bwd_dc", chunk, p, n)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dC = group_grad(cfg["HEADS"])
-    kernels.ssd_bwd_dc_kernel[(n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"])](
+    launch(kernels.ssd_bwd_dc_kernel, (n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"]),
         x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
         *_rows(x), *_rows(B), *_rows(C), **common, **cfg,
     )
     ddt = dt.new_empty(dt.shape)
     dA = torch.empty(A.shape, device=dev, dtype=F32) if per_token else torch.zeros(h, device=dev, dtype=F32)
     dbias = torch.zeros(h if dt_bias is not None else 1, device=dev, dtype=F32)
-    kernels.ssd_bwd_dt_kernel[(n_chunks, bsz * h)](
+    launch(kernels.ssd_bwd_dt_kernel, (n_chunks, bsz * h),
         dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
         dt_lo, dt_hi, *_rows(dt), H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
         PER_TOKEN=per_token, CHUNK=chunk, **CONFIGS["bwd_dt"],
@@ -214,6 +218,19 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dbias.to(dt_bias.dtype) if dt_bias is not None else empty(),
         dh0.to(h0.dtype) if h0 is not None else empty(),
     ]
+
+
+ssd_bwd = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=())
+
+
+def _forward_and_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save,
+                          per_token):
+    """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
+    y, _, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp,
+                                             chunk, save, per_token)
+    if save:
+        _ssd_bwd(torch.empty_like(y), None, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre,
+                 dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
 @ssd_bwd.register_fake
