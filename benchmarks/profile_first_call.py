@@ -4,8 +4,8 @@
 
 Runs the first forward+backward of one layer (bf16, b8 l4096 by default) in this process with a
 cold Triton cache (a fresh TRITON_CACHE_DIR) and prints the wall time, the second call's, and each
-Triton compile (kernel, seconds, whether it ran on the calling thread or on mambakit's compile
-pool). --serial sets MAMBAKIT_PARALLEL_COMPILE=0 (Triton's default: each kernel compiles on its
+Triton compile (kernel, seconds, whether it ran on mambakit's compile pool or elsewhere: the
+calling thread, or autograd's for the backward). --serial sets MAMBAKIT_PARALLEL_COMPILE=0 (Triton's default: each kernel compiles on its
 first launch); --cprofile N prints the N functions with the most cumulative time.
 """
 
@@ -29,7 +29,9 @@ import triton.compiler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-COMPILES: list[tuple[str, float, bool]] = []  # (kernel, seconds, on the calling thread)
+from mambakit.ops._compile import POOL_THREAD_PREFIX  # noqa: E402
+
+COMPILES: list[tuple[str, float, bool]] = []  # (kernel, seconds, on mambakit's compile pool)
 
 
 def _timed_compile(compile_fn):
@@ -39,7 +41,8 @@ def _timed_compile(compile_fn):
             return compile_fn(src, *args, **kwargs)
         finally:
             name = getattr(getattr(src, "fn", None), "__name__", str(src))
-            COMPILES.append((name, time.perf_counter() - start, threading.current_thread() is threading.main_thread()))
+            on_pool = threading.current_thread().name.startswith(POOL_THREAD_PREFIX)
+            COMPILES.append((name, time.perf_counter() - start, on_pool))
     return compile
 
 
@@ -92,14 +95,14 @@ def main() -> None:
     start = time.perf_counter()
     call()
     second = time.perf_counter() - start
-    on_caller = sum(s for _, s, main in COMPILES if main)
-    on_pool = sum(s for _, s, main in COMPILES if not main)
+    on_pool = sum(s for _, s, pooled in COMPILES if pooled)
+    elsewhere = sum(s for _, s, pooled in COMPILES if not pooled)
     mode = "serial" if args.serial else "parallel"
     print(f"{args.layer} b{args.b} l{args.l} ({mode} compile): first forward+backward {first:.2f} s, second "
-          f"{second * 1e3:.1f} ms; {len(COMPILES)} compiles, {on_caller:.2f} s on the calling thread, {on_pool:.2f} s "
+          f"{second * 1e3:.1f} ms; {len(COMPILES)} compiles, {elsewhere:.2f} s off the compile pool, {on_pool:.2f} s "
           f"summed over the pool (triton {triton.__version__}, torch {torch.__version__})")
-    for name, seconds, main in sorted(COMPILES, key=lambda r: -r[1]):
-        print(f"  {seconds:6.2f} s  {'caller' if main else 'pool  '}  {name}")
+    for name, seconds, pooled in sorted(COMPILES, key=lambda r: -r[1]):
+        print(f"  {seconds:6.2f} s  {'pool ' if pooled else 'other'}  {name}")
     if profile:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.cprofile)
 

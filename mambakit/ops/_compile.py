@@ -2,10 +2,12 @@
 
 Triton compiles a kernel the first time it is launched with a new specialization, one at a time:
 the first forward + backward of a Mamba-2 layer spends seconds compiling its ten kernels in a
-row. On an op's first call with a new kind of arguments, :func:`compile_ahead` runs the op's
-launchers once on meta copies of the arguments (no memory, nothing executed), with every launch
-made through :func:`launch` turned into a compile queued to a thread pool (Triton's
-``AsyncCompileMode``), and returns when all are built; the real launches then find them cached.
+row, then builds each one's launcher (a C module, compiled by the system compiler) on its first
+launch. On an op's first call with a new kind of arguments, :func:`compile_ahead` runs the op's
+launchers once with every launch made through :func:`launch` turned into a compile queued to a
+thread pool (Triton's ``AsyncCompileMode``), so no Triton kernel executes: the pass only
+allocates their outputs, uninitialised. It then loads the compiled kernels (and builds their launchers) on the same
+pool and returns; the real launches find everything ready.
 
 ``MAMBAKIT_PARALLEL_COMPILE=0`` turns it off (kernels then compile serially on first launch, as
 Triton does by default). Skipped under Triton's interpreter and while ``torch.compile`` traces.
@@ -23,20 +25,25 @@ import torch
 from ._backend import interpreting
 
 COMPILE_THREADS = 8
+POOL_THREAD_PREFIX = "mambakit-compile"
 # Kinds of arguments already compiled ahead per op; bounded (a process that meets ever new kinds
 # starts over, which costs one pass per kind whose compiles are all cache hits).
 MAX_KINDS = 4096
 
-_compile_only = contextvars.ContextVar("mambakit_compile_only", default=False)
+# Inside compile_ahead's pass: the list collecting the queued compiles; None otherwise.
+_queued = contextvars.ContextVar("mambakit_queued_compiles", default=None)
 _kinds_seen: set = set()
 
 
 def launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``; inside :func:`compile_ahead` only its compile, queued."""
-    if _compile_only.get():
-        kernel.warmup(*args, grid=grid, **meta)
-    else:
+    queued = _queued.get()
+    if queued is None:
         kernel[grid](*args, **meta)
+    else:
+        compiled = kernel.warmup(*args, grid=grid, **meta)
+        if compiled is not None:
+            queued.append(compiled)
 
 
 def enabled() -> bool:
@@ -63,22 +70,25 @@ def argument_kind(value):
     return "int", _size_class(value)
 
 
-def meta_like(t: torch.Tensor) -> torch.Tensor:
-    """A meta tensor with t's dtype, size, strides and storage offset (so its data_ptr modulo 16 is
-    t's, for a t whose storage starts aligned, as every CUDA allocation does)."""
-    base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), device="meta", dtype=t.dtype)
-    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+def _load(compiled) -> None:
+    """Load a compiled kernel onto the device and build its launcher, which Triton otherwise does
+    on the kernel's first launch (a private method, so skipped where a Triton version lacks it)."""
+    kernel = compiled.result() if hasattr(compiled, "result") else compiled  # cached ones come compiled
+    init = getattr(kernel, "_init_handles", None)
+    if init is not None:
+        init()
 
 
 def compile_ahead(op: str, launchers: Callable[..., object], *args) -> None:
     """Compile every kernel that ``launchers(*args)`` launches through :func:`launch`, in parallel,
     the first time ``op`` meets arguments of this kind; return when all are built.
 
-    ``launchers`` runs on meta copies of the tensor arguments, without autograd, and must launch
-    whatever the real call (forward and, if it will follow, backward) will launch. Kernels it
-    misses (or a kind it conflates with an earlier one) still compile on first launch.
+    ``launchers`` runs without autograd and without executing any Triton kernel (their outputs
+    come back uninitialised); it must launch whatever the real call (forward and, if one will follow,
+    backward) will launch. Kernels it misses, or a kind it conflates with an earlier one, still
+    compile on first launch.
     """
-    if _compile_only.get() or torch.compiler.is_compiling() or not enabled():
+    if torch.compiler.is_compiling() or _queued.get() is not None or not enabled():
         return
     key = (op, tuple(argument_kind(a) for a in args))
     if key in _kinds_seen:
@@ -88,10 +98,14 @@ def compile_ahead(op: str, launchers: Callable[..., object], *args) -> None:
     _kinds_seen.add(key)
     import triton
 
-    meta_args = [meta_like(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with ThreadPoolExecutor(COMPILE_THREADS) as pool, triton.AsyncCompileMode(pool), torch.no_grad():
-        token = _compile_only.set(True)
-        try:
-            launchers(*meta_args)
-        finally:
-            _compile_only.reset(token)
+    queued: list = []
+    # The pool's threads load kernels onto the current device (where Triton launches).
+    with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix=POOL_THREAD_PREFIX,
+                            initializer=torch.cuda.set_device, initargs=(torch.cuda.current_device(),)) as pool:
+        with triton.AsyncCompileMode(pool), torch.no_grad():  # leaving it waits for every compile
+            token = _queued.set(queued)
+            try:
+                launchers(*args)
+            finally:
+                _queued.reset(token)
+        list(pool.map(_load, queued))
