@@ -1,18 +1,20 @@
 """Where the first call's seconds go: a layer's first forward+backward, Triton compiles one by one.
 
-    python benchmarks/profile_first_call.py --layer mamba2 [--serial] [--cprofile N]
+    python benchmarks/profile_first_call.py --layer mamba2 [--serial] [--cprofile N] [--record DIR]
 
 Runs the first forward+backward of one layer (bf16, b8 l4096 by default) in this process with a
 cold Triton cache (a fresh TRITON_CACHE_DIR) and prints the wall time, the second call's, and each
 Triton compile (kernel, seconds, whether it ran on mambakit's compile pool or elsewhere: the
 calling thread, or autograd's for the backward). --serial sets MAMBAKIT_PARALLEL_COMPILE=0 (Triton's default: each kernel compiles on its
-first launch); --cprofile N prints the N functions with the most cumulative time.
+first launch); --cprofile N prints the N functions with the most cumulative time; --record DIR
+adds the run to DIR/first_call.json (and its table, first_call.md), one record per layer and mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import sys
@@ -29,7 +31,10 @@ import triton.compiler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import environment, write_results  # noqa: E402
 from mambakit.ops._compile import POOL_THREAD_PREFIX  # noqa: E402
+
+COLUMNS = ["op", "shape", "mode", "compile", "ours_ms", "second_call_ms", "compiles", "gpu"]
 
 COMPILES: list[tuple[str, float, bool]] = []  # (kernel, seconds, on mambakit's compile pool)
 
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--l", type=int, default=4096)
     parser.add_argument("--serial", action="store_true", help="MAMBAKIT_PARALLEL_COMPILE=0")
     parser.add_argument("--cprofile", type=int, default=0, help="print this many functions by cumulative time")
+    parser.add_argument("--record", default=None, help="folder whose first_call.json this run joins")
     args = parser.parse_args()
     if args.serial:
         os.environ["MAMBAKIT_PARALLEL_COMPILE"] = "0"
@@ -105,6 +111,16 @@ def main() -> None:
         print(f"  {seconds:6.2f} s  {'pool ' if pooled else 'other'}  {name}")
     if profile:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.cprofile)
+    if args.record:
+        stem = Path(args.record) / "first_call"
+        path = stem.with_suffix(".json")
+        records = json.loads(path.read_text()) if path.exists() else []
+        shape = f"b{args.b} l{args.l}"
+        records = [r for r in records if (r["op"], r["shape"], r["compile"]) != (f"{args.layer}_layer", shape, mode)]
+        records.append(dict(op=f"{args.layer}_layer", shape=shape, dtype="bf16", mode="first_call", compile=mode,
+                            ours_ms=first * 1e3, second_call_ms=second * 1e3, compiles=len(COMPILES),
+                            **environment()))
+        write_results(records, stem, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -300,10 +300,10 @@ selective_scan_bwd = torch.library.custom_op("mambakit::selective_scan_bwd", _se
 
 def _forward_and_backward(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
     """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
-    y, _, states, y_pre = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus,
-                                              save_states)
-    if save_states:
-        _selective_scan_bwd(torch.empty_like(y), None, u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states,
+    y, last, states, y_pre = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus,
+                                                 save_states)
+    if save_states:  # autograd hands the backward zeros for an unused final state, so a dlast always comes
+        _selective_scan_bwd(torch.empty_like(y), torch.empty_like(last), u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states,
                             y_pre, delta_softplus)
 
 

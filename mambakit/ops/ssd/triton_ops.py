@@ -226,10 +226,10 @@ ssd_bwd = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=()
 def _forward_and_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save,
                           per_token):
     """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
-    y, _, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp,
-                                             chunk, save, per_token)
-    if save:
-        _ssd_bwd(torch.empty_like(y), None, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre,
+    y, final, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi,
+                                                 clamp, chunk, save, per_token)
+    if save:  # autograd hands the backward zeros for an unused final state, so a dfinal always comes
+        _ssd_bwd(torch.empty_like(y), torch.empty_like(final), x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre,
                  dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
