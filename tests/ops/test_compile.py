@@ -72,7 +72,7 @@ def _first_call_compiles(kind: str, parallel: bool) -> list:
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", _FIRST_CALL, kind], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"{kind}, parallel={parallel}:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
