@@ -1,7 +1,8 @@
 """Compiling an op's kernels ahead, in parallel, on its first call (mambakit/ops/_compile.py).
 
-CPU: the argument summaries it keys on, and that it stays out of the way when off and under the
-interpreter. GPU: in a fresh process (cold Triton cache), a layer's first forward + backward
+CPU: the argument summaries it keys on, that it stays out of the way when off and under the
+interpreter, and (forcing it on under the interpreter) that its pass asks for exactly the kernel
+specializations the real forward + backward then launches. GPU: in a fresh process (cold Triton cache), a layer's first forward + backward
 compiles exactly the kernels a serial first call compiles, all of them on the compile pool.
 """
 
@@ -33,12 +34,53 @@ def test_argument_kind_follows_dtype_rank_and_integer_classes():
 def test_compile_ahead_does_nothing_when_off(monkeypatch):
     calls = []
     monkeypatch.setenv("MAMBAKIT_PARALLEL_COMPILE", "0")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_compile, "interpreting", lambda: False)
     _compile.compile_ahead("test-off", lambda *a: calls.append(a), torch.zeros(2))
     monkeypatch.setenv("MAMBAKIT_PARALLEL_COMPILE", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_compile, "interpreting", lambda: True)
     _compile.compile_ahead("test-interpreted", lambda *a: calls.append(a), torch.zeros(2))
     assert calls == []
+
+
+def _specialization(args, kwargs):
+    """What Triton keys a compiled kernel on, approximately: tensors by dtype and 16-byte
+    alignment, integers by == 1 and % 16, constexprs and options by value."""
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return "tensor", v.dtype, v.data_ptr() % 16 == 0
+        if isinstance(v, bool) or v is None or isinstance(v, (str, torch.dtype)):
+            return v
+        if isinstance(v, int):
+            return "int", v == 1, v % 16 == 0
+        return type(v).__name__
+    return tuple(map(kind, args)), tuple(sorted((k, kind(v)) for k, v in kwargs.items()))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in Triton's interpreter")
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "mamba2-g2", "mamba3", "mamba3-mimo"])
+def test_compile_pass_asks_for_exactly_the_kernels_the_call_launches(monkeypatch, kind):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from tests.fixtures import tiny_model
+
+    records = []  # (warm-up, kernel, specialization)
+    real_run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        records.append((warmup, self.fn.__name__, _specialization(args, kwargs)))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    monkeypatch.setattr(_compile, "enabled", lambda: True)
+    monkeypatch.setattr(_compile, "_kinds_seen", set())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the pool's device (no thread starts here)
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
+    model = tiny_model(kind, dtype=torch.float32).train()
+    tokens = torch.randint(0, 61, (2, 21))
+    model(tokens).sum().backward()
+    asked = {(name, spec) for warm, name, spec in records if warm}
+    launched = {(name, spec) for warm, name, spec in records if not warm}
+    assert launched and asked == launched
 
 
 # Run in a fresh process: records every Triton compile (kernel name, whether on mambakit's compile
