@@ -70,10 +70,9 @@ def argument_kind(value):
     return "int", _size_class(value)
 
 
-def _load(compiled) -> None:
+def _load(kernel) -> None:
     """Load a compiled kernel onto the device and build its launcher, which Triton otherwise does
     on the kernel's first launch (a private method, so skipped where a Triton version lacks it)."""
-    kernel = compiled.result() if hasattr(compiled, "result") else compiled  # cached ones come compiled
     init = getattr(kernel, "_init_handles", None)
     if init is not None:
         init()
@@ -108,4 +107,7 @@ def compile_ahead(op: str, launchers: Callable[..., object], *args) -> None:
                 launchers(*args)
             finally:
                 _queued.reset(token)
-        list(pool.map(_load, queued))
+        # Each compiled kernel once (Triton's loading is not guarded against two threads at once);
+        # the warm-ups of kernels already compiled return them compiled.
+        compiled = {id(k): k for k in (q.result() if hasattr(q, "result") else q for q in queued)}
+        list(pool.map(_load, compiled.values()))
