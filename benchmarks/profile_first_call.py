@@ -5,9 +5,10 @@
 Runs the first forward+backward of one layer (bf16, b8 l4096 by default) in this process with a
 cold Triton cache (a fresh TRITON_CACHE_DIR) and prints the wall time, the second call's, and each
 Triton compile (kernel, seconds, whether it ran on mambakit's compile pool or elsewhere: the
-calling thread, or autograd's for the backward). --serial sets MAMBAKIT_PARALLEL_COMPILE=0 (Triton's default: each kernel compiles on its
-first launch); --cprofile N prints the N functions with the most cumulative time; --record DIR
-adds the run to DIR/first_call.json (and its table, first_call.md), one record per layer and mode.
+calling thread, or autograd's for the backward). --serial sets MAMBAKIT_PARALLEL_COMPILE=0
+(Triton's default: each kernel compiles on its first launch); --cprofile N prints the N functions
+with the most cumulative time; --record DIR adds the run to DIR/first_call.json (and its table,
+first_call.md), one record per layer and mode.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ row, then builds each one's launcher (a C module, compiled by the system compile
 launch. On an op's first call with a new kind of arguments, :func:`compile_ahead` runs the op's
 launchers once with every launch made through :func:`launch` turned into a compile queued to a
 thread pool (Triton's ``AsyncCompileMode``), so no Triton kernel executes: the pass only
-allocates their outputs, uninitialised. It then loads the compiled kernels (and builds their launchers) on the same
-pool and returns; the real launches find everything ready.
+allocates their outputs, uninitialised. It then loads the compiled kernels (and builds their
+launchers) on the same pool and returns; the real launches find everything ready.
 
 ``MAMBAKIT_PARALLEL_COMPILE=0`` turns it off (kernels then compile serially on first launch, as
 Triton does by default). Skipped under Triton's interpreter and while ``torch.compile`` traces.
@@ -47,6 +47,8 @@ def launch(kernel, grid, *args, **meta) -> None:
 
 
 def enabled() -> bool:
+    """Whether compile_ahead acts: not switched off, not interpreting, and a Triton with
+    ``AsyncCompileMode`` (3.4 and later)."""
     import triton
 
     return (os.environ.get("MAMBAKIT_PARALLEL_COMPILE", "1") != "0" and not interpreting()
@@ -83,8 +85,8 @@ def compile_ahead(op: str, launchers: Callable[..., object], *args) -> None:
     the first time ``op`` meets arguments of this kind; return when all are built.
 
     ``launchers`` runs without autograd and without executing any Triton kernel (their outputs
-    come back uninitialised); it must launch whatever the real call (forward and, if one will follow,
-    backward) will launch. Kernels it misses, or a kind it conflates with an earlier one, still
+    come back uninitialised); it must launch whatever the real call (forward and, if one will
+    follow, backward) will launch. Kernels it misses, or a kind it conflates with an earlier one, still
     compile on first launch.
     """
     if torch.compiler.is_compiling() or _queued.get() is not None or not enabled():

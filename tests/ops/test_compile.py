@@ -2,8 +2,9 @@
 
 CPU: the argument summaries it keys on, that it stays out of the way when off and under the
 interpreter, and (forcing it on under the interpreter) that its pass asks for exactly the kernel
-specializations the real forward + backward then launches. GPU: in a fresh process (cold Triton cache), a layer's first forward + backward
-compiles exactly the kernels a serial first call compiles, all of them on the compile pool.
+specializations the real forward + backward then launches. GPU: in a fresh process (cold Triton
+cache), a model's first forward + backward compiles exactly the kernels a serial first call
+compiles, all of them on the compile pool.
 """
 
 import json

@@ -303,8 +303,8 @@ def _forward_and_backward(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delt
     y, last, states, y_pre = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus,
                                                  save_states)
     if save_states:  # autograd hands the backward zeros for an unused final state, so a dlast always comes
-        _selective_scan_bwd(torch.empty_like(y), torch.empty_like(last), u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states,
-                            y_pre, delta_softplus)
+        _selective_scan_bwd(torch.empty_like(y), torch.empty_like(last), u, delta, A, B, C, D, z, delta_bias, h0,
+                            seq_idx, states, y_pre, delta_softplus)
 
 
 @selective_scan_bwd.register_fake

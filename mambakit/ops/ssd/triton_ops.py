@@ -229,8 +229,8 @@ def _forward_and_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, d
     y, final, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi,
                                                  clamp, chunk, save, per_token)
     if save:  # autograd hands the backward zeros for an unused final state, so a dfinal always comes
-        _ssd_bwd(torch.empty_like(y), torch.empty_like(final), x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre,
-                 dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
+        _ssd_bwd(torch.empty_like(y), torch.empty_like(final), x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp,
+                 cum, y_pre, dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
 @ssd_bwd.register_fake
