@@ -172,6 +172,19 @@ def test_mimo_real_sizes_on_gpu(r, dtype, tol):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("r", [1, 4])
+@pytest.mark.parametrize("p,n", [(32, 32), (16, 32), (32, 16)])
+def test_small_heads_on_gpu(dtype, tol, r, p, n):
+    """Head and state sizes below the kernels' tiles: in bfloat16 at p = n = 32 the tf32 products of
+    float32-widened tiles compiled (triton 3.6, H200) into an illegal memory access, which the
+    real-size cases did not reach; 300 tokens, a partial 64-token chunk."""
+    case, initial = make_case(2, 300, 8, p, 1, n, n // 4, dtype=dtype, seed=15, r=r)
+    run_both(case, initial, chunk_size=64, tol_y=tol, tol_grad=2 * tol)
+
+
+@pytest.mark.gpu
+@gpu
 def test_numerical_stress_on_gpu():
     """dt up to 10 and decays down to -1e3 per step (exp underflows to 0), bf16, long sequence."""
     case, initial = make_case(1, 1 << 14, 2, 32, 1, 64, 16, dtype=torch.bfloat16, seed=4, dt_max=10.0, A_min=-100.0)

@@ -130,6 +130,17 @@ def test_real_sizes_on_gpu(dtype, tol, features):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("p,n", [(32, 32), (16, 32), (32, 16)])
+def test_small_heads_on_gpu(dtype, tol, p, n):
+    """Head and state sizes below the kernels' tiles (blocks padded to 16/32): the tile shapes where
+    the GPU compiler's products differ from the real-size ones; 300 tokens, a partial 64-token chunk."""
+    kw = make_case(2, 300, 8, p, 2, n, dtype=dtype, seed=14)
+    run_both(kw, 64, tol, 2 * tol)
+
+
+@gpu
+@pytest.mark.gpu
 def test_numerical_stress_long_bf16():
     # dt in [1e-4, 10], A down to -1e3, a million tokens in bf16: no inf/NaN, and the forward
     # still agrees with the fp32 reference on a prefix.

@@ -8,11 +8,15 @@ across a packed-sequence boundary):
     y_t     = exp(cum_t) S_c C_t + sum_{s<=t} (C_t . B_s) M[t, s] x_s          (+ D x_t, * silu(z_t))
     S_{c+1} = exp(cum_last) S_c + sum_s exp(cum_last - cum_s) dt_s x_s B_s^T
 
-Forward, two kernels:
-- ``ssd_fwd_state_kernel``: one program per (batch, head, block of p, block of n) walks the whole
-  sequence in blocks of BLOCK_T tokens, carrying the state in registers (chunk states and the state
-  passing between chunks in one pass); stores S_c at each chunk start, the final state, and the
-  discretized dt and the in-chunk cumsum of dt A for the other kernels.
+Forward, two kernels (three with a split walk):
+- ``ssd_fwd_state_kernel``: one program per (batch, head, block of p, block of n, segment) walks
+  its segment of chunks (the whole sequence when there is one) in blocks of BLOCK_T tokens,
+  carrying the state in registers (chunk states and the state passing between chunks in one pass);
+  stores S_c at each chunk start, the state it ends with, and the discretized dt and the in-chunk
+  cumsum of dt A for the other kernels. With several segments (too few programs to fill the GPU)
+  the later ones start from zero and ``ssd_fwd_state_fixup_kernel`` adds, to each of their chunk
+  states, the state entering the segment times the decay it keeps up to the chunk, and writes the
+  final state.
 - ``ssd_fwd_output_kernel``: one program per (batch, head, chunk, block of rows, block of p), the
   equation for y_t above.
 
@@ -56,12 +60,34 @@ def _dot(a, b, PREC: tl.constexpr):
     return out
 
 
+# Largest k x n state tile (padded) that _state_dot multiplies as bfloat16 parts.
+SPLIT_STATE_TILE = tl.constexpr(32 * 32)
+
+
 @triton.jit
 def _state_dot(a, S, PREC: tl.constexpr, NARROW: tl.constexpr):
-    """a (m, k) in the input dtype times a float32 state operand S (k, n): with NARROW (bfloat16
-    inputs) S is rounded to a's dtype for the tensor cores, otherwise a is widened."""
+    """a (m, k) in the input dtype times a float32 state operand S (k, n). With NARROW (bfloat16
+    inputs, bfloat16 states) S is rounded to a's dtype for the tensor cores. Other half-precision
+    inputs (float16; bfloat16 with float32 states, Mamba-3) split S into two bfloat16 parts,
+    hi + lo (~16 significant bits), and a float16 a into two exact ones, in bfloat16 products:
+    more precise than one tf32 product, and without it: triton 3.6 compiled tf32 products of
+    float32-widened tiles beside the kernels' half products, at k x n <= 32 x 32 state tiles, into
+    illegal shared-memory reads and wrong gradients on the H200; at larger tiles the split products
+    hit the same kind of fault (p 32, n 64) and the widened tf32 product is the one verified there
+    (benchmarks/NOTES.md). float32 inputs, and half inputs at larger tiles: float32 products."""
     if NARROW:
         out = _dot(a, S.to(a.dtype), PREC)
+    elif (a.dtype.is_bf16() or a.dtype.is_fp16()) and a.shape[1] * S.shape[1] <= SPLIT_STATE_TILE:
+        S = S.to(tl.float32)
+        s_hi = S.to(tl.bfloat16)
+        s_lo = (S - s_hi.to(tl.float32)).to(tl.bfloat16)
+        if a.dtype.is_bf16():
+            out = _dot(a, s_hi, PREC) + _dot(a, s_lo, PREC)
+        else:  # float16's 11 bits = bfloat16's 8 + an exact bfloat16 remainder of at most 3
+            a32 = a.to(tl.float32)
+            a_hi = a32.to(tl.bfloat16)
+            a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
+            out = _dot(a_hi, s_hi, PREC) + _dot(a_hi, s_lo, PREC) + _dot(a_lo, s_hi, PREC)
     else:
         out = _dot(a.to(tl.float32), S.to(tl.float32), PREC)
     return out
@@ -83,14 +109,22 @@ def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 @triton.jit
 def ssd_fwd_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, h0_ptr, seg_ptr,
-    states_ptr, final_ptr, dtp_ptr, cum_ptr,
+    states_ptr, seg_final_ptr, seg_carry_ptr, chunk_carry_ptr, dtp_ptr, cum_ptr,
     length, n_chunks, dt_lo, dt_hi, sx_b, sx_l, sdt_b, sdt_l, sB_b, sB_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr, PER_TOKEN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENT_CHUNKS: tl.constexpr,
 ):
-    pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Walks the chunks of one segment (SEGMENT_CHUNKS chunks; all of them when SEGMENTS == 1), the
+    # first from the initial state, the others from zero; ssd_fwd_state_fixup_kernel then adds
+    # what enters each later segment.
+    pid_p, pid_n, pid_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_bh = pid_bhs // SEGMENTS
+    segment = pid_bhs % SEGMENTS
+    seg_start = segment * SEGMENT_CHUNKS * CHUNK
+    seg_end = tl.minimum(seg_start + SEGMENT_CHUNKS * CHUNK, length)
     bi = (pid_bh // H).to(tl.int64)
     hi = pid_bh % H
     gi = hi // (H // G)
@@ -101,19 +135,23 @@ def ssd_fwd_state_kernel(
     if not PER_TOKEN:
         A = tl.load(A_ptr + hi).to(tl.float32)
     bias = tl.load(bias_ptr + hi).to(tl.float32) if HAS_BIAS else 0.0
+    S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        if segment == 0:
+            S = tl.load(h0_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
     writes_dt = (pid_p == 0) & (pid_n == 0)
     chunk_cum = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32), 0)
+    seg_carry = chunk_cum + 1.0  # what the state entering the segment keeps of itself so far
     if HAS_SEQ:
-        seg_prev = tl.load(seg_ptr + bi * length)
-    for t0 in range(0, length, BLOCK_T):
+        seg_prev = tl.load(seg_ptr + bi * length + tl.maximum(seg_start - 1, 0))
+    for t0 in range(seg_start, seg_end, BLOCK_T):
         chunk_cum = tl.where(t0 % CHUNK == 0, 0.0, chunk_cum)
         if t0 % CHUNK == 0:
             tl.store(states_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs,
                      S.to(states_ptr.dtype.element_ty), mask=mask_pn)
+            if SEGMENTS > 1:
+                if writes_dt:
+                    tl.store(chunk_carry_ptr + (bi * H + hi) * n_chunks + t0 // CHUNK, seg_carry)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
@@ -144,7 +182,44 @@ def ssd_fwd_state_kernel(
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         xw = (xs.to(tl.float32) * weight[:, None]).to(xs.dtype)
         S = S * carry + _dot(tl.trans(xw), Bs, PREC)
-    tl.store(final_ptr + (bi * H + hi) * P * N + pn_offs, S, mask=mask_pn)
+        seg_carry = seg_carry * carry
+    tl.store(seg_final_ptr + pid_bhs * P * N + pn_offs, S, mask=mask_pn)
+    if SEGMENTS > 1:
+        if writes_dt:
+            tl.store(seg_carry_ptr + pid_bhs, seg_carry)
+
+
+@triton.jit
+def ssd_fwd_state_fixup_kernel(
+    states_ptr, seg_final_ptr, seg_carry_ptr, chunk_carry_ptr, final_ptr, n_chunks,
+    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, SEGMENT_CHUNKS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (i, pn, bh): chunk SEGMENT_CHUNKS + i (a chunk of segment 1 or later) gets the state
+    # entering its segment E_s times what the chunk's start keeps of it; i = n_chunks -
+    # SEGMENT_CHUNKS writes the final state. E_0 = 0 (segment 0 walked from the initial state),
+    # E_{s+1} = carry_s E_s + F_s, F_s the state segment s's walk ended with.
+    pid_c, pid_pn, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = SEGMENT_CHUNKS + pid_c
+    p_blocks = tl.cdiv(P, BLOCK_P)
+    offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    last = c == n_chunks
+    segment = tl.where(last, SEGMENTS, c // SEGMENT_CHUNKS)
+    bh = pid_bh.to(tl.int64)
+    E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k in range(0, segment):
+        F = tl.load(seg_final_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
+        E = E * tl.load(seg_carry_ptr + bh * SEGMENTS + k) + F
+    if last:
+        tl.store(final_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
+    else:
+        offs = ((pid_bh // H).to(tl.int64) * n_chunks + c) * H * P * N + (pid_bh % H) * P * N + pn_offs
+        local = tl.load(states_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
+        kept = tl.load(chunk_carry_ptr + bh * n_chunks + c)
+        tl.store(states_ptr + offs, (local + kept * E).to(states_ptr.dtype.element_ty), mask=mask_pn)
 
 
 @triton.jit

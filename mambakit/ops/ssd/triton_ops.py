@@ -9,6 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._backend import interpreting, sm_count
 from .._checks import grad_needed
 from .._compile import compile_ahead, launch
 from ..common import canonical_segments
@@ -90,6 +91,25 @@ def _launch(name: str, chunk: int, p: int, n: int) -> dict:
     return cfg
 
 
+# The forward state walk is sequential over chunks; when its (p-block, n-block, batch, head) programs
+# are fewer than fill the GPU once (~3 per SM at its 168 registers and 49 KB of shared memory, H100
+# ncu), the chunks are split into segments walked in parallel, each at least this many chunks.
+WALK_PROGRAMS_PER_SM = 3
+MIN_SEGMENT_CHUNKS = 4
+
+
+def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
+    """Chunks per segment of the forward state walk (n_chunks: no split). Under the interpreter
+    segments of 1-2 chunks, so that CI runs the split and its fix-up on short sequences."""
+    if interpreting():
+        return max(1, triton.cdiv(n_chunks, 3))
+    if device.type != "cuda":
+        return n_chunks
+    target = WALK_PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    segments = min(triton.cdiv(target, programs), max(1, n_chunks // MIN_SEGMENT_CHUNKS))
+    return triton.cdiv(n_chunks, max(1, segments))
+
+
 def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
     """The largest divisor of the heads per group not above cfg["HEADS"]."""
     return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
@@ -118,12 +138,28 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n)
-    launch(kernels.ssd_fwd_state_kernel, (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h),
-        x, dt, A, dt_bias, B, h0, seg, states, final, dtp, cum, length, n_chunks, dt_lo, dt_hi,
-        *_rows(x), *_rows(dt), *_rows(B),
+    pn_blocks = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    segment_chunks = _segment_chunks(n_chunks, pn_blocks * bsz * h, x.device)
+    segments = triton.cdiv(n_chunks, segment_chunks)
+    if segments == 1:
+        seg_final, seg_carry, chunk_carry = final, final, final  # (carries unused)
+    else:
+        seg_final = x.new_empty(bsz * h, segments, p, n, dtype=F32)
+        seg_carry = x.new_empty(bsz * h, segments, dtype=F32)
+        chunk_carry = x.new_empty(bsz * h, n_chunks, dtype=F32)
+    launch(kernels.ssd_fwd_state_kernel,
+        (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h * segments),
+        x, dt, A, dt_bias, B, h0, seg, states, seg_final, seg_carry, chunk_carry, dtp, cum, length, n_chunks,
+        dt_lo, dt_hi, *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec, **cfg,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec,
+        SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, **cfg,
     )
+    if segments > 1:
+        launch(kernels.ssd_fwd_state_fixup_kernel, (n_chunks - segment_chunks + 1, pn_blocks, bsz * h),
+            states, seg_final, seg_carry, chunk_carry, final, n_chunks, H=h, P=p, N=n, SEGMENTS=segments,
+            SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"])
     cfg = _launch("fwd_output", chunk, p, n)
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
     launch(kernels.ssd_fwd_output_kernel, grid,
