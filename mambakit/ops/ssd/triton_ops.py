@@ -100,7 +100,7 @@ MIN_SEGMENT_CHUNKS = 4
 
 def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
     """Chunks per segment of the forward state walk (n_chunks: no split). Under the interpreter
-    segments of 1-2 chunks, so that CI runs the split and its fix-up on short sequences."""
+    three segments (of one chunk and up), so that CI runs the split and its fix-up on short sequences."""
     if interpreting():
         return max(1, triton.cdiv(n_chunks, 3))
     if device.type != "cuda":
@@ -138,8 +138,8 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n)
-    pn_blocks = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    segment_chunks = _segment_chunks(n_chunks, pn_blocks * bsz * h, x.device)
+    p_blocks, n_blocks = triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"])
+    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device)
     segments = triton.cdiv(n_chunks, segment_chunks)
     if segments == 1:
         seg_final, seg_carry, chunk_carry = final, final, final  # (carries unused)
@@ -148,7 +148,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         seg_carry = x.new_empty(bsz * h, segments, dtype=F32)
         chunk_carry = x.new_empty(bsz * h, n_chunks, dtype=F32)
     launch(kernels.ssd_fwd_state_kernel,
-        (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h * segments),
+        (p_blocks, n_blocks, bsz * h * segments),
         x, dt, A, dt_bias, B, h0, seg, states, seg_final, seg_carry, chunk_carry, dtp, cum, length, n_chunks,
         dt_lo, dt_hi, *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
@@ -156,7 +156,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, **cfg,
     )
     if segments > 1:
-        launch(kernels.ssd_fwd_state_fixup_kernel, (n_chunks - segment_chunks + 1, pn_blocks, bsz * h),
+        launch(kernels.ssd_fwd_state_fixup_kernel, (n_chunks - segment_chunks + 1, p_blocks * n_blocks, bsz * h),
             states, seg_final, seg_carry, chunk_carry, final, n_chunks, H=h, P=p, N=n, SEGMENTS=segments,
             SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"])
