@@ -3,7 +3,13 @@
     PYTHONUNBUFFERED=1 python benchmarks/bench_ssd.py
 
 Options: --shapes b,l,h,p,n,g ... (default 8,4096,32,64,128,1 2,16384,32,64,128,1), --no-layer,
---out FOLDER (default benchmarks/results). Run from the repository root on the GPU machine.
+--processes K (default 1), --out FOLDER (default benchmarks/results). Run from the repository root
+on the GPU machine.
+
+With --processes K the timings run in K fresh processes one after the other (each autotunes both
+sides anew: the official kernels' own times move by up to 60% from one process to the next) and a
+record holds the median of the K per-process medians, its speedup the ratio of those, and the
+per-process times as ``ours_ms_runs`` / ``peer_ms_runs``.
 
 (a) The SSD op, bf16 x/dt/B/C, fp32 A/D/dt_bias, chunk 256, D + dt_bias + softplus: mambakit
 ``ssd(..., backend="triton")`` against the official Triton ``mamba_chunk_scan_combined``.
@@ -24,8 +30,11 @@ with mode "first_call". Records go to <out>/ssd.json and <out>/ssd.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +60,7 @@ COPY_BYTES_PER_S = 3.0e12
 MATMUL_FLOP_PER_S = 730e12
 CHUNK = 256
 D_MODEL = 2048
-COLUMNS = ["op", "shape", "mode", "ours_ms", "peer", "peer_ms", "speedup", "floor_ms", "floor_fraction"]
+COLUMNS = ["op", "shape", "mode", "ours_ms", "peer", "peer_ms", "speedup", "floor_ms", "floor_fraction", "processes"]
 
 
 def ssd_flops(b, l, h, p, n, g, q=CHUNK) -> float:
@@ -234,25 +243,75 @@ def bench_layer(b, l, peer_cls, records, env) -> None:
     report(records, env, "mamba2_layer", shape, ours, "mamba_ssm-Mamba2", peer, floors)
 
 
+def timed_records(specs, layer: bool, env: dict) -> list[dict]:
+    """The op (and layer) records of this process."""
+    records = []
+    peer_fn, peer_cls = official_peers()
+    for spec in specs:
+        bench_op(spec, peer_fn, records, env)
+    if layer:
+        for spec in specs:
+            bench_layer(spec[0], spec[1], peer_cls, records, env)
+    return records
+
+
+def median_over_processes(runs: list[list[dict]]) -> list[dict]:
+    """One record per (op, shape, mode): the median over the processes' records of it."""
+    merged = []
+    for position, first in enumerate(runs[0]):
+        same = [run[position] for run in runs]
+        if any((r["op"], r["shape"], r["mode"]) != (first["op"], first["shape"], first["mode"]) for r in same):
+            raise RuntimeError("bench_ssd: the worker processes timed different cases")
+        ours = [r["ours_ms"] for r in same]
+        record = dict(first, ours_ms=statistics.median(ours), ours_ms_runs=ours, processes=len(runs))
+        if first["peer_ms"] is not None:
+            peer = [r["peer_ms"] for r in same]
+            record.update(peer_ms=statistics.median(peer), peer_ms_runs=peer,
+                          speedup=statistics.median(peer) / record["ours_ms"])
+        record["floor_fraction"] = record["floor_ms"] / record["ours_ms"]
+        merged.append(record)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128,1", "2,16384,32,64,128,1"],
                         help=f"b,l,h,p,n,g per SSD shape (chunk {CHUNK}); the layer takes b, l of each")
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the whole Mamba-2 layer (default on)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="time in this many fresh processes and report the medians (default 1)")
+    parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)  # one of --processes' runs
     parser.add_argument("--out", default="benchmarks/results", help="folder for ssd.json/.md")
     args = parser.parse_args()
     specs = [tuple(int(v) for v in spec.split(",")) for spec in args.shapes]
     if any(len(spec) != 6 for spec in specs):
         parser.error(f"--shapes: expected b,l,h,p,n,g per shape, got {args.shapes}")
+    if args.processes < 1:
+        parser.error(f"--processes: expected at least 1, got {args.processes}")
     env = environment()
+    if args.worker:
+        Path(args.worker).write_text(json.dumps(timed_records(specs, args.layer, env)))
+        return
     records = [first_call(specs[0][0], specs[0][1], env)]
-    peer_fn, peer_cls = official_peers()
-    for spec in specs:
-        bench_op(spec, peer_fn, records, env)
-    if args.layer:
-        for spec in specs:
-            bench_layer(spec[0], spec[1], peer_cls, records, env)
+    if args.processes == 1:
+        records += timed_records(specs, args.layer, env)
+    else:
+        runs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in range(args.processes):
+                print(f"[processes] run {k + 1} of {args.processes}", flush=True)
+                out = Path(tmp) / f"run{k}.json"
+                subprocess.run([sys.executable, __file__, "--shapes", *args.shapes, "--worker", str(out),
+                                "--layer" if args.layer else "--no-layer"], check=True)
+                runs.append(json.loads(out.read_text()))
+        records += median_over_processes(runs)
+        for r in records[1:]:
+            if r["peer_ms"] is not None:
+                print(f"[median of {args.processes}] {r['op']} {r['shape']} {r['mode']}: mambakit {r['ours_ms']:.3f} ms "
+                      f"(runs {', '.join(f'{v:.3f}' for v in r['ours_ms_runs'])}), peer {r['peer_ms']:.3f} ms "
+                      f"(runs {', '.join(f'{v:.3f}' for v in r['peer_ms_runs'])}), speedup {r['speedup']:.2f}x",
+                      flush=True)
     write_results(records, Path(args.out) / "ssd", COLUMNS)
 
 

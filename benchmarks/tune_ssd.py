@@ -37,7 +37,8 @@ def grid(**axes):
 
 CANDIDATES = {
     "fwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[32, 64], num_warps=[4], num_stages=[2, 3]),
-    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[16, 32], BLOCK_P=[32, 64], num_warps=[2, 4], num_stages=[3, 4]),
+    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[16, 32], BLOCK_P=[32, 64], HEADS=[1, 2], num_warps=[4],
+                       num_stages=[2, 3]),
     "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
     "bwd_dx": grid(BLOCK_S=[64], BLOCK_T=[32], HEADS=[2, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
     "bwd_dc": grid(BLOCK_T=[64], BLOCK_S=[32, 64], HEADS=[1, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),

@@ -17,8 +17,8 @@ Forward, two kernels (three with a split walk):
   the later ones start from zero and ``ssd_fwd_state_fixup_kernel`` adds, to each of their chunk
   states, the state entering the segment times the decay it keeps up to the chunk, and writes the
   final state.
-- ``ssd_fwd_output_kernel``: one program per (batch, head, chunk, block of rows, block of p), the
-  equation for y_t above.
+- ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
+  rows, block of p), the equation for y_t above; two heads share each C B^T block.
 
 Backward, four kernels:
 - ``ssd_bwd_state_kernel``: the reverse walk, carrying dL/dS; stores the gradient of each chunk's
@@ -223,69 +223,36 @@ def ssd_fwd_state_fixup_kernel(
 
 
 @triton.jit
-def ssd_fwd_output_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
-    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_l,
-    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
-    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
-):
-    pid_cm, pid_p, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = pid_cm // (CHUNK // BLOCK_M)
-    chunk_start = c * CHUNK
-    t_start = chunk_start + (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M
-    if t_start >= length:
-        return
-    bi = (pid_bh // H).to(tl.int64)
-    hi = pid_bh % H
-    gi = hi // (H // G)
-    offs_t = t_start + tl.arange(0, BLOCK_M)
-    mask_t = offs_t < length
-    rows_t = bi * length + offs_t
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    scratch = (bi * H + hi) * length
-    cum_t = tl.load(cum_ptr + scratch + offs_t, mask=mask_t, other=0.0)
-    Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
-                 other=0.0)
-
-    # The state entering the chunk, read out through C and decayed to each row.
-    S = tl.load(states_ptr + ((bi * n_chunks + c) * H + hi) * P * N + offs_p[None, :] * N + offs_n[:, None],
+def _entering_part(Ct, states_ptr, cum_ptr, hi, offs_t, mask_t, offs_p, mask_p, offs_n, mask_n, state_row,
+                   in_seq, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
+                   NARROW: tl.constexpr):
+    """Head hi's rows from the state entering the chunk: exp(cum_t) S C_t, (M, BLOCK_P) float32;
+    cum_ptr points at the head's cumsum row, in_seq (M,) says which rows are still in the sequence
+    that state belongs to."""
+    S = tl.load(states_ptr + (state_row + hi) * P * N + offs_p[None, :] * N + offs_n[:, None],
                 mask=mask_n[:, None] & mask_p[None, :], other=0.0)
-    decay_in = tl.exp(cum_t)
-    if HAS_SEQ:
-        seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
-        seg_in = tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
-        decay_in = tl.where(seg_t == seg_in, decay_in, 0.0)
-    acc = _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
+    cum_t = tl.load(cum_ptr + offs_t, mask=mask_t, other=0.0)
+    decay_in = tl.where(in_seq, tl.exp(cum_t), 0.0)
+    return _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
 
-    # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
-    for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):
-        offs_s = s0 + tl.arange(0, BLOCK_K)
-        mask_s = offs_s < length
-        rows_s = bi * length + offs_s
-        Bs = tl.load(B_ptr + bi * sB_b + offs_s.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :],
-                     mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-        xs = tl.load(x_ptr + bi * sx_b + offs_s.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :],
-                     mask=mask_s[:, None] & mask_p[None, :], other=0.0)
-        cum_s = tl.load(cum_ptr + scratch + offs_s, mask=mask_s, other=0.0)
-        dt_s = tl.load(dtp_ptr + scratch + offs_s, mask=mask_s, other=0.0)
-        keep = (offs_s[None, :] <= offs_t[:, None]) & mask_s[None, :]
-        if HAS_SEQ:
-            seg_s = tl.load(seg_ptr + rows_s, mask=mask_s, other=-2)
-            keep = keep & (seg_t[:, None] == seg_s[None, :])
-        mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
-        CB = _dot(Ct, tl.trans(Bs), PREC)
-        acc += _dot((CB * mix).to(xs.dtype), xs, PREC)
 
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    tp = (rows_t[:, None] * H + hi) * P + offs_p[None, :]  # y, y_pre: contiguous
+@triton.jit
+def _in_chunk_part(CB, keep, x_ptrs, mask_xs, cum_t, cum_s_ptrs, dt_s_ptrs, mask_s, PREC: tl.constexpr):
+    """One source block's share of a head's rows: (L o C B^T)(dt x), (M, BLOCK_P) float32, with CB
+    the block's C B^T (shared by the heads of a group) and keep its causal/sequence mask."""
+    xs = tl.load(x_ptrs, mask=mask_xs, other=0.0)
+    cum_s = tl.load(cum_s_ptrs, mask=mask_s, other=0.0)
+    dt_s = tl.load(dt_s_ptrs, mask=mask_s, other=0.0)
+    mix = tl.where(keep, tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], 0.0)), 0.0) * dt_s[None, :]
+    return _dot((CB * mix).to(xs.dtype), xs, PREC)
+
+
+@triton.jit
+def _finish_rows(acc, x_ptrs, z_ptrs, D_ptr, hi, y_ptrs, ypre_ptrs, mask_tp, offs_p, mask_p, P: tl.constexpr,
+                 HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr):
+    """+ D x, the pre-gate output kept for the backward, * silu(z), stored."""
     if HAS_D:
-        xt = tl.load(x_ptr + bi * sx_b + offs_t.to(tl.int64)[:, None] * sx_l + hi * P + offs_p[None, :], mask=mask_tp,
-                     other=0.0).to(tl.float32)
+        xt = tl.load(x_ptrs, mask=mask_tp, other=0.0).to(tl.float32)
         if D_PER_P:
             Dv = tl.load(D_ptr + hi * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
             acc += xt * Dv[None, :]
@@ -293,11 +260,91 @@ def ssd_fwd_output_kernel(
             acc += xt * tl.load(D_ptr + hi).to(tl.float32)
     if HAS_Z:
         if SAVE_PRE:
-            tl.store(ypre_ptr + tp, acc.to(ypre_ptr.dtype.element_ty), mask=mask_tp)
-        zt = tl.load(z_ptr + bi * sz_b + offs_t.to(tl.int64)[:, None] * sz_l + hi * P + offs_p[None, :], mask=mask_tp,
-                     other=0.0).to(tl.float32)
+            tl.store(ypre_ptrs, acc.to(ypre_ptrs.dtype.element_ty), mask=mask_tp)
+        zt = tl.load(z_ptrs, mask=mask_tp, other=0.0).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
-    tl.store(y_ptr + tp, acc.to(y_ptr.dtype.element_ty), mask=mask_tp)
+    tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask_tp)
+
+
+@triton.jit
+def ssd_fwd_output_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
+    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_l,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
+    HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
+):
+    # Program (rows, p-block, batch x HEADS (1 or 2) heads of one group): the heads share C, B and
+    # so each source block's C B^T, computed once for both.
+    pid_cm, pid_p, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_cm // (CHUNK // BLOCK_M)
+    chunk_start = c * CHUNK
+    t_start = chunk_start + (pid_cm % (CHUNK // BLOCK_M)) * BLOCK_M
+    if t_start >= length:
+        return
+    bi = (pid_bh // (H // HEADS)).to(tl.int64)
+    h0 = (pid_bh % (H // HEADS)) * HEADS
+    h1 = h0 + HEADS - 1  # == h0 for one head
+    gi = h0 // (H // G)
+    offs_t = t_start + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < length
+    rows_t = bi * length + offs_t
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    scratch0 = (bi * H + h0) * length
+    scratch1 = (bi * H + h1) * length
+    cum_t0 = tl.load(cum_ptr + scratch0 + offs_t, mask=mask_t, other=0.0)
+    if HEADS == 2:
+        cum_t1 = tl.load(cum_ptr + scratch1 + offs_t, mask=mask_t, other=0.0)
+    Ct = tl.load(C_ptr + bi * sC_b + offs_t.to(tl.int64)[:, None] * sC_l + gi * N + offs_n[None, :],
+                 mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+
+    # The state entering the chunk, read out through C and decayed to each row.
+    in_seq = tl.full((BLOCK_M,), True, tl.int1)
+    if HAS_SEQ:
+        seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
+        in_seq = seg_t == tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
+    state_row = (bi * n_chunks + c) * H
+    acc0 = _entering_part(Ct, states_ptr, cum_ptr + scratch0, h0, offs_t, mask_t, offs_p, mask_p, offs_n, mask_n,
+                          state_row, in_seq, H, P, N, PREC, NARROW)
+    if HEADS == 2:
+        acc1 = _entering_part(Ct, states_ptr, cum_ptr + scratch1, h1, offs_t, mask_t, offs_p, mask_p, offs_n,
+                              mask_n, state_row, in_seq, H, P, N, PREC, NARROW)
+
+    # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
+    for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):
+        offs_s = s0 + tl.arange(0, BLOCK_K)
+        mask_s = offs_s < length
+        Bs = tl.load(B_ptr + bi * sB_b + offs_s.to(tl.int64)[:, None] * sB_l + gi * N + offs_n[None, :],
+                     mask=mask_s[:, None] & mask_n[None, :], other=0.0)
+        keep = (offs_s[None, :] <= offs_t[:, None]) & mask_s[None, :]
+        if HAS_SEQ:
+            seg_s = tl.load(seg_ptr + bi * length + offs_s, mask=mask_s, other=-2)
+            keep = keep & (seg_t[:, None] == seg_s[None, :])
+        CB = _dot(Ct, tl.trans(Bs), PREC)
+        x_rows = x_ptr + bi * sx_b + offs_s.to(tl.int64)[:, None] * sx_l + offs_p[None, :]
+        mask_xs = mask_s[:, None] & mask_p[None, :]
+        acc0 += _in_chunk_part(CB, keep, x_rows + h0 * P, mask_xs, cum_t0, cum_ptr + scratch0 + offs_s,
+                               dtp_ptr + scratch0 + offs_s, mask_s, PREC)
+        if HEADS == 2:
+            acc1 += _in_chunk_part(CB, keep, x_rows + h1 * P, mask_xs, cum_t1, cum_ptr + scratch1 + offs_s,
+                                   dtp_ptr + scratch1 + offs_s, mask_s, PREC)
+
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    out_rows = rows_t[:, None] * H * P + offs_p[None, :]  # y, y_pre: contiguous
+    x_rows = x_ptr + bi * sx_b + offs_t.to(tl.int64)[:, None] * sx_l + offs_p[None, :]
+    if HAS_Z:
+        z_rows = z_ptr + bi * sz_b + offs_t.to(tl.int64)[:, None] * sz_l + offs_p[None, :]
+    else:
+        z_rows = x_rows  # (not read)
+    _finish_rows(acc0, x_rows + h0 * P, z_rows + h0 * P, D_ptr, h0, y_ptr + out_rows + h0 * P,
+                 ypre_ptr + out_rows + h0 * P, mask_tp, offs_p, mask_p, P, HAS_D, D_PER_P, HAS_Z, SAVE_PRE)
+    if HEADS == 2:
+        _finish_rows(acc1, x_rows + h1 * P, z_rows + h1 * P, D_ptr, h1, y_ptr + out_rows + h1 * P,
+                     ypre_ptr + out_rows + h1 * P, mask_tp, offs_p, mask_p, P, HAS_D, D_PER_P, HAS_Z, SAVE_PRE)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def _precision(x: Tensor) -> str:
 # by the chunk and the padded p and n. benchmarks/tune_ssd.py overrides them to search.
 CONFIGS = {
     "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "fwd_output": dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, num_warps=4, num_stages=3),
+    "fwd_output": dict(BLOCK_M=64, BLOCK_K=16, BLOCK_P=64, HEADS=2, num_warps=4, num_stages=3),  # HEADS: 1 or 2
     "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=4, num_warps=4, num_stages=1),
@@ -161,7 +161,8 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
             SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"])
     cfg = _launch("fwd_output", chunk, p, n)
-    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h)
+    cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
+    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
     launch(kernels.ssd_fwd_output_kernel, grid,
         x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks, *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
