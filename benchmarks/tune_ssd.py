@@ -2,6 +2,7 @@
 
     python benchmarks/tune_ssd.py                      # per-kernel times with the shipped CONFIGS
     python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of some kernels (or 'all')
+    python benchmarks/tune_ssd.py --walk-programs 3 6 12  # the forward walk split at other targets
 
 bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes.
 Kernel times come from the CUDA profiler (mean over the repetitions); a search ranks candidates by
@@ -24,7 +25,7 @@ from mambakit.ops.ssd import ssd  # noqa: E402
 from mambakit.ops.ssd import triton_ops  # noqa: E402
 
 KERNELS = {  # CONFIGS key -> Triton kernel name
-    "fwd_state": "ssd_fwd_state_kernel", "fwd_output": "ssd_fwd_output_kernel",
+    "fwd_state": "ssd_fwd_state_kernel", "fwd_fixup": "ssd_fwd_state_fixup_kernel", "fwd_output": "ssd_fwd_output_kernel",
     "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
     "bwd_dt": "ssd_bwd_dt_kernel",
 }
@@ -87,13 +88,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
     parser.add_argument("--search", nargs="*", default=[], help="CONFIGS keys, or 'all'")
+    parser.add_argument("--walk-programs", nargs="*", type=int, default=[],
+                        help="values of triton_ops.WALK_PROGRAMS_PER_SM to time the forward with")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     cases = {s: inputs(*s) for s in shapes}
+    shipped_walk = triton_ops.WALK_PROGRAMS_PER_SM
+    for per_sm in args.walk_programs:
+        triton_ops.WALK_PROGRAMS_PER_SM = per_sm
+        for shape, kw in cases.items():
+            times = kernel_times(kw)
+            print(f"walk {per_sm} programs/SM {shape}: fwd_state {times['fwd_state']:.3f} "
+                  f"fwd_fixup {times.get('fwd_fixup', 0.0):.3f} fwd_output {times['fwd_output']:.3f}", flush=True)
+    triton_ops.WALK_PROGRAMS_PER_SM = shipped_walk
     for shape, kw in cases.items():
         times = kernel_times(kw)
         print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "total")
-              + f"  | fwd {times['fwd_state'] + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
+              + f"  | fwd {times['fwd_state'] + times.get('fwd_fixup', 0.0) + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
               flush=True)
     names = list(CANDIDATES) if args.search == ["all"] else args.search
     for name in names:
