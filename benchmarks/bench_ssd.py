@@ -255,15 +255,16 @@ def timed_records(specs, layer: bool, env: dict) -> list[dict]:
     return records
 
 
-def median_over_processes(runs: list[list[dict]]) -> list[dict]:
-    """One record per (op, shape, mode): the median over the processes' records of it."""
+def median_over_processes(runs: list[list[dict]], env: dict) -> list[dict]:
+    """One record per (op, shape, mode): the median over the processes' records of it, with this
+    (the parent) process's environment and command."""
     merged = []
     for position, first in enumerate(runs[0]):
         same = [run[position] for run in runs]
         if any((r["op"], r["shape"], r["mode"]) != (first["op"], first["shape"], first["mode"]) for r in same):
             raise RuntimeError("bench_ssd: the worker processes timed different cases")
         ours = [r["ours_ms"] for r in same]
-        record = dict(first, ours_ms=statistics.median(ours), ours_ms_runs=ours, processes=len(runs))
+        record = dict(first, **env, ours_ms=statistics.median(ours), ours_ms_runs=ours, processes=len(runs))
         if first["peer_ms"] is not None:
             peer = [r["peer_ms"] for r in same]
             record.update(peer_ms=statistics.median(peer), peer_ms_runs=peer,
@@ -305,7 +306,7 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--shapes", *args.shapes, "--worker", str(out),
                                 "--layer" if args.layer else "--no-layer"], check=True)
                 runs.append(json.loads(out.read_text()))
-        records += median_over_processes(runs)
+        records += median_over_processes(runs, env)
         for r in records[1:]:
             if r["peer_ms"] is not None:
                 print(f"[median of {args.processes}] {r['op']} {r['shape']} {r['mode']}: mambakit {r['ours_ms']:.3f} ms "
