@@ -14,9 +14,9 @@ Forward, two kernels (three with a split walk):
   carrying the state in registers (chunk states and the state passing between chunks in one pass);
   stores S_c at each chunk start, the state it ends with, and the discretized dt and the in-chunk
   cumsum of dt A for the other kernels. With several segments (too few programs to fill the GPU)
-  the later ones start from zero and ``ssd_fwd_state_fixup_kernel`` adds, to each of their chunk
-  states, the state entering the segment times the decay it keeps up to the chunk, and writes the
-  final state.
+  the later ones start from zero and ``ssd_fwd_state_fixup_kernel`` (one program per segment)
+  adds, to each of their chunk states, the state entering the segment times the decay it keeps up
+  to the chunk, and writes the final state.
 - ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
   rows, block of p), the equation for y_t above; two heads share each C B^T block.
 
@@ -195,31 +195,31 @@ def ssd_fwd_state_fixup_kernel(
     H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, SEGMENT_CHUNKS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (i, pn, bh): chunk SEGMENT_CHUNKS + i (a chunk of segment 1 or later) gets the state
-    # entering its segment E_s times what the chunk's start keeps of it; i = n_chunks -
-    # SEGMENT_CHUNKS writes the final state. E_0 = 0 (segment 0 walked from the initial state),
-    # E_{s+1} = carry_s E_s + F_s, F_s the state segment s's walk ended with.
-    pid_c, pid_pn, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = SEGMENT_CHUNKS + pid_c
+    # Program (i, pn, bh) takes segment s = i + 1: it builds the state entering it, E_s, then adds
+    # E_s times what each of the segment's chunk starts keeps of it; s = SEGMENTS (past the last
+    # segment) writes the final state E_SEGMENTS. E_0 = 0 (segment 0 walked from the initial
+    # state), E_{k+1} = carry_k E_k + F_k, F_k the state segment k's walk ended with.
+    pid_s, pid_pn, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    segment = pid_s + 1
     p_blocks = tl.cdiv(P, BLOCK_P)
     offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
     pn_offs = offs_p[:, None] * N + offs_n[None, :]
-    last = c == n_chunks
-    segment = tl.where(last, SEGMENTS, c // SEGMENT_CHUNKS)
     bh = pid_bh.to(tl.int64)
     E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, segment):
         F = tl.load(seg_final_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
         E = E * tl.load(seg_carry_ptr + bh * SEGMENTS + k) + F
-    if last:
+    if segment == SEGMENTS:
         tl.store(final_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
     else:
-        offs = ((pid_bh // H).to(tl.int64) * n_chunks + c) * H * P * N + (pid_bh % H) * P * N + pn_offs
-        local = tl.load(states_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
-        kept = tl.load(chunk_carry_ptr + bh * n_chunks + c)
-        tl.store(states_ptr + offs, (local + kept * E).to(states_ptr.dtype.element_ty), mask=mask_pn)
+        head_offs = (pid_bh // H).to(tl.int64) * n_chunks * H * P * N + (pid_bh % H) * P * N + pn_offs
+        for c in range(segment * SEGMENT_CHUNKS, tl.minimum((segment + 1) * SEGMENT_CHUNKS, n_chunks)):
+            offs = head_offs + c * H * P * N
+            local = tl.load(states_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
+            kept = tl.load(chunk_carry_ptr + bh * n_chunks + c)
+            tl.store(states_ptr + offs, (local + kept * E).to(states_ptr.dtype.element_ty), mask=mask_pn)
 
 
 @triton.jit

@@ -156,7 +156,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, **cfg,
     )
     if segments > 1:
-        launch(kernels.ssd_fwd_state_fixup_kernel, (n_chunks - segment_chunks + 1, p_blocks * n_blocks, bsz * h),
+        launch(kernels.ssd_fwd_state_fixup_kernel, (segments, p_blocks * n_blocks, bsz * h),
             states, seg_final, seg_carry, chunk_carry, final, n_chunks, H=h, P=p, N=n, SEGMENTS=segments,
             SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"])
