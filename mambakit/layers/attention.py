@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.conv1d import causal_conv1d
+from .projection import project
 
 
 def rotary_tables(positions: torch.Tensor, dim: int, base: float, dtype: torch.dtype):
@@ -104,7 +105,7 @@ class MHA(nn.Module):
         if cache is not None and not static and int(start.max()) + l > cache.max_seqlen:
             raise ValueError(f"hidden_states: {l} more tokens exceed the cache's max_seqlen = {cache.max_seqlen}")
 
-        qkv = self.in_proj(hidden_states)
+        qkv = project(self.in_proj, hidden_states)
         if self.mlp_dim > 0:
             qkv, mlp = qkv.split([qkv.shape[-1] - self.mlp_dim, self.mlp_dim], dim=-1)
             up, gate = mlp.chunk(2, dim=-1)
@@ -151,4 +152,4 @@ class MHA(nn.Module):
         context = context.flatten(-2)
         if self.mlp_dim > 0:
             context = torch.cat([context, mlp], dim=-1)
-        return self.out_proj(context)
+        return project(self.out_proj, context)

@@ -27,6 +27,7 @@ from .mixer_common import (
     write_states,
 )
 from .norm import RMSNorm
+from .projection import project
 
 # Batch rows up to which a decode token takes the fused mixer step. Each of its programs reads
 # its own copy of the x_proj and dt_proj weight tiles, which costs more than the unfused ops'
@@ -169,7 +170,7 @@ class Mamba1(nn.Module):
     def _mix(self, hidden_states, states=None, resume=False):
         if self._runs_channel_major(hidden_states, resume):
             return self._mix_channel_major(hidden_states, states, resume)
-        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume))
+        return project(self.out_proj, self.mix_projected(project(self.in_proj, hidden_states), states, resume))
 
     def _runs_channel_major(self, hidden_states, resume) -> bool:
         """Whether this call takes :meth:`_mix_channel_major`: on the Triton backend, for more
@@ -222,7 +223,7 @@ class Mamba1(nn.Module):
         else:
             x, conv_final = self._conv(x, states, resume)
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
+        x_dbl = project(self.x_proj, x.transpose(1, 2))  # (b, l, dt_rank + 2 n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)

@@ -22,6 +22,7 @@ from .mixer_common import (
     write_states,
 )
 from .norm import RMSNormGated
+from .projection import project
 
 
 class Mamba2(nn.Module):
@@ -173,7 +174,7 @@ class Mamba2(nn.Module):
             raise ValueError(f"hidden_states: step takes one token, shape (b, 1, d_model), got l = {l}")
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         d_mlp = self.d_inner - self.d_ssm
-        zxbcdt = self.in_proj(hidden_states[:, 0])  # (b, d_in_proj)
+        zxbcdt = project(self.in_proj, hidden_states[:, 0])  # (b, d_in_proj)
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * g * n, h], dim=-1)
         xBC = causal_conv1d_update(
             xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, activation=self.activation
@@ -196,10 +197,10 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         if d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y)[:, None], conv_state, ssm_state
+        return project(self.out_proj, y)[:, None], conv_state, ssm_state
 
     def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
-        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume, seq_idx))
+        return project(self.out_proj, self.mix_projected(project(self.in_proj, hidden_states), states, resume, seq_idx))
 
     def mix_projected(self, projected, states=None, resume=False, seq_idx=None):
         """The mixer between its projections: in_proj's output (b, l, d_in_proj) -> the gated

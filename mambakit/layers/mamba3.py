@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..ops.mamba3 import mamba3, mamba3_step
 from .mixer_common import at_least_fp32, cached_states, check_hidden_states, inverse_softplus_dt, state_dtype, write_states
 from .norm import RMSNormGated
+from .projection import project
 
 
 class Mamba3(nn.Module):
@@ -156,7 +157,7 @@ class Mamba3(nn.Module):
         return (out, *states)
 
     def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
-        return self.out_proj(self.mix_projected(self.in_proj(hidden_states), states, resume, seq_idx))
+        return project(self.out_proj, self.mix_projected(project(self.in_proj, hidden_states), states, resume, seq_idx))
 
     def mix_projected(self, projected, states=None, resume=False, seq_idx=None):
         """The mixer between its projections: in_proj's output (b, l, d_in_proj) -> the gated

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .projection import project
+
 
 class GatedMLP(nn.Module):
     """y = fc2(a * act(g)) with [a, g] = fc1(x).
@@ -31,5 +33,5 @@ class GatedMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, out_features, bias=bias, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(value * self.activation(gate))
+        value, gate = project(self.fc1, x).chunk(2, dim=-1)
+        return project(self.fc2, value * self.activation(gate))

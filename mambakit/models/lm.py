@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..cache import InferenceCache
 from ..layers import MHA, Block, GatedMLP, Mamba1, Mamba2, Mamba3, MoE, RMSNorm, binarize_projections
+from ..layers.projection import project
 from ..ops.norm import add_norm
 from .config import MambaConfig
 
@@ -145,7 +146,7 @@ class MambaLM(nn.Module):
         hidden_states = self.backbone(input_ids, inference_params=inference_params)
         if num_last_tokens > 0:
             hidden_states = hidden_states[:, -num_last_tokens:]
-        return self.lm_head(hidden_states)
+        return project(self.lm_head, hidden_states)
 
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
         """Sample a continuation; see :func:`mambakit.generation.generate` for the options."""

@@ -1,0 +1,51 @@
+"""``project(linear, x)``: an ``nn.Linear`` applied to x, through oneDNN on the CPU at inference.
+
+Each decoded token multiplies one row by every weight of the model, which makes the weight
+matrices' read speed the token rate. For one or a few rows, PyTorch's float32 CPU path
+(``F.linear`` -> MKL) read weights at ~16 GB/s on the 2-core AMD EPYC development machine. oneDNN's
+matrix product on a weight reordered once to its blocked layout read them at ~60 GB/s there, in
+float32 with float32 accumulation (benchmarks/NOTES.md, "CPU decode: weights through oneDNN").
+So, where it applies, the reordered weight is kept (one more copy of it in memory, in a table
+outside the module, so that copying or saving the module is unaffected) and rebuilt when the
+parameter changes; it goes when the module does.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+# module -> ((weight storage, in-place version, shape), the weight reordered for oneDNN)
+_REORDERED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`project` takes oneDNN: a plain ``nn.Linear`` without hooks, float32 CPU input
+    and weight, no autograd and no ``torch.compile`` tracing, oneDNN enabled
+    (``torch.backends.mkldnn.enabled``) and not switched off by ``MAMBAKIT_CPU_ONEDNN=0``."""
+    return (_ONEDNN and torch.backends.mkldnn.enabled and os.environ.get("MAMBAKIT_CPU_ONEDNN", "1") != "0"
+            and type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for x (..., in_features) -> (..., out_features); the same product through a
+    oneDNN-reordered copy of the weight where :func:`onednn_applies`."""
+    if not onednn_applies(linear, x):
+        return linear(x)
+    key = (linear.weight.data_ptr(), linear.weight._version, tuple(linear.weight.shape))
+    entry = _REORDERED.get(linear)
+    if entry is None or entry[0] != key:
+        entry = (key, torch.ops.mkldnn._reorder_linear_weight(linear.weight, None))
+        _REORDERED[linear] = entry
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], linear.bias, "none", [], "")
