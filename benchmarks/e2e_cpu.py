@@ -7,9 +7,10 @@ Each model is built in transformers (``MambaForCausalLM`` / ``Mamba2ForCausalLM`
 weights), saved, and loaded into mambakit with ``load_pretrained``, so both run the same weights in
 fp32. Decode: ``generate`` from a ``--prompt-len``-token prompt for ``--new-tokens`` tokens, greedy,
 on both sides (transformers with its cache), timed end to end (prompt included), median of
-``--repeats``; the two continuations are compared token by token. Prefill: one forward over
-``--prefill-len`` tokens without gradients. Records go to benchmarks/results/e2e.json (merged by
-op/shape/mode/gpu/peer, so GPU records from other scripts stay) with a markdown table beside it.
+``--repeats`` calls, the two sides taking turns; the two continuations are compared token by
+token. Prefill: one forward over ``--prefill-len`` tokens without gradients. Records go to
+benchmarks/results/e2e.json (merged by op/shape/mode/gpu/peer, so GPU records from other scripts
+stay) with a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ def hf_model(kind: str, seed: int):
     return transformers.Mamba2ForCausalLM(config).eval()
 
 
-def median_seconds(fn, repeats: int) -> tuple[float, object]:
-    """(median wall seconds over ``repeats`` calls after one warm-up call, the last result)."""
-    result = fn()
-    times = []
+def median_seconds(peer, ours, repeats: int) -> tuple[float, object, float, object]:
+    """(peer's median wall seconds, its last result, the same for ours) over ``repeats`` calls
+    each after one warm-up call each, the two taking turns: on a shared machine a slow spell then
+    falls on both sides rather than on one."""
+    results, times = [peer(), ours()], ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for side, fn in enumerate((peer, ours)):
+            start = time.perf_counter()
+            results[side] = fn()
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), results[0], statistics.median(times[1]), results[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,10 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         n = args.new_tokens
         print(f"{kind}: decode {n} tokens from a {args.prompt_len}-token prompt", flush=True)
         with torch.no_grad():
-            peer_s, peer_out = median_seconds(
-                lambda: reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False), args.repeats)
-            ours_s, ours_out = median_seconds(lambda: ours.generate(prompt, max_new_tokens=n, temperature=0),
-                                              args.repeats)
+            peer_s, peer_out, ours_s, ours_out = median_seconds(
+                lambda: reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                lambda: ours.generate(prompt, max_new_tokens=n, temperature=0), args.repeats)
         same = int((peer_out[0, args.prompt_len:] == ours_out[0, args.prompt_len:]).sum())
         print(f"   transformers {n / peer_s:.1f} tok/s, mambakit {n / ours_s:.1f} tok/s "
               f"({peer_s / ours_s:.2f}x); {same}/{n} tokens identical", flush=True)
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.randint(0, vocab, (1, args.prefill_len), generator=g)
         print(f"{kind}: prefill forward over {args.prefill_len} tokens", flush=True)
         with torch.no_grad():
-            peer_s, peer_logits = median_seconds(lambda: reference(ids).logits, args.repeats)
-            ours_s, ours_logits = median_seconds(lambda: ours(ids)[..., :vocab], args.repeats)
+            peer_s, peer_logits, ours_s, ours_logits = median_seconds(
+                lambda: reference(ids).logits, lambda: ours(ids)[..., :vocab], args.repeats)
         gap = (peer_logits - ours_logits).abs().max().item()
         print(f"   transformers {peer_s:.2f} s, mambakit {ours_s:.2f} s ({peer_s / ours_s:.2f}x); "
               f"max logit difference {gap:.2e}", flush=True)

@@ -13,11 +13,13 @@ parameter changes; it goes when the module does.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules import module as module_globals
 
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -27,12 +29,24 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
 _REORDERED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _reorder(weight: Tensor) -> Tensor:
+    """weight (out, in) float32 in oneDNN's blocked layout (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks on ``module`` or on every module (which ``project`` must not bypass)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
+                or module_globals._global_forward_pre_hooks)
+
+
 def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
-    """Whether :func:`project` takes oneDNN: a plain ``nn.Linear`` without hooks, float32 CPU input
-    and weight, no autograd and no ``torch.compile`` tracing, oneDNN enabled
-    (``torch.backends.mkldnn.enabled``) and not switched off by ``MAMBAKIT_CPU_ONEDNN=0``."""
+    """Whether :func:`project` takes oneDNN: a plain ``nn.Linear`` without forward hooks (its own
+    or global ones), float32 CPU input and weight, no autograd and no ``torch.compile`` tracing,
+    oneDNN enabled (``torch.backends.mkldnn.enabled``) and not switched off by
+    ``MAMBAKIT_CPU_ONEDNN=0``."""
     return (_ONEDNN and torch.backends.mkldnn.enabled and os.environ.get("MAMBAKIT_CPU_ONEDNN", "1") != "0"
-            and type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+            and type(linear) is nn.Linear and not _has_hooks(linear)
             and x.device.type == "cpu" and x.dtype == torch.float32
             and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
@@ -43,9 +57,15 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
     oneDNN-reordered copy of the weight where :func:`onednn_applies`."""
     if not onednn_applies(linear, x):
         return linear(x)
+    global _ONEDNN
     key = (linear.weight.data_ptr(), linear.weight._version, tuple(linear.weight.shape))
     entry = _REORDERED.get(linear)
     if entry is None or entry[0] != key:
-        entry = (key, torch.ops.mkldnn._reorder_linear_weight(linear.weight, None))
+        try:
+            entry = (key, _reorder(linear.weight))
+        except RuntimeError as err:  # a oneDNN build without this CPU's kernels: F.linear from now on
+            warnings.warn(f"mambakit: oneDNN could not reorder a linear weight ({err}); using F.linear")
+            _ONEDNN = False
+            return linear(x)
         _REORDERED[linear] = entry
     return torch.ops.mkldnn._linear_pointwise(x, entry[1], linear.bias, "none", [], "")

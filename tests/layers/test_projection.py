@@ -88,3 +88,18 @@ def test_a_module_that_ran_copies_and_saves():
     torch.save(linear, io.BytesIO())
     with torch.no_grad():
         torch.testing.assert_close(project(twin, x), expected)
+
+
+@needs_onednn
+def test_a_failing_reorder_falls_back_to_f_linear_for_good(monkeypatch):
+    def broken(weight):
+        raise RuntimeError("no kernels for this CPU")
+
+    monkeypatch.setattr(projection, "_reorder", broken)
+    monkeypatch.setattr(projection, "_ONEDNN", True)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), pytest.warns(UserWarning, match="could not reorder"):
+        y = project(linear, x)
+    torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias))
+    assert not projection._ONEDNN and not onednn_applies(linear, x)
