@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..ops._backend import resolve_backend
 from ..ops._checks import grad_needed
+from ..ops.common.decay import decay_exp
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
 from ..ops.selective_scan.mixer_step import mamba1_mixer_step
@@ -213,6 +214,8 @@ class Mamba1(nn.Module):
         scan output (b, l, d_inner) that out_proj takes."""
         if resume and projected.shape[1] == 1 and self._steps_fused(projected):
             return self._fused_step(projected[:, 0], states)[:, None]
+        if resume and projected.shape[1] == 1 and self._steps_on_cpu(projected, states):
+            return self._cpu_step(projected[:, 0], states)[:, None]
         xz = projected.transpose(1, 2)  # (b, 2 d_inner, l)
         x, z = xz.chunk(2, dim=1)
         if resume and x.shape[2] == 1:  # decoding: the one-token conv updates conv_state in place
@@ -249,6 +252,28 @@ class Mamba1(nn.Module):
         A, D, dt_bias = self._scan_parameters()
         return mamba1_mixer_step(x, z, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
                                  self.dt_proj.weight, dt_bias, A, D, ssm_state)
+
+    def _steps_on_cpu(self, projected, states) -> bool:
+        """Whether a decode token takes :meth:`_cpu_step`: float32 activations and states on the
+        reference backend, without autograd and inner norms."""
+        return (resolve_backend(None, projected.device) == "reference"
+                and projected.dtype == torch.float32 and states[1].dtype == torch.float32
+                and not self.inner_norms and not grad_needed(projected, *self.parameters()))
+
+    def _cpu_step(self, projected, states):
+        """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner), as
+        the unfused ops compute it, with the SSM state updated in place and none of the scan op's
+        general machinery: ~30 small ops a layer were most of a CPU token outside the products."""
+        conv_state, ssm_state = states
+        x, z = projected.split(self.d_inner, dim=-1)
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                 activation=self.activation)
+        dt, B, C = project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        A, D, dt_bias = self._scan_parameters()
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, dt_bias))  # (b, d_inner)
+        ssm_state.mul_(decay_exp(dt[..., None] * A)).add_((dt * x)[..., None] * B[:, None, :])
+        y = torch.matmul(ssm_state, C[..., None])[..., 0] + D * x
+        return y * F.silu(z)
 
     def _scan_parameters(self):
         """(A = -exp(A_log), D, dt_proj's bias), at least float32, each remembered while its

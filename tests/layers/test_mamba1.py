@@ -1,6 +1,7 @@
 """Mamba1 on the Triton backend (the interpreter on CPU): its channel-major path, memory
 (channels, b l) as the official fused layer, against the (b, l, channels) path of
-``mix_projected``, and the copies it avoids."""
+``mix_projected``, and the copies it avoids; its fused decode step; and on the reference backend,
+its one-token CPU step against the unfused ops."""
 
 import pytest
 import torch
@@ -157,3 +158,38 @@ def test_fused_step_is_not_taken_where_it_does_not_apply(monkeypatch):
         assert not layer._steps_fused(torch.empty(FUSED_STEP_MAX_BATCH + 1, 2 * 16, device=DEVICE))  # large batch
         monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
         assert not layer._steps_fused(projected)
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"),
+                                    pytest.param(dict(conv_bias=False, dt_rank=3, d_conv=2), id="no-conv-bias")])
+def test_cpu_decode_steps_match_the_unfused_ops(kwargs, monkeypatch):
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
+    torch.manual_seed(0)
+    layer = Mamba1(8, d_state=4, layer_idx=0, **kwargs)
+    x = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(5))
+    calls = []
+    step = Mamba1._cpu_step
+    monkeypatch.setattr(Mamba1, "_cpu_step", lambda self, *a: calls.append(1) or step(self, *a))
+    with torch.no_grad():
+        got, got_states = _prefill_then_steps(layer, x, prefill=7)
+        assert len(calls) == 5, "the five one-token calls take the CPU step"
+        monkeypatch.setattr(Mamba1, "_steps_on_cpu", lambda self, projected, states: False)
+        expected, expected_states = _prefill_then_steps(layer, x, prefill=7)
+    assert_close(got, expected, 1e-5, "outputs")
+    for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
+        assert_close(a, e, 1e-5, name)
+
+
+def test_cpu_step_is_not_taken_where_it_does_not_apply(monkeypatch):
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "reference")
+    torch.manual_seed(0)
+    layer = Mamba1(8, d_state=4, layer_idx=0)
+    projected = torch.empty(2, 2 * 16)
+    states = layer.allocate_inference_cache(2, 4)
+    assert not layer._steps_on_cpu(projected, states)  # grad mode on, parameters require grad
+    with torch.no_grad():
+        assert layer._steps_on_cpu(projected, states)
+        assert not Mamba1(8, d_state=4, layer_idx=0, inner_norms=True)._steps_on_cpu(projected, states)
+        assert not layer._steps_on_cpu(projected.to(torch.float64), states)
+        monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
+        assert not layer._steps_on_cpu(projected, states)
