@@ -35,6 +35,15 @@ def test_inference_matches_f_linear(bias, rows):
 
 
 @needs_onednn
+def test_strided_inputs_match_f_linear():
+    linear = nn.Linear(24, 40)
+    x = torch.randn(2, 24, 9).transpose(1, 2)  # (b, l, d) view of (b, d, l), as Mamba-1's x_proj gets
+    with torch.no_grad():
+        torch.testing.assert_close(project(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert packed(linear)
+
+
+@needs_onednn
 def test_a_changed_weight_is_reordered_again():
     linear = nn.Linear(32, 48)
     x = torch.randn(4, 32)
