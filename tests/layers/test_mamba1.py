@@ -133,15 +133,20 @@ def _prefill_then_steps(layer, x, prefill):
 @pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"),
                                     pytest.param(dict(conv_bias=False, dt_rank=3, d_conv=2), id="no-conv-bias")])
 def test_decode_steps_fused_match_the_unfused_ops(kwargs, monkeypatch):
-    layer = _layer(**kwargs)
     x = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    _assert_steps_match_the_unfused_ops(_layer(**kwargs), x, "_fused_step", "_steps_fused", monkeypatch)
+
+
+def _assert_steps_match_the_unfused_ops(layer, x, step: str, gate: str, monkeypatch):
+    """Prefill 7 tokens, then one-token calls: each must take Mamba1.<step>, and the outputs and
+    states must equal those of the unfused ops (Mamba1.<gate> answering False)."""
     calls = []
-    fused = Mamba1._fused_step
-    monkeypatch.setattr(Mamba1, "_fused_step", lambda self, *a: calls.append(1) or fused(self, *a))
+    original = getattr(Mamba1, step)
+    monkeypatch.setattr(Mamba1, step, lambda self, *a: calls.append(1) or original(self, *a))
     with torch.no_grad():
         got, got_states = _prefill_then_steps(layer, x, prefill=7)
-        assert len(calls) == 5, "the five one-token calls take the fused step"
-        monkeypatch.setattr(Mamba1, "_steps_fused", lambda self, projected: False)
+        assert len(calls) == x.shape[1] - 7, f"every one-token call takes {step}"
+        monkeypatch.setattr(Mamba1, gate, lambda self, *args: False)
         expected, expected_states = _prefill_then_steps(layer, x, prefill=7)
     assert_close(got, expected, 1e-5, "outputs")
     for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
@@ -167,17 +172,7 @@ def test_cpu_decode_steps_match_the_unfused_ops(kwargs, monkeypatch):
     torch.manual_seed(0)
     layer = Mamba1(8, d_state=4, layer_idx=0, **kwargs)
     x = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(5))
-    calls = []
-    step = Mamba1._cpu_step
-    monkeypatch.setattr(Mamba1, "_cpu_step", lambda self, *a: calls.append(1) or step(self, *a))
-    with torch.no_grad():
-        got, got_states = _prefill_then_steps(layer, x, prefill=7)
-        assert len(calls) == 5, "the five one-token calls take the CPU step"
-        monkeypatch.setattr(Mamba1, "_steps_on_cpu", lambda self, projected, states: False)
-        expected, expected_states = _prefill_then_steps(layer, x, prefill=7)
-    assert_close(got, expected, 1e-5, "outputs")
-    for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
-        assert_close(a, e, 1e-5, name)
+    _assert_steps_match_the_unfused_ops(layer, x, "_cpu_step", "_steps_on_cpu", monkeypatch)
 
 
 def test_cpu_step_is_not_taken_where_it_does_not_apply(monkeypatch):

@@ -55,6 +55,25 @@ def test_a_changed_weight_is_reordered_again():
     assert not torch.allclose(before, after)
 
 
+@needs_onednn
+def test_a_replaced_weight_is_reordered_again():
+    linear = nn.Linear(32, 48)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        project(linear, x)
+        linear.weight = nn.Parameter(torch.randn(48, 32))  # a new tensor, version 0 like the old one
+        torch.testing.assert_close(project(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_not_under_a_process_group(monkeypatch):
+    linear = nn.Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        monkeypatch.setattr(projection.dist, "is_available", lambda: True)
+        monkeypatch.setattr(projection.dist, "is_initialized", lambda: True)
+        assert not onednn_applies(linear, x)
+
+
 def test_autograd_takes_nn_linear_with_gradients():
     linear = nn.Linear(16, 8)
     x = torch.randn(3, 16, requires_grad=True)
