@@ -223,14 +223,13 @@ def ssd_fwd_state_fixup_kernel(
 
 
 @triton.jit
-def _entering_part(Ct, states_ptr, cum_ptr, hi, offs_t, mask_t, offs_p, mask_p, offs_n, mask_n, state_row,
-                   in_seq, P: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr):
+def _entering_part(Ct, states_ptr, cum_t, hi, offs_p, mask_p, offs_n, mask_n, state_row, in_seq,
+                   P: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr):
     """Head hi's rows from the state entering the chunk: exp(cum_t) S C_t, (M, BLOCK_P) float32;
-    cum_ptr points at the head's cumsum row, in_seq (M,) says which rows are still in the sequence
-    that state belongs to."""
+    cum_t (M,) is the head's in-chunk cumsum at the rows, in_seq (M,) says which rows are still in
+    the sequence that state belongs to."""
     S = tl.load(states_ptr + (state_row + hi) * P * N + offs_p[None, :] * N + offs_n[:, None],
                 mask=mask_n[:, None] & mask_p[None, :], other=0.0)
-    cum_t = tl.load(cum_ptr + offs_t, mask=mask_t, other=0.0)
     decay_in = tl.where(in_seq, tl.exp(cum_t), 0.0)
     return _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
 
@@ -307,11 +306,11 @@ def ssd_fwd_output_kernel(
         seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
         in_seq = seg_t == tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
     state_row = (bi * n_chunks + c) * H
-    acc0 = _entering_part(Ct, states_ptr, cum_ptr + scratch0, h0, offs_t, mask_t, offs_p, mask_p, offs_n, mask_n,
-                          state_row, in_seq, P, N, PREC, NARROW)
+    acc0 = _entering_part(Ct, states_ptr, cum_t0, h0, offs_p, mask_p, offs_n, mask_n, state_row, in_seq, P, N,
+                          PREC, NARROW)
     if HEADS == 2:
-        acc1 = _entering_part(Ct, states_ptr, cum_ptr + scratch1, h1, offs_t, mask_t, offs_p, mask_p, offs_n,
-                              mask_n, state_row, in_seq, P, N, PREC, NARROW)
+        acc1 = _entering_part(Ct, states_ptr, cum_t1, h1, offs_p, mask_p, offs_n, mask_n, state_row, in_seq, P, N,
+                              PREC, NARROW)
 
     # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
     for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):
