@@ -19,6 +19,10 @@ def packed(linear):
     return linear in projection._REORDERED
 
 
+def assert_matches_f_linear(y, linear, x):
+    torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [(1,), (3, 5), (2, 1, 7)])
@@ -28,10 +32,9 @@ def test_inference_matches_f_linear(bias, rows):
     x = torch.randn(*rows, 96)
     with torch.no_grad():
         y = project(linear, x)
-        expected = F.linear(x, linear.weight, linear.bias)
     assert packed(linear)
     assert y.shape == (*rows, 200)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert_matches_f_linear(y, linear, x)
 
 
 @needs_onednn
@@ -39,7 +42,7 @@ def test_strided_inputs_match_f_linear():
     linear = nn.Linear(24, 40)
     x = torch.randn(2, 24, 9).transpose(1, 2)  # (b, l, d) view of (b, d, l), as Mamba-1's x_proj gets
     with torch.no_grad():
-        torch.testing.assert_close(project(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        assert_matches_f_linear(project(linear, x), linear, x)
     assert packed(linear)
 
 
@@ -51,7 +54,7 @@ def test_a_changed_weight_is_reordered_again():
         before = project(linear, x)
         linear.weight.mul_(-2.0)  # in place: same storage, new version
         after = project(linear, x)
-    torch.testing.assert_close(after, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert_matches_f_linear(after, linear, x)
     assert not torch.allclose(before, after)
 
 
@@ -62,7 +65,7 @@ def test_a_replaced_weight_is_reordered_again():
     with torch.no_grad():
         project(linear, x)
         linear.weight = nn.Parameter(torch.randn(48, 32))  # a new tensor, version 0 like the old one
-        torch.testing.assert_close(project(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        assert_matches_f_linear(project(linear, x), linear, x)
 
 
 def test_not_under_a_process_group(monkeypatch):
