@@ -6,10 +6,12 @@ and head, one program walking the sequence (reverse cumulative sum for the backw
 ``rotate_heads``: per head, K = Rot(phi)(B + bias).
 
 B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
-the rotated keys are per head (b, l, h, n). Forward: one program per block of tokens and head.
-Backward: one program per block of tokens and group, which sums its heads' gradients back into the
-group's rows without atomics; the bias gradient (summed over tokens) and the phase gradient (per
-token and head, the two entries of each pair summed in registers) come from the same pass.
+the rotated keys are per head (b, l, h, n). Each program works on the rotated pairs as two
+(tokens, angles) tiles, the first and second entries of every pair, with one cos/sin per angle, and
+copies the unpaired entries. Forward: one program per block of tokens and head. Backward: one
+program per block of tokens and group, which sums its heads' gradients back into the group's rows
+without atomics and writes the phase gradient per token, head and angle; the bias gradient comes
+as per-program sums, added up after.
 
 Rotation of pair (f, s) by angle phi: (f, s) -> (cos f - sin s, sin f + cos s); its transpose
 rotates by -phi, and d(out)/d(phi) = (-out_s, out_f).
@@ -28,107 +30,118 @@ from .._compile import compile_ahead, launch
 
 F32 = torch.float32
 BLOCK_T = 32  # tokens per program; the forward's grid also spans heads
-BWD_BLOCK_T = 8  # the backward loops over a group's heads, so more, smaller programs
+BWD_BLOCK_T = 16  # the backward loops over a group's heads, so more, smaller programs
 
 
 @triton.jit
-def _pairs(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
-    """-> (angle index, partner index, whether the entry is the first of its pair, rotated?) per
-    state entry."""
+def _pair_entries(offs_j, N: tl.constexpr, HALVES: tl.constexpr):
+    """Pair j's two state entries: (j, j + N/2) in halves, (2j, 2j + 1) interleaved."""
     if HALVES:
-        first = offs_n < NA
-        second = (offs_n >= N // 2) & (offs_n < N // 2 + NA)
-        angle = tl.where(first, offs_n, offs_n - N // 2)
-        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
+        return offs_j, offs_j + N // 2
+    return 2 * offs_j, 2 * offs_j + 1
+
+
+@triton.jit
+def _unpaired(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
+    """Whether each state entry is in no rotated pair (it passes through unchanged)."""
+    if HALVES:
+        paired = (offs_n < NA) | ((offs_n >= N // 2) & (offs_n < N // 2 + NA))
     else:
-        first = (offs_n < 2 * NA) & (offs_n % 2 == 0)
-        second = (offs_n < 2 * NA) & (offs_n % 2 == 1)
-        angle = offs_n // 2
-        partner = offs_n ^ 1
-    rotated = first | second
-    return tl.where(rotated, angle, 0), tl.where(rotated, partner, offs_n), first, rotated
-
-
-@triton.jit
-def _group_rows(v_ptr, pid_t, gi, rows, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
-                HALVES: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A block of tokens of group gi: -> (offs_t, offs_n, mask_t, mask, its entries v and their
-    pair partners (BLOCK_T, NP) float32, angle index, partner index, rotation sign, rotated?)."""
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_n = tl.arange(0, NP)
-    mask_t = offs_t < rows
-    mask = mask_t[:, None] & (offs_n[None, :] < N)
-    angle, partner, first, rotated = _pairs(offs_n, N, NA, HALVES)
-    v_row = v_ptr + (offs_t[:, None] * G + gi) * N
-    v = tl.load(v_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    v_partner = tl.load(v_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    sign = tl.where(first, -1.0, 1.0)
-    return offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated
-
-
-@triton.jit
-def _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head hi's pre-rotation entries: v (+ bias[hi]) and their partners (+ the partners' bias)."""
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + hi * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        v_partner += tl.load(bias_ptr + hi * N + partner, mask=offs_n < N, other=0.0)[None, :]
-    return v, v_partner
+        paired = offs_n < 2 * NA
+    return (offs_n < N) & (paired == 0)
 
 
 @triton.jit
 def rotate_heads_fwd_kernel(
     v_ptr, bias_ptr, phi_ptr, out_ptr, rows,
-    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """One block of tokens of one head: the rotated pairs as (BLOCK_T, AP) tiles of first and
+    second entries with one cos/sin per angle, the unpaired entries copied."""
     pid_t, hi = tl.program_id(0), tl.program_id(1)
-    offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated = _group_rows(
-        v_ptr, pid_t, hi // (H // G), rows, G, N, NA, NP, HALVES, BLOCK_T)
-    a, b = _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N, HAS_BIAS)
-    phi = tl.load(phi_ptr + (offs_t[:, None] * H + hi) * NA + angle[None, :], mask=mask & rotated[None, :], other=0.0)
-    out = tl.where(rotated[None, :], tl.cos(phi) * a + sign[None, :] * tl.sin(phi) * b, a)
-    tl.store(out_ptr + (offs_t[:, None] * H + hi) * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    gi = hi // (H // G)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask_t = offs_t < rows
+    offs_j = tl.arange(0, AP)
+    first, second = _pair_entries(offs_j, N, HALVES)
+    mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
+    v_row = v_ptr + ((offs_t * G + gi) * N)[:, None]
+    out_row = out_ptr + ((offs_t * H + hi) * N)[:, None]
+    f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
+        s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
+    phi = tl.load(phi_ptr + ((offs_t * H + hi) * NA)[:, None] + offs_j[None, :], mask=mask_j, other=0.0)
+    cos, sin = tl.cos(phi), tl.sin(phi)
+    tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_ptr.dtype.element_ty), mask=mask_j)
+    tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_ptr.dtype.element_ty), mask=mask_j)
+    offs_n = tl.arange(0, NP)
+    rest = _unpaired(offs_n, N, NA, HALVES)
+    mask_rest = mask_t[:, None] & rest[None, :]
+    v = tl.load(v_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hi * N + offs_n, mask=rest, other=0.0)[None, :]
+    tl.store(out_row + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask_rest)
 
 
 @triton.jit
 def rotate_heads_bwd_kernel(
     dout_ptr, v_ptr, bias_ptr, phi_ptr, dv_ptr, dbias_ptr, dphi_ptr, rows,
-    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """One block of tokens of one group, its heads in turn: d(pair) by the transposed rotation,
+    summed over the heads into the group's rows; d(phi) = d_second out_first - d_first out_second
+    per pair; the bias gradient as this program's per-head sums (dbias (programs, h, n))."""
     pid_t, gi = tl.program_id(0), tl.program_id(1)
-    offs_t, offs_n, mask_t, mask, v, v_partner, angle, partner, sign, rotated = _group_rows(
-        v_ptr, pid_t, gi, rows, G, N, NA, NP, HALVES, BLOCK_T)
-    dv = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask_t = offs_t < rows
+    offs_j = tl.arange(0, AP)
+    first, second = _pair_entries(offs_j, N, HALVES)
+    mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
+    offs_n = tl.arange(0, NP)
+    rest = _unpaired(offs_n, N, NA, HALVES)
+    mask_rest = mask_t[:, None] & rest[None, :]
+    v_row = v_ptr + ((offs_t * G + gi) * N)[:, None]
+    f0 = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    s0 = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    d_first = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    d_second = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    d_rest = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
     for k in range(H // G):
         hi = gi * (H // G) + k
-        a, b = _with_bias(v, v_partner, bias_ptr, hi, offs_n, partner, N, HAS_BIAS)
-        phi_at = (offs_t[:, None] * H + hi) * NA + angle[None, :]
-        phi = tl.load(phi_ptr + phi_at, mask=mask & rotated[None, :], other=0.0)
-        cos, sin = tl.cos(phi), tl.sin(phi)
-        dout_row = dout_ptr + (offs_t[:, None] * H + hi) * N
-        d = tl.load(dout_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        d_partner = tl.load(dout_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        # Transpose rotation: d(entry) = cos d_entry - sign sin d_partner.
-        dk = tl.where(rotated[None, :], cos * d - sign[None, :] * sin * d_partner, d)
-        dv += dk
+        f, s = f0, s0
         if HAS_BIAS:
-            tl.atomic_add(dbias_ptr + hi * N + offs_n, tl.sum(dk, 0), mask=offs_n < N, sem="relaxed")
-        # d(phi) = -d_f out_s + d_s out_f: each entry adds d_entry * (sign-flipped rotated partner),
-        # and the two entries of a pair are summed: adjacent ones (interleaved) or the two halves.
-        out_partner = cos * b - sign[None, :] * sin * a
-        contribution = tl.where(mask & rotated[None, :], sign[None, :] * d * out_partner, 0.0)
-        if N == NP:
-            if HALVES:
-                per_angle = tl.sum(tl.reshape(contribution, (BLOCK_T, 2, NP // 2)), 1)
-            else:
-                per_angle = tl.sum(tl.reshape(contribution, (BLOCK_T, NP // 2, 2)), 2)
-            offs_a = tl.arange(0, NP // 2)
-            tl.store(dphi_ptr + (offs_t[:, None] * H + hi) * NA + offs_a[None, :], per_angle,
-                     mask=mask_t[:, None] & (offs_a[None, :] < NA))
-        else:  # a padded state size: pairs do not line up with a reshape
-            tl.atomic_add(dphi_ptr + phi_at, contribution, mask=mask & rotated[None, :], sem="relaxed")
-    tl.store(dv_ptr + (offs_t[:, None] * G + gi) * N + offs_n[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+            f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
+            s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
+        phi_at = ((offs_t * H + hi) * NA)[:, None] + offs_j[None, :]
+        phi = tl.load(phi_ptr + phi_at, mask=mask_j, other=0.0)
+        cos, sin = tl.cos(phi), tl.sin(phi)
+        dout_row = dout_ptr + ((offs_t * H + hi) * N)[:, None]
+        df = tl.load(dout_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+        ds = tl.load(dout_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+        dr = tl.load(dout_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
+        tl.store(dphi_ptr + phi_at, ds * (cos * f - sin * s) - df * (sin * f + cos * s), mask=mask_j)
+        da = cos * df + sin * ds
+        db = cos * ds - sin * df
+        d_first += da
+        d_second += db
+        d_rest += dr
+        if HAS_BIAS:
+            partial = dbias_ptr + (pid_t * H + hi) * N
+            tl.store(partial + first, tl.sum(da, 0), mask=offs_j < NA)
+            tl.store(partial + second, tl.sum(db, 0), mask=offs_j < NA)
+            tl.store(partial + offs_n, tl.sum(dr, 0), mask=rest)
+    dv_row = dv_ptr + ((offs_t * G + gi) * N)[:, None]
+    tl.store(dv_row + first[None, :], d_first.to(dv_ptr.dtype.element_ty), mask=mask_j)
+    tl.store(dv_row + second[None, :], d_second.to(dv_ptr.dtype.element_ty), mask=mask_j)
+    tl.store(dv_row + offs_n[None, :], d_rest.to(dv_ptr.dtype.element_ty), mask=mask_rest)
+
+
+def _sizes(n: int, n_angles: int) -> dict:
+    return dict(NP=triton.next_power_of_2(n), AP=triton.next_power_of_2(max(n_angles, 1)))
 
 
 def _rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype) -> Tensor:
@@ -138,7 +151,7 @@ def _rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, 
     h, n_angles = phi.shape[1], phi.shape[2]
     out = torch.empty(rows, h, n, device=v.device, dtype=out_dtype)
     launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, BLOCK_T), h),
-        v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n), HALVES=halves,
+        v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
         HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T)
     return out
 
@@ -157,11 +170,14 @@ def _rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tens
     rows, g, n = v.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     dv = torch.empty_like(v)
-    dbias = torch.zeros(h, n, device=v.device, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
-    dphi = torch.zeros_like(phi)
-    launch(rotate_heads_bwd_kernel, (triton.cdiv(rows, BWD_BLOCK_T), g),
-        dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, NP=triton.next_power_of_2(n),
+    programs = triton.cdiv(rows, BWD_BLOCK_T)
+    dbias = v.new_empty(programs, h, n, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
+    dphi = torch.empty_like(phi)
+    launch(rotate_heads_bwd_kernel, (programs, g),
+        dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles),
         HALVES=halves, HAS_BIAS=bias is not None, BLOCK_T=BWD_BLOCK_T)
+    if bias is not None:
+        dbias = dbias.sum(0)
     return dv, dbias, dphi
 
 

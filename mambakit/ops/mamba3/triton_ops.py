@@ -34,8 +34,30 @@ from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
 from .reference import Mamba3State, rope_layout_for, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
+from .skip_gate_triton import skip_gate
 
 F32 = torch.float32
+
+
+def same_step_scores(B, C, B_bias, C_bias, h: int) -> torch.Tensor:
+    """Q_{t,k} . K_{t,j} for every token, head and pair of ranks: B, C (b, l, r, g, n), biases
+    (h, r, n) or None -> (b, l, h, r, r) float32, [..., k, j] = Q_k . K_j.
+
+    A token's keys and queries turn by the same phase, and a rotation keeps dot products, so the
+    scores come from the unrotated rows (C_k + C_bias) . (B_j + B_bias), without the per-head
+    rotated tensors."""
+    b, l, r, g, n = B.shape
+    Bf, Cf = B.to(F32), C.to(F32)
+    scores = torch.einsum("blkgn,bljgn->blgkj", Cf, Bf)[:, :, :, None].expand(b, l, g, h // g, r, r)
+    bias_B = None if B_bias is None else B_bias.to(F32).view(g, h // g, r, n)
+    bias_C = None if C_bias is None else C_bias.to(F32).view(g, h // g, r, n)
+    if bias_B is not None:
+        scores = scores + torch.einsum("blkgn,gejn->blgekj", Cf, bias_B)
+    if bias_C is not None:
+        scores = scores + torch.einsum("gekn,bljgn->blgekj", bias_C, Bf)
+    if bias_B is not None and bias_C is not None:
+        scores = scores + torch.einsum("gekn,gejn->gekj", bias_C, bias_B)
+    return scores.reshape(b, l, h, r, r)
 
 
 def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None,
@@ -89,22 +111,23 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         None if segment is None else segment.repeat_interleave(r, dim=1), False, 0.0,
         float("inf"), False, kernel_chunk(chunk_size), grad, True)
 
-    # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
-    scores = torch.einsum("blkhn,bljhn->blhkj", Q.to(F32), K.to(F32))  # (b, l, h, r, r)
-    later = torch.ones(r, r, device=x.device, dtype=torch.bool).triu(1)
-    own = torch.where(later, gamma[..., None, None], -c_next[..., None, None])
-    y = y_core.view(b, l, r, h, p).to(F32) + torch.einsum("blhkj,bljhp->blkhp", scores * own, v.to(F32))
-    if D is not None:
-        y = y + D.to(F32)[:, None] * v.to(F32)
-    if r == 1:
-        y = y[:, :, 0]
-        if z is not None:
-            y = y * F.silu(z.to(F32))
+    scores = same_step_scores(B, C, B_bias, C_bias, h)  # (b, l, h, r, r)
+    if r == 1:  # y = (y_core + (D - c_next K.Q) x) silu(z) in one pass
+        skip = -c_next * scores[..., 0, 0]
+        if D is not None:
+            skip = skip + D.to(F32)
+        y = skip_gate(y_core.view(b, l, h, p), x, skip, z, grad)
     else:
+        # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
+        later = torch.ones(r, r, device=x.device, dtype=torch.bool).triu(1)
+        own = torch.where(later, gamma[..., None, None], -c_next[..., None, None])
+        y = y_core.view(b, l, r, h, p).to(F32) + torch.einsum("blhkj,bljhp->blkhp", scores * own, v.to(F32))
+        if D is not None:
+            y = y + D.to(F32)[:, None] * v.to(F32)
         if z is not None:
             y = y * F.silu(z.to(F32)[:, :, None] * mimo_z.transpose(0, 1).to(F32))
         y = y.transpose(2, 3) if mimo_o is None else (y * mimo_o.transpose(0, 1).to(F32)).sum(dim=2)
-    y = y.to(x.dtype)
+        y = y.to(x.dtype)
     if not return_final_state:
         return y
     return y, Mamba3State(phi=phi[:, -1], H=H_final, K_prev=K[:, -1].to(F32), x_prev=x[:, -1].to(F32))
