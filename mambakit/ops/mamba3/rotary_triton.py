@@ -7,8 +7,7 @@ and head, one program walking the sequence (reverse cumulative sum for the backw
 
 B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
 the rotated keys are per head (b, l, h, n). Each program works on the rotated pairs as two
-(tokens, angles) tiles, the first and second entries of every pair, with one cos/sin per angle, and
-copies the unpaired entries. Forward: one program per block of tokens and head. Backward: one
+(tokens, angles) tiles, the first and second entries of every pair, with one cos/sin per angle. Forward: one program per block of tokens and head. Backward: one
 program per block of tokens and group, which sums its heads' gradients back into the group's rows
 without atomics and writes the phase gradient per token, head and angle; the bias gradient comes
 as per-program sums, added up after.
@@ -29,8 +28,10 @@ from torch import Tensor
 from .._compile import compile_ahead, launch
 
 F32 = torch.float32
-BLOCK_T = 32  # tokens per program; the forward's grid also spans heads
-BWD_BLOCK_T = 16  # the backward loops over a group's heads, so more, smaller programs
+# Tokens per program (the forward's grid also spans heads) and warps: the fastest on the H200 at
+# 32768 tokens, 32 heads, n 128 (benchmarks/NOTES.md, Mamba-3 SISO).
+FWD_LAUNCH = dict(BLOCK_T=16, num_warps=8)
+BWD_LAUNCH = dict(BLOCK_T=8, num_warps=1)
 
 
 @triton.jit
@@ -57,33 +58,48 @@ def rotate_heads_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One block of tokens of one head: the rotated pairs as (BLOCK_T, AP) tiles of first and
-    second entries with one cos/sin per angle, the unpaired entries copied."""
+    """One block of tokens of one head, one cos/sin per angle. Interleaved pairs of a power-of-two
+    state size: the row loaded whole and split into its even and odd entries in registers.
+    Otherwise: the rotated pairs as (BLOCK_T, AP) tiles of first and second entries, the unpaired
+    entries copied."""
     pid_t, hi = tl.program_id(0), tl.program_id(1)
     gi = hi // (H // G)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     mask_t = offs_t < rows
-    offs_j = tl.arange(0, AP)
-    first, second = _pair_entries(offs_j, N, HALVES)
-    mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
     v_row = v_ptr + ((offs_t * G + gi) * N)[:, None]
     out_row = out_ptr + ((offs_t * H + hi) * N)[:, None]
-    f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
-    s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
-        s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
-    phi = tl.load(phi_ptr + ((offs_t * H + hi) * NA)[:, None] + offs_j[None, :], mask=mask_j, other=0.0)
-    cos, sin = tl.cos(phi), tl.sin(phi)
-    tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_ptr.dtype.element_ty), mask=mask_j)
-    tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_ptr.dtype.element_ty), mask=mask_j)
-    offs_n = tl.arange(0, NP)
-    rest = _unpaired(offs_n, N, NA, HALVES)
-    mask_rest = mask_t[:, None] & rest[None, :]
-    v = tl.load(v_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + hi * N + offs_n, mask=rest, other=0.0)[None, :]
-    tl.store(out_row + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask_rest)
+    phi_row = phi_ptr + ((offs_t * H + hi) * NA)[:, None]
+    if not HALVES and N == NP:
+        offs_n = tl.arange(0, N)
+        v = tl.load(v_row + offs_n[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + hi * N + offs_n)[None, :]
+        f, s = tl.split(tl.reshape(v, (BLOCK_T, N // 2, 2)))
+        offs_j = tl.arange(0, N // 2)
+        phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
+        cos, sin = tl.cos(phi), tl.sin(phi)  # angle 0 (cos 1, sin 0) on the unpaired entries
+        out = tl.reshape(tl.join(cos * f - sin * s, sin * f + cos * s), (BLOCK_T, N))
+        tl.store(out_row + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None])
+    else:
+        offs_j = tl.arange(0, AP)
+        first, second = _pair_entries(offs_j, N, HALVES)
+        mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
+        f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+        s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
+            s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
+        phi = tl.load(phi_row + offs_j[None, :], mask=mask_j, other=0.0)
+        cos, sin = tl.cos(phi), tl.sin(phi)
+        tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_ptr.dtype.element_ty), mask=mask_j)
+        tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_ptr.dtype.element_ty), mask=mask_j)
+        offs_n = tl.arange(0, NP)
+        rest = _unpaired(offs_n, N, NA, HALVES)
+        mask_rest = mask_t[:, None] & rest[None, :]
+        v = tl.load(v_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + hi * N + offs_n, mask=rest, other=0.0)[None, :]
+        tl.store(out_row + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask_rest)
 
 
 @triton.jit
@@ -150,9 +166,9 @@ def _rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, 
     rows, g, n = v.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     out = torch.empty(rows, h, n, device=v.device, dtype=out_dtype)
-    launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, BLOCK_T), h),
+    launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
         v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
-        HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T)
+        HAS_BIAS=bias is not None, **FWD_LAUNCH)
     return out
 
 
@@ -170,12 +186,12 @@ def _rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tens
     rows, g, n = v.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     dv = torch.empty_like(v)
-    programs = triton.cdiv(rows, BWD_BLOCK_T)
+    programs = triton.cdiv(rows, BWD_LAUNCH["BLOCK_T"])
     dbias = v.new_empty(programs, h, n, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
     dphi = torch.empty_like(phi)
     launch(rotate_heads_bwd_kernel, (programs, g),
         dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles),
-        HALVES=halves, HAS_BIAS=bias is not None, BLOCK_T=BWD_BLOCK_T)
+        HALVES=halves, HAS_BIAS=bias is not None, **BWD_LAUNCH)
     if bias is not None:
         dbias = dbias.sum(0)
     return dv, dbias, dphi

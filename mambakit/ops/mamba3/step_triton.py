@@ -20,7 +20,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rotary_triton import _pairs
+
+
+@triton.jit
+def _pairs(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
+    """-> (angle index, partner index, whether the entry is the first of its pair, rotated?) per
+    state entry."""
+    if HALVES:
+        first = offs_n < NA
+        second = (offs_n >= N // 2) & (offs_n < N // 2 + NA)
+        angle = tl.where(first, offs_n, offs_n - N // 2)
+        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
+    else:
+        first = (offs_n < 2 * NA) & (offs_n % 2 == 0)
+        second = (offs_n < 2 * NA) & (offs_n % 2 == 1)
+        angle = offs_n // 2
+        partner = offs_n ^ 1
+    rotated = first | second
+    return tl.where(rotated, angle, 0), tl.where(rotated, partner, offs_n), first, rotated
 
 
 @triton.jit
