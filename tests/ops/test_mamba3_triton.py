@@ -91,8 +91,8 @@ def test_matches_reference_fp32(l, optional, state):
 
 
 @pytest.mark.parametrize("rope_layout,n,n_angles", [("halves", 16, 8), ("interleaved", 16, 3), ("halves", 12, 6),
-                                                    ("interleaved", 12, 5)],
-                         ids=["halves-full", "odd-angles", "halves-n12", "interleaved-n12"])
+                                                    ("interleaved", 12, 5), ("interleaved", 32, 13)],
+                         ids=["halves-full", "odd-angles", "halves-n12", "interleaved-n12", "angle-blocks"])
 def test_rope_layouts_odd_sizes(rope_layout, n, n_angles):
     case, initial = make_case(1, 29, 3, 6, 1, n, n_angles, seed=1)
     run_both(case, initial, chunk_size=16, tol_y=1e-5, tol_grad=1e-4, rope_layout=rope_layout)
@@ -131,6 +131,14 @@ def test_mimo_rank8_interleaved_odd_sizes():
 def test_mimo_half_precision_inputs(dtype, tol):
     case, initial = make_case(1, 30, 2, 8, 1, 16, 8, dtype=dtype, r=4, seed=7)
     run_both(case, initial, chunk_size=16, tol_y=tol, tol_grad=tol)
+
+
+@pytest.mark.parametrize("given", ["B_bias", "C_bias"])
+def test_one_bias_only(given):
+    """The rotation kernel takes both biases or neither; a bias given alone pairs with zeros."""
+    case, initial = make_case(1, 21, 2, 4, 1, 16, 4, seed=3)
+    case["C_bias" if given == "B_bias" else "B_bias"] = None
+    run_both(case, initial, chunk_size=16, tol_y=1e-5, tol_grad=1e-4)
 
 
 @pytest.mark.parametrize("r", [1, 2])

@@ -53,199 +53,270 @@ def _unpaired(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
+def _rotate_split(v_row, bias_ptr, out_row, hi, cos, sin, mask_t, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_T: tl.constexpr):
+    """Interleaved pairs, power-of-two N: each row loaded whole, split into its even and odd entries
+    in registers, rotated (cos, sin (BLOCK_T, N / 2), angle 0 past the last pair) and stored whole."""
+    offs_n = tl.arange(0, N)
+    v = tl.load(v_row + offs_n[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hi * N + offs_n)[None, :]
+    f, s = tl.split(tl.reshape(v, (BLOCK_T, N // 2, 2)))
+    out = tl.reshape(tl.join(cos * f - sin * s, sin * f + cos * s), (BLOCK_T, N))
+    tl.store(out_row + offs_n[None, :], out.to(out_row.dtype.element_ty), mask=mask_t[:, None])
+
+
+@triton.jit
+def _rotate_pairs(v_row, bias_ptr, out_row, hi, cos, sin, mask_t, N: tl.constexpr, NA: tl.constexpr,
+                  NP: tl.constexpr, AP: tl.constexpr, HALVES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Any layout and N: the rotated pairs as (BLOCK_T, AP) tiles of first and second entries, the
+    unpaired entries copied."""
+    offs_j = tl.arange(0, AP)
+    first, second = _pair_entries(offs_j, N, HALVES)
+    mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
+    f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
+        s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
+    tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_row.dtype.element_ty), mask=mask_j)
+    tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_row.dtype.element_ty), mask=mask_j)
+    offs_n = tl.arange(0, NP)
+    rest = _unpaired(offs_n, N, NA, HALVES)
+    mask_rest = mask_t[:, None] & rest[None, :]
+    v = tl.load(v_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hi * N + offs_n, mask=rest, other=0.0)[None, :]
+    tl.store(out_row + offs_n[None, :], v.to(out_row.dtype.element_ty), mask=mask_rest)
+
+
+@triton.jit
 def rotate_heads_fwd_kernel(
-    v_ptr, bias_ptr, phi_ptr, out_ptr, rows,
+    b_ptr, c_ptr, b_bias_ptr, c_bias_ptr, phi_ptr, k_ptr, q_ptr, rows,
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One block of tokens of one head, one cos/sin per angle. Interleaved pairs of a power-of-two
-    state size: the row loaded whole and split into its even and odd entries in registers.
-    Otherwise: the rotated pairs as (BLOCK_T, AP) tiles of first and second entries, the unpaired
-    entries copied."""
+    """One block of tokens of one head: its keys and queries turned by one cos/sin per angle."""
     pid_t, hi = tl.program_id(0), tl.program_id(1)
     gi = hi // (H // G)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     mask_t = offs_t < rows
-    v_row = v_ptr + ((offs_t * G + gi) * N)[:, None]
-    out_row = out_ptr + ((offs_t * H + hi) * N)[:, None]
+    group_at = ((offs_t * G + gi) * N)[:, None]
+    head_at = ((offs_t * H + hi) * N)[:, None]
     phi_row = phi_ptr + ((offs_t * H + hi) * NA)[:, None]
     if not HALVES and N == NP:
-        offs_n = tl.arange(0, N)
-        v = tl.load(v_row + offs_n[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + hi * N + offs_n)[None, :]
-        f, s = tl.split(tl.reshape(v, (BLOCK_T, N // 2, 2)))
         offs_j = tl.arange(0, N // 2)
         phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
-        cos, sin = tl.cos(phi), tl.sin(phi)  # angle 0 (cos 1, sin 0) on the unpaired entries
-        out = tl.reshape(tl.join(cos * f - sin * s, sin * f + cos * s), (BLOCK_T, N))
-        tl.store(out_row + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None])
+        cos, sin = tl.cos(phi), tl.sin(phi)
+        _rotate_split(b_ptr + group_at, b_bias_ptr, k_ptr + head_at, hi, cos, sin, mask_t, N, HAS_BIAS, BLOCK_T)
+        _rotate_split(c_ptr + group_at, c_bias_ptr, q_ptr + head_at, hi, cos, sin, mask_t, N, HAS_BIAS, BLOCK_T)
     else:
         offs_j = tl.arange(0, AP)
-        first, second = _pair_entries(offs_j, N, HALVES)
-        mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
-        f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
-        s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
-            s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
-        phi = tl.load(phi_row + offs_j[None, :], mask=mask_j, other=0.0)
+        phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
         cos, sin = tl.cos(phi), tl.sin(phi)
-        tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_ptr.dtype.element_ty), mask=mask_j)
-        tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_ptr.dtype.element_ty), mask=mask_j)
-        offs_n = tl.arange(0, NP)
-        rest = _unpaired(offs_n, N, NA, HALVES)
-        mask_rest = mask_t[:, None] & rest[None, :]
-        v = tl.load(v_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + hi * N + offs_n, mask=rest, other=0.0)[None, :]
-        tl.store(out_row + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask_rest)
+        _rotate_pairs(b_ptr + group_at, b_bias_ptr, k_ptr + head_at, hi, cos, sin, mask_t, N, NA, NP, AP, HALVES,
+                      HAS_BIAS)
+        _rotate_pairs(c_ptr + group_at, c_bias_ptr, q_ptr + head_at, hi, cos, sin, mask_t, N, NA, NP, AP, HALVES,
+                      HAS_BIAS)
+
+
+@triton.jit
+def _head_grads(dout_row, f, s, cos, sin, first, second, mask_j, offs_n, mask_rest):
+    """One head's gradient through its rotation: d(out) -> (d first, d second, d unpaired entries,
+    d(phi) per pair = d_second out_first - d_first out_second)."""
+    df = tl.load(dout_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    ds = tl.load(dout_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    dr = tl.load(dout_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
+    dphi = ds * (cos * f - sin * s) - df * (sin * f + cos * s)
+    return cos * df + sin * ds, cos * ds - sin * df, dr, dphi
+
+
+@triton.jit
+def _with_bias(f, s, bias_ptr, hi, first, second, mask_a, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        f += tl.load(bias_ptr + hi * N + first, mask=mask_a, other=0.0)[None, :]
+        s += tl.load(bias_ptr + hi * N + second, mask=mask_a, other=0.0)[None, :]
+    return f, s
+
+
+@triton.jit
+def _store_bias_sums(partial, da, db, dr, first, second, offs_n, mask_a, rest):
+    tl.store(partial + first, tl.sum(da, 0), mask=mask_a)
+    tl.store(partial + second, tl.sum(db, 0), mask=mask_a)
+    tl.store(partial + offs_n, tl.sum(dr, 0), mask=rest)
+
+
+@triton.jit
+def _store_rows(row, d_first, d_second, d_rest, first, second, offs_n, mask_j, mask_rest):
+    tl.store(row + first[None, :], d_first.to(row.dtype.element_ty), mask=mask_j)
+    tl.store(row + second[None, :], d_second.to(row.dtype.element_ty), mask=mask_j)
+    tl.store(row + offs_n[None, :], d_rest.to(row.dtype.element_ty), mask=mask_rest)
 
 
 @triton.jit
 def rotate_heads_bwd_kernel(
-    dout_ptr, v_ptr, bias_ptr, phi_ptr, dv_ptr, dbias_ptr, dphi_ptr, rows,
+    dk_ptr, dq_ptr, b_ptr, c_ptr, b_bias_ptr, c_bias_ptr, phi_ptr, db_ptr, dc_ptr, db_bias_ptr, dc_bias_ptr,
+    dphi_ptr, rows,
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One block of tokens of one group, its heads in turn: d(pair) by the transposed rotation,
-    summed over the heads into the group's rows; d(phi) = d_second out_first - d_first out_second
-    per pair; the bias gradient as this program's per-head sums (dbias (programs, h, n))."""
+    """One block of tokens of one group, its heads in turn: the keys' and queries' gradients turned
+    back and summed over the heads into the group's rows (no atomics); d(phi) of both, per token,
+    head and angle; the bias gradients as this program's per-head sums ((programs, h, n) each)."""
     pid_t, gi = tl.program_id(0), tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     mask_t = offs_t < rows
     offs_j = tl.arange(0, AP)
+    mask_a = offs_j < NA
     first, second = _pair_entries(offs_j, N, HALVES)
-    mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
+    mask_j = mask_t[:, None] & mask_a[None, :]
     offs_n = tl.arange(0, NP)
     rest = _unpaired(offs_n, N, NA, HALVES)
     mask_rest = mask_t[:, None] & rest[None, :]
-    v_row = v_ptr + ((offs_t * G + gi) * N)[:, None]
-    f0 = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
-    s0 = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
-    d_first = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
-    d_second = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
-    d_rest = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    group_at = ((offs_t * G + gi) * N)[:, None]
+    fb0 = tl.load(b_ptr + group_at + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    sb0 = tl.load(b_ptr + group_at + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    fc0 = tl.load(c_ptr + group_at + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    sc0 = tl.load(c_ptr + group_at + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
+    db_first = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    db_second = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    db_rest = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    dc_first = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    dc_second = tl.zeros((BLOCK_T, AP), dtype=tl.float32)
+    dc_rest = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
     for k in range(H // G):
         hi = gi * (H // G) + k
-        f, s = f0, s0
-        if HAS_BIAS:
-            f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
-            s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
         phi_at = ((offs_t * H + hi) * NA)[:, None] + offs_j[None, :]
         phi = tl.load(phi_ptr + phi_at, mask=mask_j, other=0.0)
         cos, sin = tl.cos(phi), tl.sin(phi)
-        dout_row = dout_ptr + ((offs_t * H + hi) * N)[:, None]
-        df = tl.load(dout_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
-        ds = tl.load(dout_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
-        dr = tl.load(dout_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
-        tl.store(dphi_ptr + phi_at, ds * (cos * f - sin * s) - df * (sin * f + cos * s), mask=mask_j)
-        da = cos * df + sin * ds
-        db = cos * ds - sin * df
-        d_first += da
-        d_second += db
-        d_rest += dr
+        head_at = ((offs_t * H + hi) * N)[:, None]
+        fb, sb = _with_bias(fb0, sb0, b_bias_ptr, hi, first, second, mask_a, N, HAS_BIAS)
+        dbf, dbs, dbr, dphi_b = _head_grads(dk_ptr + head_at, fb, sb, cos, sin, first, second, mask_j, offs_n,
+                                            mask_rest)
+        fc, sc = _with_bias(fc0, sc0, c_bias_ptr, hi, first, second, mask_a, N, HAS_BIAS)
+        dcf, dcs, dcr, dphi_c = _head_grads(dq_ptr + head_at, fc, sc, cos, sin, first, second, mask_j, offs_n,
+                                            mask_rest)
+        tl.store(dphi_ptr + phi_at, dphi_b + dphi_c, mask=mask_j)
+        db_first += dbf
+        db_second += dbs
+        db_rest += dbr
+        dc_first += dcf
+        dc_second += dcs
+        dc_rest += dcr
         if HAS_BIAS:
-            partial = dbias_ptr + (pid_t * H + hi) * N
-            tl.store(partial + first, tl.sum(da, 0), mask=offs_j < NA)
-            tl.store(partial + second, tl.sum(db, 0), mask=offs_j < NA)
-            tl.store(partial + offs_n, tl.sum(dr, 0), mask=rest)
-    dv_row = dv_ptr + ((offs_t * G + gi) * N)[:, None]
-    tl.store(dv_row + first[None, :], d_first.to(dv_ptr.dtype.element_ty), mask=mask_j)
-    tl.store(dv_row + second[None, :], d_second.to(dv_ptr.dtype.element_ty), mask=mask_j)
-    tl.store(dv_row + offs_n[None, :], d_rest.to(dv_ptr.dtype.element_ty), mask=mask_rest)
+            _store_bias_sums(db_bias_ptr + (pid_t * H + hi) * N, dbf, dbs, dbr, first, second, offs_n, mask_a, rest)
+            _store_bias_sums(dc_bias_ptr + (pid_t * H + hi) * N, dcf, dcs, dcr, first, second, offs_n, mask_a, rest)
+    _store_rows(db_ptr + group_at, db_first, db_second, db_rest, first, second, offs_n, mask_j, mask_rest)
+    _store_rows(dc_ptr + group_at, dc_first, dc_second, dc_rest, first, second, offs_n, mask_j, mask_rest)
 
 
 def _sizes(n: int, n_angles: int) -> dict:
     return dict(NP=triton.next_power_of_2(n), AP=triton.next_power_of_2(max(n_angles, 1)))
 
 
-def _rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype) -> Tensor:
-    """v (rows, g, n), bias (h, n) float32 or None, phi (rows, h, a) float32, all contiguous ->
-    (rows, h, n) in ``out_dtype``: head j rotates group j // (h // g)'s row plus bias[j]."""
-    rows, g, n = v.shape
+def _rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Optional[Tensor], phi: Tensor,
+                  halves: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """B, C (rows, g, n), biases (h, n) float32 (both or neither), phi (rows, h, a) float32, all
+    contiguous -> K, Q (rows, h, n) in ``out_dtype``: head j rotates group j // (h // g)'s rows
+    plus its bias."""
+    rows, g, n = B.shape
     h, n_angles = phi.shape[1], phi.shape[2]
-    out = torch.empty(rows, h, n, device=v.device, dtype=out_dtype)
+    K = torch.empty(rows, h, n, device=B.device, dtype=out_dtype)
+    Q = torch.empty_like(K)
     launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
-        v, bias, phi, out, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
-        HAS_BIAS=bias is not None, **FWD_LAUNCH)
-    return out
+        B, C, B_bias, C_bias, phi, K, Q, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
+        HAS_BIAS=B_bias is not None, **FWD_LAUNCH)
+    return K, Q
 
 
 rotate_heads_op = torch.library.custom_op("mambakit::rotate_heads", _rotate_heads, mutates_args=())
 
 
 @rotate_heads_op.register_fake
-def _(v, bias, phi, halves, out_dtype):
-    return v.new_empty(v.shape[0], phi.shape[1], v.shape[2], dtype=out_dtype)
+def _(B, C, B_bias, C_bias, phi, halves, out_dtype):
+    K = B.new_empty(B.shape[0], phi.shape[1], B.shape[2], dtype=out_dtype)
+    return K, torch.empty_like(K)
 
 
-def _rotate_heads_bwd(dout: Tensor, v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dv like v, dbias (h, n) float32 (empty without bias), dphi like phi)."""
-    rows, g, n = v.shape
+def _rotate_heads_bwd(dK: Tensor, dQ: Tensor, B: Tensor, C: Tensor, B_bias: Optional[Tensor],
+                      C_bias: Optional[Tensor], phi: Tensor, halves: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dB like B, dC like C, dB_bias and dC_bias (h, n) float32 (empty without biases), dphi
+    like phi)."""
+    rows, g, n = B.shape
     h, n_angles = phi.shape[1], phi.shape[2]
-    dv = torch.empty_like(v)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
     programs = triton.cdiv(rows, BWD_LAUNCH["BLOCK_T"])
-    dbias = v.new_empty(programs, h, n, dtype=F32) if bias is not None else v.new_empty(0, dtype=F32)
+    has_bias = B_bias is not None
+    dB_bias, dC_bias = ((B.new_empty(programs, h, n, dtype=F32) if has_bias else B.new_empty(0, dtype=F32))
+                        for _ in range(2))
     dphi = torch.empty_like(phi)
     launch(rotate_heads_bwd_kernel, (programs, g),
-        dout, v, bias, phi, dv, dbias, dphi, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles),
-        HALVES=halves, HAS_BIAS=bias is not None, **BWD_LAUNCH)
-    if bias is not None:
-        dbias = dbias.sum(0)
-    return dv, dbias, dphi
+        dK, dQ, B, C, B_bias, C_bias, phi, dB, dC, dB_bias, dC_bias, dphi, rows, H=h, G=g, N=n, NA=n_angles,
+        **_sizes(n, n_angles), HALVES=halves, HAS_BIAS=has_bias, **BWD_LAUNCH)
+    if has_bias:
+        dB_bias, dC_bias = dB_bias.sum(0), dC_bias.sum(0)
+    return dB, dC, dB_bias, dC_bias, dphi
 
 
 rotate_heads_bwd = torch.library.custom_op("mambakit::rotate_heads_bwd", _rotate_heads_bwd, mutates_args=())
 
 
 @rotate_heads_bwd.register_fake
-def _(dout, v, bias, phi, halves):
-    return (torch.empty_like(v), v.new_empty(phi.shape[1], v.shape[2], dtype=F32) if bias is not None
-            else v.new_empty(0, dtype=F32), torch.empty_like(phi))
+def _(dK, dQ, B, C, B_bias, C_bias, phi, halves):
+    h, n = phi.shape[1], B.shape[2]
+    biases = [B.new_empty(h, n, dtype=F32) if B_bias is not None else B.new_empty(0, dtype=F32) for _ in range(2)]
+    return torch.empty_like(B), torch.empty_like(C), *biases, torch.empty_like(phi)
 
 
 def _setup(ctx, inputs, output):
-    v, bias, phi, halves, _ = inputs
-    ctx.save_for_backward(v, bias, phi)
+    B, C, B_bias, C_bias, phi, halves, _ = inputs
+    ctx.save_for_backward(B, C, B_bias, C_bias, phi)
     ctx.halves = halves
 
 
-def _backward(ctx, dout):
-    v, bias, phi = ctx.saved_tensors
-    dv, dbias, dphi = rotate_heads_bwd(dout.contiguous(), v, bias, phi, ctx.halves)
-    return dv, (dbias if bias is not None else None), dphi, None, None
+def _backward(ctx, dK, dQ):
+    B, C, B_bias, C_bias, phi = ctx.saved_tensors
+    dB, dC, dB_bias, dC_bias, dphi = rotate_heads_bwd(dK.contiguous(), dQ.contiguous(), B, C, B_bias, C_bias, phi,
+                                                      ctx.halves)
+    has_bias = B_bias is not None
+    return dB, dC, (dB_bias if has_bias else None), (dC_bias if has_bias else None), dphi, None, None
 
 
 rotate_heads_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _rotate_forward_and_backward(v, bias, phi, halves, out_dtype, backward):
+def _rotate_forward_and_backward(B, C, B_bias, C_bias, phi, halves, out_dtype, backward):
     """Every launch of a forward and, if ``backward``, of its backward (for compile_ahead)."""
-    out = _rotate_heads(v, bias, phi, halves, out_dtype)
+    K, Q = _rotate_heads(B, C, B_bias, C_bias, phi, halves, out_dtype)
     if backward:
-        _rotate_heads_bwd(torch.empty_like(out), v, bias, phi, halves)
+        _rotate_heads_bwd(K, Q, B, C, B_bias, C_bias, phi, halves)
 
 
-def rotate_heads(v: Tensor, bias: Optional[Tensor], phi: Tensor, halves: bool, out_dtype: torch.dtype,
-                 backward: bool) -> Tensor:
-    """The ``rotate_heads`` op (see the op), its kernels compiled ahead on a first call, those of
-    its backward too if ``backward`` (a gradient will follow)."""
-    compile_ahead("rotate_heads", _rotate_forward_and_backward, v, bias, phi, halves, out_dtype, backward)
-    return rotate_heads_op(v, bias, phi, halves, out_dtype)
+def rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Optional[Tensor], phi: Tensor,
+                 halves: bool, out_dtype: torch.dtype, backward: bool) -> tuple[Tensor, Tensor]:
+    """The ``rotate_heads`` op (see the op): keys K = Rot(phi)(B + B_bias) and queries
+    Q = Rot(phi)(C + C_bias) in one pass, one cos/sin per angle for both. A bias given alone is
+    paired with zeros (the kernels take both or neither). Kernels compiled ahead on a first call,
+    those of the backward too if ``backward`` (a gradient will follow)."""
+    if (B_bias is None) != (C_bias is None):
+        B_bias = torch.zeros_like(C_bias) if B_bias is None else B_bias
+        C_bias = torch.zeros_like(B_bias) if C_bias is None else C_bias
+    compile_ahead("rotate_heads", _rotate_forward_and_backward, B, C, B_bias, C_bias, phi, halves, out_dtype, backward)
+    return rotate_heads_op(B, C, B_bias, C_bias, phi, halves, out_dtype)
 
 
 @triton.jit
 def rotary_phase_fwd_kernel(
     angles_ptr, dt_ptr, phi0_ptr, phi_ptr, length, sa_b, sa_l, sa_h, sdt_b, sdt_l,
-    H: tl.constexpr, NA: tl.constexpr, AP: tl.constexpr, BLOCK_L: tl.constexpr,
+    H: tl.constexpr, NA: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """phi_t = (phi0 + sum_{s <= t} pi tanh(angles_s) dt_s) mod 2 pi for one (batch, head): the
-    running phase is reduced mod 2 pi after every block, so float32 keeps it to ~1e-7 rad per block."""
-    pid = tl.program_id(0)
+    """phi_t = (phi0 + sum_{s <= t} pi tanh(angles_s) dt_s) mod 2 pi for one (batch, head) and
+    block of angles: the running phase is reduced mod 2 pi after every block of tokens, so float32
+    keeps it to ~1e-7 rad per block."""
+    pid, pid_a = tl.program_id(0), tl.program_id(1)
     bi, hi = (pid // H).to(tl.int64), pid % H
-    offs_a = tl.arange(0, AP)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < NA
     carry = tl.load(phi0_ptr + (bi * H + hi) * NA + offs_a, mask=mask_a, other=0.0)
     two_pi = 6.283185307179586
@@ -268,15 +339,16 @@ def rotary_phase_fwd_kernel(
 @triton.jit
 def rotary_phase_bwd_kernel(
     dphi_ptr, angles_ptr, dt_ptr, dangles_ptr, ddt_ptr, dphi0_ptr, length, sa_b, sa_l, sa_h, sdt_b, sdt_l,
-    H: tl.constexpr, NA: tl.constexpr, AP: tl.constexpr, BLOCK_L: tl.constexpr,
+    H: tl.constexpr, NA: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """d(inc_t) = sum_{s >= t} dphi_s (a reverse cumulative sum, block by block from the end), then
-    dangles = d(inc) pi dt (1 - tanh^2), ddt = sum_a d(inc) pi tanh, dphi0 = sum_t dphi_t."""
-    pid = tl.program_id(0)
+    dangles = d(inc) pi dt (1 - tanh^2), ddt = sum_a d(inc) pi tanh (added over the blocks of
+    angles into a zeroed ddt), dphi0 = sum_t dphi_t."""
+    pid, pid_a = tl.program_id(0), tl.program_id(1)
     bi, hi = (pid // H).to(tl.int64), pid % H
-    offs_a = tl.arange(0, AP)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < NA
-    after = tl.zeros((AP,), dtype=tl.float32)  # sum of dphi over the tokens after the block
+    after = tl.zeros((BLOCK_A,), dtype=tl.float32)  # sum of dphi over the tokens after the block
     n_blocks = tl.cdiv(length, BLOCK_L)
     for i in range(n_blocks):
         l0 = (n_blocks - 1 - i) * BLOCK_L
@@ -294,11 +366,23 @@ def rotary_phase_bwd_kernel(
         pi = 3.141592653589793
         tl.store(dangles_ptr + rows * NA + offs_a[None, :], dinc * pi * dt[:, None] * (1.0 - th * th), mask=mask)
         ddt = tl.sum(tl.where(mask, dinc * pi * th, 0.0), 1)
-        tl.store(ddt_ptr + (bi * length + offs_l) * H + hi, ddt, mask=mask_l)
+        if NA <= BLOCK_A:
+            tl.store(ddt_ptr + (bi * length + offs_l) * H + hi, ddt, mask=mask_l)
+        else:
+            tl.atomic_add(ddt_ptr + (bi * length + offs_l) * H + hi, ddt, mask=mask_l, sem="relaxed")
     tl.store(dphi0_ptr + (bi * H + hi) * NA + offs_a, after, mask=mask_a)
 
 
 PHASE_BLOCK_L = 64
+# Angles per program: the (batch, head) programs alone (256 at b 8, h 32) left the H200 mostly idle
+# walking the sequence; blocks of angles multiply them.
+PHASE_BLOCK_A = 8
+
+
+def _phase_launch(n_angles: int) -> tuple[int, dict]:
+    """(programs along the angles, the kernels' angle and token blocks)."""
+    block_a = min(PHASE_BLOCK_A, triton.next_power_of_2(n_angles))
+    return triton.cdiv(n_angles, block_a), dict(NA=n_angles, BLOCK_A=block_a, BLOCK_L=PHASE_BLOCK_L)
 
 
 def _rotary_phase(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:
@@ -307,9 +391,10 @@ def _rotary_phase(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:
     b, length, h, n_angles = angles.shape
     phi = torch.empty(b, length, h, n_angles, device=angles.device, dtype=F32)
     if n_angles:
-        launch(rotary_phase_fwd_kernel, (b * h,),
+        angle_blocks, blocks = _phase_launch(n_angles)
+        launch(rotary_phase_fwd_kernel, (b * h, angle_blocks),
             angles, dt, phi0, phi, length, angles.stride(0), angles.stride(1), angles.stride(2), dt.stride(0),
-            dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
+            dt.stride(1), H=h, **blocks)
     return phi
 
 
@@ -328,9 +413,10 @@ def _rotary_phase_bwd(dphi: Tensor, angles: Tensor, dt: Tensor) -> tuple[Tensor,
     ddt = torch.zeros(b, length, h, device=angles.device, dtype=F32)
     dphi0 = torch.zeros(b, h, n_angles, device=angles.device, dtype=F32)
     if n_angles:
-        launch(rotary_phase_bwd_kernel, (b * h,),
+        angle_blocks, blocks = _phase_launch(n_angles)
+        launch(rotary_phase_bwd_kernel, (b * h, angle_blocks),
             dphi, angles, dt, dangles, ddt, dphi0, length, angles.stride(0), angles.stride(1), angles.stride(2),
-            dt.stride(0), dt.stride(1), H=h, NA=n_angles, AP=triton.next_power_of_2(n_angles), BLOCK_L=PHASE_BLOCK_L)
+            dt.stride(0), dt.stride(1), H=h, **blocks)
     return dangles, ddt, dphi0
 
 

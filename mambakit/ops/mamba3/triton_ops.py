@@ -20,8 +20,10 @@ is an r x r product per token and head, elementwise here (for r = 1 it is the SI
 x_prev; G after the last token equals H. Packed sequences (``seq_idx``) reset the kernels' state
 where the id changes, which also drops the previous-token term there (it lives in the carried G),
 and restart the phase. Autograd differentiates everything around the kernels;
-the per-head rotated keys and queries come from one fused kernel per rank (:mod:`.rotary_triton`)
-that reads B and C once per group.
+the per-head rotated keys and queries come from one kernel per rank (:mod:`.rotary_triton`)
+that reads B and C once per group and turns both by one cos/sin per angle. The same-step scores
+K . Q come from the unrotated rows, and for SISO the skip and the gate are one more kernel
+(:mod:`.skip_gate_triton`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def same_step_scores(B, C, B_bias, C_bias, h: int) -> torch.Tensor:
     rotated tensors."""
     b, l, r, g, n = B.shape
     Bf, Cf = B.to(F32), C.to(F32)
-    scores = torch.einsum("blkgn,bljgn->blgkj", Cf, Bf)[:, :, :, None].expand(b, l, g, h // g, r, r)
+    # The row products as a broadcast multiply and sum: an einsum's backward here is an outer product
+    # (a K = 1 matrix product), 0.26 ms of a SISO training step on the H200.
+    rows = (Cf.permute(0, 1, 3, 2, 4)[:, :, :, :, None] * Bf.permute(0, 1, 3, 2, 4)[:, :, :, None]).sum(-1)
+    scores = rows[:, :, :, None].expand(b, l, g, h // g, r, r)
     bias_B = None if B_bias is None else B_bias.to(F32).view(g, h // g, r, n)
     bias_C = None if C_bias is None else C_bias.to(F32).view(g, h // g, r, n)
     if bias_B is not None:
@@ -85,15 +90,14 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         phi = rotary_phase(angles.to(F32), dtf, phi0, segment).contiguous()
     phi_rows = phi.reshape(b * l, h, n_angles)
 
-    def rotated(v, bias):  # (b, l, r, g, n) -> (b, l, r, h, n) in x's dtype, one kernel per rank
-        ranks = []
-        for k in range(r):
-            bias_k = None if bias is None else bias[:, k].to(F32).contiguous()
-            ranks.append(rotate_heads(v[:, :, k].reshape(b * l, g, n).contiguous(), bias_k, phi_rows,
-                                      layout == "halves", x.dtype, grad).view(b, l, 1, h, n))
-        return ranks[0] if r == 1 else torch.cat(ranks, dim=2)
-
-    K, Q = rotated(B, B_bias), rotated(C, C_bias)
+    keys, queries = [], []  # per rank (b, l, 1, h, n) in x's dtype, both from one kernel
+    for k in range(r):
+        biases = [None if bias is None else bias[:, k].to(F32).contiguous() for bias in (B_bias, C_bias)]
+        rows_B, rows_C = (v[:, :, k].reshape(b * l, g, n).contiguous() for v in (B, C))
+        K_k, Q_k = rotate_heads(rows_B, rows_C, *biases, phi_rows, layout == "halves", x.dtype, grad)
+        keys.append(K_k.view(b, l, 1, h, n))
+        queries.append(Q_k.view(b, l, 1, h, n))
+    K, Q = (t[0] if r == 1 else torch.cat(t, dim=2) for t in (keys, queries))
     log_decay, gamma, c = trapezoid_weights(dtf, A.to(F32), trap.to(F32))
     c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
     if r == 1:
