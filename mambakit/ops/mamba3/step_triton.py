@@ -21,7 +21,6 @@ import triton.language as tl
 from torch import Tensor
 
 
-
 @triton.jit
 def _pairs(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
     """-> (angle index, partner index, whether the entry is the first of its pair, rotated?) per
