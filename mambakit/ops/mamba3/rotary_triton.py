@@ -1,14 +1,16 @@
 """Rotary phase and rotated keys/queries for the Triton Mamba-3 path, as custom ops with backward.
 
 ``rotary_phase_triton``: phi_t = (phi0 + sum_{s <= t} pi tanh(angles_s) dt_s) mod 2 pi per batch
-and head, one program walking the sequence (reverse cumulative sum for the backward).
+and head, one program per batch, head and block of angles walking the sequence (reverse cumulative
+sum for the backward).
 
-``rotate_heads``: per head, K = Rot(phi)(B + bias).
+``rotate_heads``: per head, keys K = Rot(phi)(B + B_bias) and queries Q = Rot(phi)(C + C_bias).
 
 B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
-the rotated keys are per head (b, l, h, n). Each program works on the rotated pairs as two
-(tokens, angles) tiles, the first and second entries of every pair, with one cos/sin per angle. Forward: one program per block of tokens and head. Backward: one
-program per block of tokens and group, which sums its heads' gradients back into the group's rows
+the rotated keys are per head (b, l, h, n). Each program turns keys and queries by one cos/sin
+per angle, working on the rotated pairs as two (tokens, angles) tiles, the first and second
+entries of every pair. Forward: one program per block of tokens and head. Backward: one program
+per block of tokens and group, which sums its heads' gradients back into the group's rows
 without atomics and writes the phase gradient per token, head and angle; the bias gradient comes
 as per-program sums, added up after.
 
@@ -53,6 +55,22 @@ def _unpaired(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
+def _with_bias(f, s, bias_ptr, hi, first, second, mask_a, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        f += tl.load(bias_ptr + hi * N + first, mask=mask_a, other=0.0)[None, :]
+        s += tl.load(bias_ptr + hi * N + second, mask=mask_a, other=0.0)[None, :]
+    return f, s
+
+
+@triton.jit
+def _cos_sin(phi_row, mask_t, WIDTH: tl.constexpr, NA: tl.constexpr):
+    """cos and sin of a block of tokens' angles, (BLOCK_T, WIDTH), angle 0 past the NA given."""
+    offs_j = tl.arange(0, WIDTH)
+    phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
+    return tl.cos(phi), tl.sin(phi)
+
+
+@triton.jit
 def _rotate_split(v_row, bias_ptr, out_row, hi, cos, sin, mask_t, N: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_T: tl.constexpr):
     """Interleaved pairs, power-of-two N: each row loaded whole, split into its even and odd entries
@@ -76,9 +94,7 @@ def _rotate_pairs(v_row, bias_ptr, out_row, hi, cos, sin, mask_t, N: tl.constexp
     mask_j = mask_t[:, None] & (offs_j < NA)[None, :]
     f = tl.load(v_row + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
     s = tl.load(v_row + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        f += tl.load(bias_ptr + hi * N + first, mask=offs_j < NA, other=0.0)[None, :]
-        s += tl.load(bias_ptr + hi * N + second, mask=offs_j < NA, other=0.0)[None, :]
+    f, s = _with_bias(f, s, bias_ptr, hi, first, second, offs_j < NA, N, HAS_BIAS)
     tl.store(out_row + first[None, :], (cos * f - sin * s).to(out_row.dtype.element_ty), mask=mask_j)
     tl.store(out_row + second[None, :], (sin * f + cos * s).to(out_row.dtype.element_ty), mask=mask_j)
     offs_n = tl.arange(0, NP)
@@ -105,15 +121,11 @@ def rotate_heads_fwd_kernel(
     head_at = ((offs_t * H + hi) * N)[:, None]
     phi_row = phi_ptr + ((offs_t * H + hi) * NA)[:, None]
     if not HALVES and N == NP:
-        offs_j = tl.arange(0, N // 2)
-        phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
-        cos, sin = tl.cos(phi), tl.sin(phi)
+        cos, sin = _cos_sin(phi_row, mask_t, N // 2, NA)
         _rotate_split(b_ptr + group_at, b_bias_ptr, k_ptr + head_at, hi, cos, sin, mask_t, N, HAS_BIAS, BLOCK_T)
         _rotate_split(c_ptr + group_at, c_bias_ptr, q_ptr + head_at, hi, cos, sin, mask_t, N, HAS_BIAS, BLOCK_T)
     else:
-        offs_j = tl.arange(0, AP)
-        phi = tl.load(phi_row + offs_j[None, :], mask=mask_t[:, None] & (offs_j < NA)[None, :], other=0.0)
-        cos, sin = tl.cos(phi), tl.sin(phi)
+        cos, sin = _cos_sin(phi_row, mask_t, AP, NA)
         _rotate_pairs(b_ptr + group_at, b_bias_ptr, k_ptr + head_at, hi, cos, sin, mask_t, N, NA, NP, AP, HALVES,
                       HAS_BIAS)
         _rotate_pairs(c_ptr + group_at, c_bias_ptr, q_ptr + head_at, hi, cos, sin, mask_t, N, NA, NP, AP, HALVES,
@@ -129,14 +141,6 @@ def _head_grads(dout_row, f, s, cos, sin, first, second, mask_j, offs_n, mask_re
     dr = tl.load(dout_row + offs_n[None, :], mask=mask_rest, other=0.0).to(tl.float32)
     dphi = ds * (cos * f - sin * s) - df * (sin * f + cos * s)
     return cos * df + sin * ds, cos * ds - sin * df, dr, dphi
-
-
-@triton.jit
-def _with_bias(f, s, bias_ptr, hi, first, second, mask_a, N: tl.constexpr, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        f += tl.load(bias_ptr + hi * N + first, mask=mask_a, other=0.0)[None, :]
-        s += tl.load(bias_ptr + hi * N + second, mask=mask_a, other=0.0)[None, :]
-    return f, s
 
 
 @triton.jit

@@ -81,8 +81,9 @@ def skip_gate_bwd_kernel(
     tl.store(ds_ptr + offs_r, tl.sum(x * dpre, 1), mask=mask_r)
 
 
-def _token_head_strides(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _token_head_strides(t: Optional[Tensor]) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a (b, l, h, p) input; zeros for None."""
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -98,7 +99,7 @@ def _skip_gate(y_core: Tensor, x: Tensor, s: Tensor, z: Optional[Tensor]) -> Ten
     y = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
     if rows:
         launch(skip_gate_fwd_kernel, (triton.cdiv(rows, BLOCK_R),),
-            y_core, x, s, z, y, rows, *_token_head_strides(x), *(_token_head_strides(z) if z is not None else (0, 0, 0)),
+            y_core, x, s, z, y, rows, *_token_head_strides(x), *_token_head_strides(z),
             L=l, H=h, P=p, PP=triton.next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
     return y
 
@@ -108,7 +109,7 @@ skip_gate_op = torch.library.custom_op("mambakit::mamba3_skip_gate", _skip_gate,
 
 @skip_gate_op.register_fake
 def _(y_core, x, s, z):
-    return x.new_empty(x.shape).contiguous()
+    return x.new_empty(x.shape)
 
 
 def _skip_gate_bwd(dy: Tensor, y_core: Tensor, x: Tensor, s: Tensor, z: Optional[Tensor]
@@ -123,8 +124,7 @@ def _skip_gate_bwd(dy: Tensor, y_core: Tensor, x: Tensor, s: Tensor, z: Optional
     dz = torch.empty(b, l, h, p, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
     if rows:
         launch(skip_gate_bwd_kernel, (triton.cdiv(rows, BLOCK_R),),
-            dy, y_core, x, s, z, dyc, dx, ds, dz, rows, *_token_head_strides(x),
-            *(_token_head_strides(z) if z is not None else (0, 0, 0)),
+            dy, y_core, x, s, z, dyc, dx, ds, dz, rows, *_token_head_strides(x), *_token_head_strides(z),
             L=l, H=h, P=p, PP=triton.next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
     return dyc, dx, ds, dz
 
@@ -135,8 +135,8 @@ skip_gate_bwd = torch.library.custom_op("mambakit::mamba3_skip_gate_bwd", _skip_
 @skip_gate_bwd.register_fake
 def _(dy, y_core, x, s, z):
     b, l, h, p = x.shape
-    return (torch.empty_like(y_core), x.new_empty(x.shape).contiguous(), s.new_empty(b, l, h),
-            z.new_empty(z.shape).contiguous() if z is not None else x.new_empty(0))
+    return (torch.empty_like(y_core), x.new_empty(x.shape), s.new_empty(b, l, h),
+            z.new_empty(z.shape) if z is not None else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
