@@ -3,11 +3,14 @@
     python benchmarks/tune_ssd.py                      # per-kernel times with the shipped CONFIGS
     python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of some kernels (or 'all')
     python benchmarks/tune_ssd.py --walk-programs 3 6 12  # the forward walk split at other targets
+    python benchmarks/tune_ssd.py --op mamba3 --search all  # the kernels as Mamba-3 SISO's core
 
-bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes.
-Kernel times come from the CUDA profiler (mean over the repetitions); a search ranks candidates by
-the device time of the whole forward+backward (every kernel); the shipped parameters live
-in ``mambakit.ops.ssd.triton_ops.CONFIGS``.
+bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes, or
+with ``--op mamba3`` the whole SISO op of benchmarks/bench_mamba3.py (chunk 64, one head per
+group, per-token decay). Kernel times come from the CUDA profiler (mean over the repetitions); a
+search ranks candidates by the device time of the whole forward+backward (every kernel); the
+shipped parameters live in ``mambakit.ops.ssd.triton_ops.CONFIGS`` (``PER_TOKEN_CONFIGS`` for
+Mamba-3).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import bench_mamba3  # noqa: E402
+from mambakit.ops.mamba3 import mamba3  # noqa: E402
 from mambakit.ops.ssd import ssd  # noqa: E402
 from mambakit.ops.ssd import triton_ops  # noqa: E402
 
@@ -45,6 +50,16 @@ CANDIDATES = {
     "bwd_dc": grid(BLOCK_T=[64], BLOCK_S=[32, 64], HEADS=[1, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
     "bwd_dt": grid(num_warps=[1, 2, 4, 8]),
 }
+# Mamba-3's core: one head per program (HEADS 1), chunk 64, float32 states.
+PER_TOKEN_CANDIDATES = {
+    "fwd_state": grid(BLOCK_T=[32, 64], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2]),
+    "fwd_output": grid(BLOCK_M=[32, 64], BLOCK_K=[16, 32, 64], BLOCK_P=[32, 64], HEADS=[1], num_warps=[4],
+                       num_stages=[2, 3]),
+    "bwd_state": grid(BLOCK_T=[32, 64], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2]),
+    "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32, 64], HEADS=[1], num_warps=[4, 8], num_stages=[1, 2]),
+    "bwd_dc": grid(BLOCK_T=[32, 64], BLOCK_S=[32, 64], HEADS=[1], num_warps=[4, 8], num_stages=[1, 2]),
+    "bwd_dt": grid(num_warps=[1, 2, 4, 8]),
+}
 
 
 def inputs(b, l, h, p, n, g):
@@ -58,13 +73,23 @@ def inputs(b, l, h, p, n, g):
                 D=torch.ones(h, device="cuda"), dt_bias=torch.full((h,), -3.0, device="cuda"))
 
 
-def kernel_times(kw, reps=10) -> dict[str, float]:
-    """Mean device ms per call of each SSD kernel over ``reps`` forward+backward runs."""
+def mamba3_inputs(b, l, h, p, n, _g=1):
+    """Mamba-3 SISO inputs of benchmarks/bench_mamba3.py (one B/C head; the angles' own leaf)."""
+    return {k: v.detach().clone() for k, v in bench_mamba3.inputs(b, l, h, p, n).items()}
+
+
+def kernel_times(kw, reps=10, op="ssd") -> dict[str, float]:
+    """Mean device ms per call of each SSD kernel over ``reps`` forward+backward runs of ``op``."""
     leaves = {k: v.detach().requires_grad_() for k, v in kw.items()}
     dy = torch.randn_like(kw["x"])
 
     def run():
-        y = ssd(**leaves, chunk_size=256, dt_softplus=True, backend="triton")
+        if op == "mamba3":
+            v = leaves
+            y = mamba3(v["x"], v["dt"], v["A"], v["B"], v["C"], v["trap"], v["angles"], D=v["D"], z=v["z"],
+                       B_bias=v["B_bias"], C_bias=v["C_bias"], chunk_size=64, backend="triton")
+        else:
+            y = ssd(**leaves, chunk_size=256, dt_softplus=True, backend="triton")
         y.backward(dy)
 
     run()
@@ -86,34 +111,39 @@ def kernel_times(kw, reps=10) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
+    parser.add_argument("--op", choices=["ssd", "mamba3"], default="ssd")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="b,l,h,p,n,g (default: the op's anchor shapes)")
     parser.add_argument("--search", nargs="*", default=[], help="CONFIGS keys, or 'all'")
     parser.add_argument("--walk-programs", nargs="*", type=int, default=[],
                         help="values of triton_ops.WALK_PROGRAMS_PER_SM to time the forward with")
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
-    cases = {s: inputs(*s) for s in shapes}
+    shapes = args.shapes or (["8,4096,32,64,128,1"] if args.op == "mamba3" else ["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
+    shapes = [tuple(int(v) for v in s.split(",")) for s in shapes]
+    cases = {s: (mamba3_inputs if args.op == "mamba3" else inputs)(*s) for s in shapes}
+    table = triton_ops.PER_TOKEN_CONFIGS if args.op == "mamba3" else triton_ops.CONFIGS
+    candidates = PER_TOKEN_CANDIDATES if args.op == "mamba3" else CANDIDATES
     shipped_walk = triton_ops.WALK_PROGRAMS_PER_SM
     for per_sm in args.walk_programs:
         triton_ops.WALK_PROGRAMS_PER_SM = per_sm
         for shape, kw in cases.items():
-            times = kernel_times(kw)
+            times = kernel_times(kw, op=args.op)
             print(f"walk {per_sm} programs/SM {shape}: fwd_state {times['fwd_state']:.3f} "
                   f"fwd_fixup {times.get('fwd_fixup', 0.0):.3f} fwd_output {times['fwd_output']:.3f}", flush=True)
     triton_ops.WALK_PROGRAMS_PER_SM = shipped_walk
     for shape, kw in cases.items():
-        times = kernel_times(kw)
+        times = kernel_times(kw, op=args.op)
         print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "total")
               + f"  | fwd {times['fwd_state'] + times.get('fwd_fixup', 0.0) + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
               flush=True)
-    names = list(CANDIDATES) if args.search == ["all"] else args.search
+    names = list(candidates) if args.search == ["all"] else args.search
     for name in names:
-        shipped = dict(triton_ops.CONFIGS[name])
+        shipped = dict(table[name])
         results = []
-        for cand in CANDIDATES[name]:
-            triton_ops.CONFIGS[name] = cand
+        for cand in candidates[name]:
+            table[name] = cand
             try:
-                per_shape = [kernel_times(kw, reps=5) for kw in cases.values()]
+                per_shape = [kernel_times(kw, reps=5, op=args.op) for kw in cases.values()]
             except Exception as err:  # out of resources for this config: skip it
                 print(f"  {name} {cand}: failed ({type(err).__name__})", flush=True)
                 continue
@@ -121,7 +151,7 @@ def main() -> None:
             results.append((sum(t["total"] for t in per_shape), [t["total"] for t in per_shape], cand))
             print(f"  {name} {cand}: kernel " + " ".join(f"{t[name]:.3f}" for t in per_shape)
                   + "  all " + " ".join(f"{t['total']:.3f}" for t in per_shape), flush=True)
-        triton_ops.CONFIGS[name] = shipped
+        table[name] = shipped
         results.sort(key=lambda r: r[0])
         print(f"BEST {name}: {results[0][2]} -> all kernels " + " ".join(f"{t:.3f}" for t in results[0][1])
               + f" (shipped {shipped})", flush=True)

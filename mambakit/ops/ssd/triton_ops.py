@@ -76,11 +76,22 @@ CONFIGS = {
     "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dt": dict(num_warps=4),
 }
+# Mamba-3's core (``per_token``): one head per group (the rotated keys differ per head), float32
+# states, chunk 64 at its anchor; tuned by ``benchmarks/tune_ssd.py --op mamba3``.
+PER_TOKEN_CONFIGS = {
+    "fwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "fwd_output": dict(BLOCK_M=64, BLOCK_K=16, BLOCK_P=64, HEADS=1, num_warps=4, num_stages=3),
+    "bwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=1, num_warps=4, num_stages=1),
+    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=1, num_warps=4, num_stages=1),
+    "bwd_dt": dict(num_warps=4),
+}
 
 
-def _launch(name: str, chunk: int, p: int, n: int) -> dict:
-    """CONFIGS[name] with token blocks capped by the chunk and the p/n blocks by the padded sizes."""
-    cfg = dict(CONFIGS[name])
+def _launch(name: str, chunk: int, p: int, n: int, per_token: bool) -> dict:
+    """The launch parameters of kernel ``name`` (from PER_TOKEN_CONFIGS for ``per_token``, else
+    CONFIGS) with token blocks capped by the chunk and the p/n blocks by the padded sizes."""
+    cfg = dict((PER_TOKEN_CONFIGS if per_token else CONFIGS)[name])
     for key in ("BLOCK_T", "BLOCK_M", "BLOCK_K", "BLOCK_S"):
         if key in cfg:
             cfg[key] = min(cfg[key], chunk)
@@ -137,7 +148,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y = x.new_empty(x.shape)
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
-    cfg = _launch("fwd_state", chunk, p, n)
+    cfg = _launch("fwd_state", chunk, p, n, per_token)
     p_blocks, n_blocks = triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"])
     segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device)
     segments = triton.cdiv(n_chunks, segment_chunks)
@@ -160,7 +171,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
             states, seg_final, seg_carry, chunk_carry, final, n_chunks, H=h, P=p, N=n, SEGMENTS=segments,
             SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"])
-    cfg = _launch("fwd_output", chunk, p, n)
+    cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
     launch(kernels.ssd_fwd_output_kernel, grid,
@@ -201,7 +212,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     dy = x.new_empty(x.shape) if z is not None else dout  # dL/d(SSD output before D and the gate)
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
-    cfg = _launch("bwd_state", chunk, p, n)
+    cfg = _launch("bwd_state", chunk, p, n, per_token)
     launch(kernels.ssd_bwd_state_kernel, (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h),
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
         *_rows(x), *_rows(C), *_rows(z),
@@ -220,7 +231,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
         zeroed float32 that the programs of a group add into."""
         return B.new_empty(B.shape) if heads == h // g else torch.zeros(B.shape, device=dev, dtype=F32)
 
-    cfg = _launch("bwd_dx", chunk, p, n)
+    cfg = _launch("bwd_dx", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dB = group_grad(cfg["HEADS"])
     launch(kernels.ssd_bwd_dx_kernel, (n_chunks * (chunk // cfg["BLOCK_S"]), bsz * h // cfg["HEADS"]),
@@ -228,7 +239,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
         *_rows(x), *_rows(B), *_rows(C),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **common, **cfg,
     )
-    cfg = _launch("bwd_dc", chunk, p, n)
+    cfg = _launch("bwd_dc", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dC = group_grad(cfg["HEADS"])
     launch(kernels.ssd_bwd_dc_kernel, (n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"]),
@@ -241,7 +252,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     launch(kernels.ssd_bwd_dt_kernel, (n_chunks, bsz * h),
         dt, A, dt_bias, dtp, ddt_direct, dcum_src, dcum_dst, chunk_const, ddt, dA, dbias, length, n_chunks,
         dt_lo, dt_hi, *_rows(dt), H=h, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
-        PER_TOKEN=per_token, CHUNK=chunk, **CONFIGS["bwd_dt"],
+        PER_TOKEN=per_token, CHUNK=chunk, **_launch("bwd_dt", chunk, p, n, per_token),
     )
 
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
