@@ -81,9 +81,9 @@ CONFIGS = {
 PER_TOKEN_CONFIGS = {
     "fwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "fwd_output": dict(BLOCK_M=64, BLOCK_K=16, BLOCK_P=64, HEADS=1, num_warps=4, num_stages=3),
-    "bwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=1, num_warps=4, num_stages=1),
-    "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=1, num_warps=4, num_stages=1),
+    "bwd_state": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=1, num_warps=4, num_stages=2),
+    "bwd_dc": dict(BLOCK_T=32, BLOCK_S=32, HEADS=1, num_warps=4, num_stages=2),
     "bwd_dt": dict(num_warps=4),
 }
 
