@@ -73,11 +73,8 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     r, g, n = B.shape[2:]
     n_angles = angles.shape[3]
     layout = rope_layout_for(rope_layout, r)
-    if initial_state is None:
+    if initial_state is None:  # the kernels start from a zero state (no G0)
         phi0 = x.new_zeros(b, h, n_angles, dtype=F32)
-        H0 = x.new_zeros(b, h, p, n, dtype=F32)
-        K0 = x.new_zeros(b, r, h, n, dtype=F32)
-        x0 = x.new_zeros(b, h, p, dtype=F32)
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
     dtf = dt.to(F32)
@@ -101,17 +98,20 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     log_decay, gamma, c = trapezoid_weights(dtf, A.to(F32), trap.to(F32))
     c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
     if r == 1:
-        v, v_prev = x[:, :, None], x0[:, None]  # (b, l, 1, h, p), (b, 1, h, p)
+        v = x[:, :, None]  # (b, l, 1, h, p)
         step_decay, weight = log_decay, gamma + c_next
     else:
         scale = mimo_x.transpose(0, 1)  # (r, h, p)
-        v, v_prev = x[:, :, None] * scale.to(x.dtype), x0[:, None] * scale.to(F32)
+        v = x[:, :, None] * scale.to(x.dtype)
         step_decay = torch.cat([log_decay[:, :, None], log_decay.new_zeros(b, l, r - 1, h)], dim=2).view(b, l * r, h)
         weight = (gamma + c_next)[:, :, None].expand(b, l, r, h).reshape(b, l * r, h)
-    G0 = H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)
+    G0 = None
+    if initial_state is not None:
+        v_prev = x0[:, None] if r == 1 else x0[:, None] * scale.to(F32)  # (b, r, h, p)
+        G0 = (H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)).contiguous()
     y_core, H_final, *_ = ssd_fwd(
         v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
-        K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0.contiguous(),
+        K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0,
         None if segment is None else segment.repeat_interleave(r, dim=1), False, 0.0,
         float("inf"), False, kernel_chunk(chunk_size), grad, True)
 
