@@ -73,8 +73,10 @@ def inputs(b, l, h, p, n, g):
                 D=torch.ones(h, device="cuda"), dt_bias=torch.full((h,), -3.0, device="cuda"))
 
 
-def mamba3_inputs(b, l, h, p, n, _g=1):
+def mamba3_inputs(b, l, h, p, n, g):
     """Mamba-3 SISO inputs of benchmarks/bench_mamba3.py (one B/C head; the angles' own leaf)."""
+    if g != 1:
+        raise SystemExit(f"--op mamba3 times one B/C head (g = 1), got g = {g}")
     return {k: v.detach().clone() for k, v in bench_mamba3.inputs(b, l, h, p, n).items()}
 
 
@@ -118,7 +120,8 @@ def main() -> None:
     parser.add_argument("--walk-programs", nargs="*", type=int, default=[],
                         help="values of triton_ops.WALK_PROGRAMS_PER_SM to time the forward with")
     args = parser.parse_args()
-    shapes = args.shapes or (["8,4096,32,64,128,1"] if args.op == "mamba3" else ["8,4096,32,64,128,1", "2,16384,32,64,128,1"])
+    anchors = ["8,4096,32,64,128,1"] if args.op == "mamba3" else ["8,4096,32,64,128,1", "2,16384,32,64,128,1"]
+    shapes = args.shapes or anchors
     shapes = [tuple(int(v) for v in s.split(",")) for s in shapes]
     cases = {s: (mamba3_inputs if args.op == "mamba3" else inputs)(*s) for s in shapes}
     table = triton_ops.PER_TOKEN_CONFIGS if args.op == "mamba3" else triton_ops.CONFIGS
