@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..ops._backend import resolve_backend
 from ..ops._checks import grad_needed
-from ..ops.common.decay import decay_exp
+from ..ops.common.decay import decay_exp_
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import selective_scan
 from ..ops.selective_scan.mixer_step import mamba1_mixer_step
@@ -271,7 +271,7 @@ class Mamba1(nn.Module):
         dt, B, C = project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A, D, dt_bias = self._scan_parameters()
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, dt_bias))  # (b, d_inner)
-        ssm_state.mul_(decay_exp(dt[..., None] * A)).add_((dt * x)[..., None] * B[:, None, :])
+        ssm_state.mul_(decay_exp_(dt[..., None] * A)).add_((dt * x)[..., None] * B[:, None, :])
         y = torch.matmul(ssm_state, C[..., None])[..., 0] + D * x
         return y * F.silu(z)
 

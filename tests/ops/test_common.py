@@ -3,6 +3,7 @@ import torch
 
 from mambakit.ops.common import chunked as core
 from mambakit.ops.common import decay_exp
+from mambakit.ops.common.decay import decay_exp_
 from tests.utils import assert_close
 
 F64 = torch.float64
@@ -109,3 +110,18 @@ def test_decay_exp_flushes_underflow_to_zero_and_keeps_nan(dtype):
     leaf = x[:4].clone().requires_grad_()
     (grad,) = torch.autograd.grad(decay_exp(leaf).sum(), leaf)
     assert torch.equal(grad, torch.exp(x[:4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_decay_exp_in_place_equals_decay_exp_and_flushes_in_every_dtype(dtype):
+    x = torch.cat([torch.linspace(-120.0, 0.0, 4001), torch.tensor([float("-inf"), float("nan")])]).to(dtype)
+    want = decay_exp(x)
+    work = x.clone()
+    got = decay_exp_(work)
+    assert got.data_ptr() == work.data_ptr()
+    assert torch.equal(got[:-1], want[:-1]) and torch.isnan(got[-1])
+    finite = x[:-1]
+    clear = (finite.double() + 86.97).abs() > 0.02  # away from the flush edge by more than a rounding
+    tiny = torch.exp(finite.double()) <= 1.7e-38
+    assert (want[:-1][clear & tiny] == 0).all()
+    assert torch.equal(want[:-1][clear & ~tiny], torch.exp(finite)[clear & ~tiny])
