@@ -4,6 +4,7 @@
     python benchmarks/tune_ssd.py --search fwd_output  # try the candidates of some kernels (or 'all')
     python benchmarks/tune_ssd.py --walk-programs 3 6 12  # the forward walk split at other targets
     python benchmarks/tune_ssd.py --op mamba3 --search all  # the kernels as Mamba-3 SISO's core
+    python benchmarks/tune_ssd.py --chunk 128 --search fwd_output  # at another chunk_size
 
 bf16 inputs as benchmarks/bench_ssd.py (D, dt_bias, softplus, chunk 256) at the anchor shapes, or
 with ``--op mamba3`` the whole SISO op of benchmarks/bench_mamba3.py (chunk 64, one head per
@@ -80,8 +81,10 @@ def mamba3_inputs(b, l, h, p, n, g):
     return {k: v.detach().clone() for k, v in bench_mamba3.inputs(b, l, h, p, n).items()}
 
 
-def kernel_times(kw, reps=10, op="ssd") -> dict[str, float]:
-    """Mean device ms per call of each SSD kernel over ``reps`` forward+backward runs of ``op``."""
+def kernel_times(kw, reps=10, op="ssd", chunk=None) -> dict[str, float]:
+    """Mean device ms per call of each SSD kernel over ``reps`` forward+backward runs of ``op``
+    (chunk: the op's chunk_size, by default the benchmark's, 256 for the SSD and 64 for Mamba-3)."""
+    chunk = chunk or (64 if op == "mamba3" else 256)
     leaves = {k: v.detach().requires_grad_() for k, v in kw.items()}
     dy = torch.randn_like(kw["x"])
 
@@ -89,9 +92,9 @@ def kernel_times(kw, reps=10, op="ssd") -> dict[str, float]:
         if op == "mamba3":
             v = leaves
             y = mamba3(v["x"], v["dt"], v["A"], v["B"], v["C"], v["trap"], v["angles"], D=v["D"], z=v["z"],
-                       B_bias=v["B_bias"], C_bias=v["C_bias"], chunk_size=64, backend="triton")
+                       B_bias=v["B_bias"], C_bias=v["C_bias"], chunk_size=chunk, backend="triton")
         else:
-            y = ssd(**leaves, chunk_size=256, dt_softplus=True, backend="triton")
+            y = ssd(**leaves, chunk_size=chunk, dt_softplus=True, backend="triton")
         y.backward(dy)
 
     run()
@@ -119,6 +122,8 @@ def main() -> None:
     parser.add_argument("--search", nargs="*", default=[], help="CONFIGS keys, or 'all'")
     parser.add_argument("--walk-programs", nargs="*", type=int, default=[],
                         help="values of triton_ops.WALK_PROGRAMS_PER_SM to time the forward with")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="the op's chunk_size (default: the benchmark's, 256 for ssd, 64 for mamba3)")
     args = parser.parse_args()
     anchors = ["8,4096,32,64,128,1"] if args.op == "mamba3" else ["8,4096,32,64,128,1", "2,16384,32,64,128,1"]
     shapes = args.shapes or anchors
@@ -130,12 +135,12 @@ def main() -> None:
     for per_sm in args.walk_programs:
         triton_ops.WALK_PROGRAMS_PER_SM = per_sm
         for shape, kw in cases.items():
-            times = kernel_times(kw, op=args.op)
+            times = kernel_times(kw, op=args.op, chunk=args.chunk)
             print(f"walk {per_sm} programs/SM {shape}: fwd_state {times['fwd_state']:.3f} "
                   f"fwd_fixup {times.get('fwd_fixup', 0.0):.3f} fwd_output {times['fwd_output']:.3f}", flush=True)
     triton_ops.WALK_PROGRAMS_PER_SM = shipped_walk
     for shape, kw in cases.items():
-        times = kernel_times(kw, op=args.op)
+        times = kernel_times(kw, op=args.op, chunk=args.chunk)
         print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "total")
               + f"  | fwd {times['fwd_state'] + times.get('fwd_fixup', 0.0) + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
               flush=True)
@@ -146,7 +151,7 @@ def main() -> None:
         for cand in candidates[name]:
             table[name] = cand
             try:
-                per_shape = [kernel_times(kw, reps=5, op=args.op) for kw in cases.values()]
+                per_shape = [kernel_times(kw, reps=5, op=args.op, chunk=args.chunk) for kw in cases.values()]
             except Exception as err:  # out of resources for this config: skip it
                 print(f"  {name} {cand}: failed ({type(err).__name__})", flush=True)
                 continue
