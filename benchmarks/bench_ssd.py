@@ -12,7 +12,9 @@ record holds the median of the K per-process medians, its speedup the ratio of t
 per-process times as ``ours_ms_runs`` / ``peer_ms_runs``.
 
 (a) The SSD op, bf16 x/dt/B/C, fp32 A/D/dt_bias, chunk 256, D + dt_bias + softplus: mambakit
-``ssd(..., backend="triton")`` against the official Triton ``mamba_chunk_scan_combined``.
+``ssd(..., backend="triton")`` against the official Triton ``mamba_chunk_scan_combined``; both
+are called with chunk_size 256, our kernels run chunks of at most 128 tokens (``kernel_chunk``,
+recorded as ``ours_kernel_chunk``; the result differs by rounding only).
 (b) The layer, ``Mamba2(d_model=2048, d_state=128, headdim=64, ngroups=1)`` in bf16 (64 heads),
 input (b, l, 2048) with b, l from --shapes, against ``mamba_ssm.modules.mamba2.Mamba2`` holding
 the same weights. Without the ``causal_conv1d`` package the official layer runs only with
@@ -54,6 +56,7 @@ from benchmarks.common import environment, time_ms, write_results  # noqa: E402
 from mambakit.layers.mamba2 import Mamba2  # noqa: E402
 from mambakit.layers.mixer_common import inverse_softplus_dt  # noqa: E402
 from mambakit.ops.ssd import ssd  # noqa: E402
+from mambakit.ops.ssd.triton_ops import kernel_chunk  # noqa: E402
 
 # Measured ceilings of the H100 of ANCHORS.md.
 COPY_BYTES_PER_S = 3.0e12
@@ -150,8 +153,8 @@ def time_modes(fn, dy, grads) -> dict:
     return {"fwd": fwd, "fwd+bwd": time_ms(lambda: fn().backward(dy), grad_to_none=grads)}
 
 
-def report(records, env, op, shape, ours, peer_name, peer, floors) -> None:
-    """Print one line per mode and append the records (peer None: ours only)."""
+def report(records, env, op, shape, ours, peer_name, peer, floors, extra=None) -> None:
+    """Print one line per mode and append the records (peer None: ours only; extra: more fields)."""
     for mode in ("fwd", "fwd+bwd"):
         floor = floors[mode]
         line = f"{op} {shape} {mode:8s} mambakit {ours[mode]:.3f} ms"
@@ -163,7 +166,7 @@ def report(records, env, op, shape, ours, peer_name, peer, floors) -> None:
         records.append(dict(op=op, shape=shape, dtype="bf16", mode=mode, ours_ms=ours[mode],
                             peer=peer_name if peer is not None else None,
                             peer_ms=peer[mode] if peer is not None else None, speedup=speedup,
-                            floor_ms=floor, floor_fraction=floor / ours[mode], **env))
+                            floor_ms=floor, floor_fraction=floor / ours[mode], **(extra or {}), **env))
 
 
 def first_call(b, l, env) -> dict:
@@ -221,7 +224,8 @@ def bench_op(spec, peer_fn, records, env) -> None:
               ["y", "dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"], tensors, tensors)
         peer = time_modes(official, dy, tensors)
     floors = {m: ssd_floor_ms(b, l, h, p, n, g, m) for m in ("fwd", "fwd+bwd")}
-    report(records, env, "ssd", shape, time_modes(ours, dy, tensors), "mamba_ssm-triton", peer, floors)
+    report(records, env, "ssd", shape, time_modes(ours, dy, tensors), "mamba_ssm-triton", peer, floors,
+           extra={"ours_kernel_chunk": kernel_chunk(CHUNK)})
 
 
 def bench_layer(b, l, peer_cls, records, env) -> None:

@@ -16,11 +16,14 @@ from ..common import canonical_segments
 from . import triton_kernels as kernels
 
 F32 = torch.float32
-MAX_CHUNK = 256
+# Chunk 128 against 256 at Mamba-2's anchor (b8 l4096 h32 p64 n128, H200): forward 0.479 -> 0.413 ms
+# and forward + backward 2.51 -> 2.13 ms of kernel time (the in-chunk quadratic work halves, the
+# chunk states double); chunk 64 loses again (benchmarks/NOTES.md).
+MAX_CHUNK = 128
 
 
 def kernel_chunk(chunk_size: int) -> int:
-    """The chunk the kernels use: the largest power of two <= chunk_size, within [16, 256].
+    """The chunk the kernels use: the largest power of two <= chunk_size, within [16, 128].
 
     The chunk only decides where the kernels hand the state from one block of tokens to the next
     (the result is the same up to rounding); it must be a power of two for Triton's blocks."""
