@@ -22,9 +22,8 @@ where the id changes, which also drops the previous-token term there (it lives i
 and restart the phase. Autograd differentiates everything around the kernels;
 the per-head rotated keys and queries come from one kernel per rank (:mod:`.rotary_triton`)
 that reads B and C once per group and turns both by one cos/sin per angle. The same-step scores
-K . Q come from the unrotated rows. For SISO the decays, input weights and skips of all tokens
-and heads come from one kernel (:mod:`.siso_weights_triton`), and the skip and the gate are one
-more (:mod:`.skip_gate_triton`).
+K . Q come from the unrotated rows, and for SISO the skip and the gate are one more kernel
+(:mod:`.skip_gate_triton`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
 from .reference import Mamba3State, rope_layout_for, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
-from .siso_weights_triton import siso_weights
 from .skip_gate_triton import skip_gate
 
 F32 = torch.float32
@@ -79,13 +77,14 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         phi0 = x.new_zeros(b, h, n_angles, dtype=F32)
     else:
         phi0, H0, K0, x0 = (t.to(F32) for t in initial_state)
+    dtf = dt.to(F32)
     tensors = (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, *(initial_state or ()))
     grad = grad_needed(*tensors)
     segment = None if seq_idx is None else canonical_segments(seq_idx)
     if segment is None:
-        phi = rotary_phase_triton(angles, dt, phi0.contiguous(), grad)  # (b, l, h, n_angles) float32
+        phi = rotary_phase_triton(angles, dtf, phi0.contiguous(), grad)  # (b, l, h, n_angles) float32
     else:  # packed sequences restart their phase: the reference's segment-aware sum (PyTorch, autograd)
-        phi = rotary_phase(angles.to(F32), dt.to(F32), phi0, segment).contiguous()
+        phi = rotary_phase(angles.to(F32), dtf, phi0, segment).contiguous()
     phi_rows = phi.reshape(b * l, h, n_angles)
 
     keys, queries = [], []  # per rank (b, l, 1, h, n) in x's dtype, both from one kernel
@@ -96,13 +95,12 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         keys.append(K_k.view(b, l, 1, h, n))
         queries.append(Q_k.view(b, l, 1, h, n))
     K, Q = (t[0] if r == 1 else torch.cat(t, dim=2) for t in (keys, queries))
-    if r == 1:  # the decay, input weight and skip (D - c_next K.Q) of every token and head in one kernel
+    log_decay, gamma, c = trapezoid_weights(dtf, A.to(F32), trap.to(F32))
+    c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
+    if r == 1:
         v = x[:, :, None]  # (b, l, 1, h, p)
-        rank_biases = (None if bias is None else bias[:, 0] for bias in (B_bias, C_bias))
-        step_decay, weight, skip = siso_weights(dt, A, trap, B[:, :, 0], C[:, :, 0], *rank_biases, D, grad)
+        step_decay, weight = log_decay, gamma + c_next
     else:
-        log_decay, gamma, c = trapezoid_weights(dt.to(F32), A.to(F32), trap.to(F32))
-        c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
         scale = mimo_x.transpose(0, 1)  # (r, h, p)
         v = x[:, :, None] * scale.to(x.dtype)
         step_decay = torch.cat([log_decay[:, :, None], log_decay.new_zeros(b, l, r - 1, h)], dim=2).view(b, l * r, h)
@@ -110,18 +108,20 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
     G0 = None
     if initial_state is not None:
         v_prev = x0[:, None] if r == 1 else x0[:, None] * scale.to(F32)  # (b, r, h, p)
-        c0 = (1 - torch.sigmoid(trap[:, 0].to(F32))) * dt[:, 0].to(F32)  # the trapezoid's c at token 0, (b, h)
-        G0 = (H0 + c0[:, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)).contiguous()
+        G0 = (H0 + c[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, K0)).contiguous()
     y_core, H_final, *_ = ssd_fwd(
         v.reshape(b, l * r, h, p).contiguous(), weight.contiguous(), step_decay.contiguous(),
         K.view(b, l * r, h, n), Q.view(b, l * r, h, n), None, None, None, G0,
         None if segment is None else segment.repeat_interleave(r, dim=1), False, 0.0,
         float("inf"), False, kernel_chunk(chunk_size), grad, True)
 
-    if r == 1:  # y = (y_core + skip x) silu(z) in one pass
+    scores = same_step_scores(B, C, B_bias, C_bias, h)  # (b, l, h, r, r)
+    if r == 1:  # y = (y_core + (D - c_next K.Q) x) silu(z) in one pass
+        skip = -c_next * scores[..., 0, 0]
+        if D is not None:
+            skip = skip + D.to(F32)
         y = skip_gate(y_core.view(b, l, h, p), x, skip, z, grad)
     else:
-        scores = same_step_scores(B, C, B_bias, C_bias, h)  # (b, l, h, r, r)
         # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
         later = torch.ones(r, r, device=x.device, dtype=torch.bool).triu(1)
         own = torch.where(later, gamma[..., None, None], -c_next[..., None, None])
