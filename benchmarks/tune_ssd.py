@@ -31,9 +31,9 @@ from mambakit.ops.ssd import ssd  # noqa: E402
 from mambakit.ops.ssd import triton_ops  # noqa: E402
 
 KERNELS = {  # CONFIGS key -> Triton kernel name
-    "fwd_state": "ssd_fwd_state_kernel", "fwd_fixup": "ssd_fwd_state_fixup_kernel", "fwd_output": "ssd_fwd_output_kernel",
+    "fwd_state": "ssd_fwd_state_kernel", "fwd_entry": "ssd_fwd_entry_kernel", "fwd_output": "ssd_fwd_output_kernel",
     "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
-    "bwd_dt": "ssd_bwd_dt_kernel",
+    "bwd_dt": "ssd_bwd_dt_kernel", "bwd_complete": "ssd_complete_states_kernel",
 }
 
 
@@ -43,9 +43,9 @@ def grid(**axes):
 
 
 CANDIDATES = {
-    "fwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[32, 64], num_warps=[4], num_stages=[2, 3]),
-    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[16, 32], BLOCK_P=[32, 64], HEADS=[1, 2], num_warps=[4],
-                       num_stages=[2, 3]),
+    "fwd_state": grid(BLOCK_T=[128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[16, 32], BLOCK_P=[64], HEADS=[2], num_warps=[4, 8],
+                       num_stages=[2, 3, 4]),
     "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
     "bwd_dx": grid(BLOCK_S=[64], BLOCK_T=[32], HEADS=[2, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
     "bwd_dc": grid(BLOCK_T=[64], BLOCK_S=[32, 64], HEADS=[1, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
@@ -137,12 +137,12 @@ def main() -> None:
         for shape, kw in cases.items():
             times = kernel_times(kw, op=args.op, chunk=args.chunk)
             print(f"walk {per_sm} programs/SM {shape}: fwd_state {times['fwd_state']:.3f} "
-                  f"fwd_fixup {times.get('fwd_fixup', 0.0):.3f} fwd_output {times['fwd_output']:.3f}", flush=True)
+                  f"fwd_entry {times.get('fwd_entry', 0.0):.3f} fwd_output {times['fwd_output']:.3f}", flush=True)
     triton_ops.WALK_PROGRAMS_PER_SM = shipped_walk
     for shape, kw in cases.items():
         times = kernel_times(kw, op=args.op, chunk=args.chunk)
         print(f"shipped {shape}: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "total")
-              + f"  | fwd {times['fwd_state'] + times.get('fwd_fixup', 0.0) + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
+              + f"  | fwd {times['fwd_state'] + times.get('fwd_entry', 0.0) + times['fwd_output']:.3f} ms, all kernels {times['total']:.3f} ms",
               flush=True)
     names = list(candidates) if args.search == ["all"] else args.search
     for name in names:

@@ -14,9 +14,11 @@ Forward, two kernels (three with a split walk):
   carrying the state in registers (chunk states and the state passing between chunks in one pass);
   stores S_c at each chunk start, the state it ends with, and the discretized dt and the in-chunk
   cumsum of dt A for the other kernels. With several segments (too few programs to fill the GPU)
-  the later ones start from zero and ``ssd_fwd_state_fixup_kernel`` (one program per segment)
-  adds, to each of their chunk states, the state entering the segment times the decay it keeps up
-  to the chunk, and writes the final state.
+  the later ones start from zero, and the walk also stores what each chunk start keeps of the
+  state entering its segment (``kept``); ``ssd_fwd_entry_kernel`` then builds the state entering
+  each segment, E_s (``entry``), and the final state. The chunk states stay segment-local: the
+  output kernel adds kept_c E_s as it loads them (``_chunk_state``), which spares the forward a
+  pass that rewrites them; the backward completes them once (``ssd_complete_states_kernel``).
 - ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
   rows, block of p), the equation for y_t above; two heads share each C B^T block.
 
@@ -26,7 +28,8 @@ Backward, four kernels:
 - ``ssd_bwd_dx_kernel``: per (batch, group, chunk, block of source tokens s), looping over the
   group's heads: dx, dB (summed over the heads in registers), and the parts of dL/dcum at s.
 - ``ssd_bwd_dc_kernel``: per (batch, group, chunk, block of target tokens t): dC and the parts of
-  dL/dcum at t.
+  dL/dcum at t. After a split forward walk, ``ssd_complete_states_kernel`` first writes the whole
+  chunk states (S_c = states_c + kept_c E_s) into a new tensor for it.
 - ``ssd_bwd_dt_kernel``: per (batch, head, chunk): dL/da from dL/dcum (a reverse cumsum), then
   through dt = clamp(softplus(dt + dt_bias)) to the raw dt, dA and d dt_bias.
 
@@ -109,7 +112,7 @@ def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 @triton.jit
 def ssd_fwd_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, h0_ptr, seg_ptr,
-    states_ptr, seg_final_ptr, seg_carry_ptr, chunk_carry_ptr, dtp_ptr, cum_ptr,
+    states_ptr, seg_final_ptr, seg_carry_ptr, kept_ptr, dtp_ptr, cum_ptr,
     length, n_chunks, dt_lo, dt_hi, sx_b, sx_l, sdt_b, sdt_l, sB_b, sB_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
@@ -118,8 +121,8 @@ def ssd_fwd_state_kernel(
     SEGMENT_CHUNKS: tl.constexpr,
 ):
     # Walks the chunks of one segment (SEGMENT_CHUNKS chunks; all of them when SEGMENTS == 1), the
-    # first from the initial state, the others from zero; ssd_fwd_state_fixup_kernel then adds
-    # what enters each later segment.
+    # first from the initial state, the others from zero; what enters each later segment is added
+    # where the chunk states are read (_chunk_state).
     pid_p, pid_n, pid_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_bh = pid_bhs // SEGMENTS
     segment = pid_bhs % SEGMENTS
@@ -151,7 +154,7 @@ def ssd_fwd_state_kernel(
                      S.to(states_ptr.dtype.element_ty), mask=mask_pn)
             if SEGMENTS > 1:
                 if writes_dt:
-                    tl.store(chunk_carry_ptr + (bi * H + hi) * n_chunks + t0 // CHUNK, seg_carry)
+                    tl.store(kept_ptr + pid_bh.to(tl.int64) * SEGMENTS * SEGMENT_CHUNKS + t0 // CHUNK, seg_carry)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
@@ -190,17 +193,14 @@ def ssd_fwd_state_kernel(
 
 
 @triton.jit
-def ssd_fwd_state_fixup_kernel(
-    states_ptr, seg_final_ptr, seg_carry_ptr, chunk_carry_ptr, final_ptr, n_chunks,
-    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, SEGMENT_CHUNKS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+def ssd_fwd_entry_kernel(
+    seg_final_ptr, seg_carry_ptr, entry_ptr, final_ptr,
+    P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (i, pn, bh) takes segment s = i + 1: it builds the state entering it, E_s, then adds
-    # E_s times what each of the segment's chunk starts keeps of it; s = SEGMENTS (past the last
-    # segment) writes the final state E_SEGMENTS. E_0 = 0 (segment 0 walked from the initial
-    # state), E_{k+1} = carry_k E_k + F_k, F_k the state segment k's walk ended with.
-    pid_s, pid_pn, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    segment = pid_s + 1
+    # Program (pn, bh): the state entering each segment, E_0 = 0 (segment 0 walked from the initial
+    # state), E_{k+1} = carry_k E_k + F_k with F_k the state segment k's walk ended with; stores
+    # E_0 .. E_{SEGMENTS-1} (entry) and the final state E_SEGMENTS.
+    pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
     p_blocks = tl.cdiv(P, BLOCK_P)
     offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,28 +208,57 @@ def ssd_fwd_state_fixup_kernel(
     pn_offs = offs_p[:, None] * N + offs_n[None, :]
     bh = pid_bh.to(tl.int64)
     E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k in range(0, segment):
+    for k in range(0, SEGMENTS):
+        tl.store(entry_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, E.to(entry_ptr.dtype.element_ty), mask=mask_pn)
         F = tl.load(seg_final_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
         E = E * tl.load(seg_carry_ptr + bh * SEGMENTS + k) + F
-    if segment == SEGMENTS:
-        tl.store(final_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
-    else:
-        head_offs = (pid_bh // H).to(tl.int64) * n_chunks * H * P * N + (pid_bh % H) * P * N + pn_offs
-        for c in range(segment * SEGMENT_CHUNKS, tl.minimum((segment + 1) * SEGMENT_CHUNKS, n_chunks)):
-            offs = head_offs + c * H * P * N
-            local = tl.load(states_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
-            kept = tl.load(chunk_carry_ptr + bh * n_chunks + c)
-            tl.store(states_ptr + offs, (local + kept * E).to(states_ptr.dtype.element_ty), mask=mask_pn)
+    tl.store(final_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
 
 
 @triton.jit
-def _entering_part(Ct, states_ptr, cum_t, hi, offs_p, mask_p, offs_n, mask_n, state_row, in_seq,
-                   P: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr):
-    """Head hi's rows from the state entering the chunk: exp(cum_t) S C_t, (M, BLOCK_P) float32;
+def _chunk_state(states_ptr, state_offs, entry_ptr, kept_ptr, bh, c, segments, seg_chunks, pn_offs, mask,
+                 P: tl.constexpr, N: tl.constexpr, SPLIT: tl.constexpr):
+    """The state entering chunk c (at ``state_offs`` in the chunk states; pn_offs its (p, n)
+    offsets within one head's state) as the walk stored it; after a SPLIT walk plus what enters
+    the chunk's segment s from before it, kept_c E_s, in float32. bh = batch * H + head (int64)."""
+    S = tl.load(states_ptr + state_offs, mask=mask, other=0.0)
+    if SPLIT:
+        S = S.to(tl.float32)
+        s = c // seg_chunks
+        if s > 0:
+            E = tl.load(entry_ptr + (bh * segments + s) * P * N + pn_offs, mask=mask, other=0.0)
+            S += tl.load(kept_ptr + bh * segments * seg_chunks + c) * E.to(tl.float32)
+    return S
+
+
+@triton.jit
+def ssd_complete_states_kernel(
+    states_ptr, entry_ptr, kept_ptr, out_ptr, n_chunks, segments, seg_chunks,
+    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (pn, chunk, bh): out_c = the whole state entering chunk c after a split walk.
+    pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p_blocks = tl.cdiv(P, BLOCK_P)
+    offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    bh = pid_bh.to(tl.int64)
+    offs = (((bh // H) * n_chunks + c) * H + bh % H) * P * N + pn_offs
+    S = _chunk_state(states_ptr, offs, entry_ptr, kept_ptr, bh, c, segments, seg_chunks, pn_offs, mask_pn, P, N, True)
+    tl.store(out_ptr + offs, S.to(out_ptr.dtype.element_ty), mask=mask_pn)
+
+
+@triton.jit
+def _entering_part(Ct, states_ptr, entry_ptr, kept_ptr, cum_t, bi, hi, c, n_chunks, segments, seg_chunks,
+                   offs_p, mask_p, offs_n, mask_n, in_seq, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                   PREC: tl.constexpr, NARROW: tl.constexpr, SPLIT: tl.constexpr):
+    """Head hi's rows from the state entering chunk c: exp(cum_t) S C_t, (M, BLOCK_P) float32;
     cum_t (M,) is the head's in-chunk cumsum at the rows, in_seq (M,) says which rows are still in
     the sequence that state belongs to."""
-    S = tl.load(states_ptr + (state_row + hi) * P * N + offs_p[None, :] * N + offs_n[:, None],
-                mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+    pn_offs = offs_p[None, :] * N + offs_n[:, None]
+    S = _chunk_state(states_ptr, ((bi * n_chunks + c) * H + hi) * P * N + pn_offs, entry_ptr, kept_ptr,
+                     bi * H + hi, c, segments, seg_chunks, pn_offs, mask_n[:, None] & mask_p[None, :], P, N, SPLIT)
     decay_in = tl.where(in_seq, tl.exp(cum_t), 0.0)
     return _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
 
@@ -266,12 +295,12 @@ def _finish_rows(acc, x_ptrs, z_ptrs, D_ptr, hi, y_ptrs, ypre_ptrs, mask_tp, off
 
 @triton.jit
 def ssd_fwd_output_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
-    length, n_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_l,
+    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seg_ptr, states_ptr, entry_ptr, kept_ptr, dtp_ptr, cum_ptr, y_ptr, ypre_ptr,
+    length, n_chunks, segments, seg_chunks, sx_b, sx_l, sB_b, sB_l, sC_b, sC_l, sz_b, sz_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
     HAS_SEQ: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr,
+    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, PREC: tl.constexpr, NARROW: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Program (rows, p-block, batch x HEADS (1 or 2) heads of one group): the heads share C, B and
     # so each source block's C B^T, computed once for both.
@@ -305,12 +334,11 @@ def ssd_fwd_output_kernel(
     if HAS_SEQ:
         seg_t = tl.load(seg_ptr + rows_t, mask=mask_t, other=-1)
         in_seq = seg_t == tl.load(seg_ptr + bi * length + tl.maximum(chunk_start - 1, 0))
-    state_row = (bi * n_chunks + c) * H
-    acc0 = _entering_part(Ct, states_ptr, cum_t0, h0, offs_p, mask_p, offs_n, mask_n, state_row, in_seq, P, N,
-                          PREC, NARROW)
+    acc0 = _entering_part(Ct, states_ptr, entry_ptr, kept_ptr, cum_t0, bi, h0, c, n_chunks, segments, seg_chunks,
+                          offs_p, mask_p, offs_n, mask_n, in_seq, H, P, N, PREC, NARROW, SPLIT)
     if HEADS == 2:
-        acc1 = _entering_part(Ct, states_ptr, cum_t1, h1, offs_p, mask_p, offs_n, mask_n, state_row, in_seq, P, N,
-                              PREC, NARROW)
+        acc1 = _entering_part(Ct, states_ptr, entry_ptr, kept_ptr, cum_t1, bi, h1, c, n_chunks, segments,
+                              seg_chunks, offs_p, mask_p, offs_n, mask_n, in_seq, H, P, N, PREC, NARROW, SPLIT)
 
     # Within the chunk: (L o C B^T)(dt x), blocks of BLOCK_K source tokens up to the diagonal.
     for s0 in range(chunk_start, tl.minimum(t_start + BLOCK_M, length), BLOCK_K):

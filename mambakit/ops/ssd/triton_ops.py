@@ -72,7 +72,7 @@ def _precision(x: Tensor) -> str:
 # Launch parameters of each kernel (H100-tuned, see benchmarks/NOTES.md); block sizes are capped
 # by the chunk and the padded p and n. benchmarks/tune_ssd.py overrides them to search.
 CONFIGS = {
-    "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2),
     "fwd_output": dict(BLOCK_M=64, BLOCK_K=16, BLOCK_P=64, HEADS=2, num_warps=4, num_stages=3),  # HEADS: 1 or 2
     "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=4, num_warps=4, num_stages=1),
@@ -106,9 +106,10 @@ def _launch(name: str, chunk: int, p: int, n: int, per_token: bool) -> dict:
 
 
 # The forward state walk is sequential over chunks; when its (p-block, n-block, batch, head) programs
-# are fewer than fill the GPU once (~3 per SM at its 168 registers and 49 KB of shared memory, H100
-# ncu), the chunks are split into segments walked in parallel, each at least this many chunks.
-WALK_PROGRAMS_PER_SM = 3
+# are fewer than WALK_PROGRAMS_PER_SM per SM, the chunks are split into segments walked in parallel,
+# each at least MIN_SEGMENT_CHUNKS chunks. One per SM measured best with the whole n in one block
+# (H200, b8 l4096 and b2 l16384: more segments made the walk slower, benchmarks/NOTES.md).
+WALK_PROGRAMS_PER_SM = 1
 MIN_SEGMENT_CHUNKS = 4
 
 
@@ -129,13 +130,26 @@ def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
     return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
 
 
+def _walk_split(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[int, int]:
+    """(segments, chunks per segment) of the forward state walk for these inputs."""
+    bsz, length, h, p = x.shape
+    cfg = _launch("fwd_state", chunk, p, B.shape[3], per_token)
+    n_chunks = triton.cdiv(length, chunk)
+    programs = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(B.shape[3], cfg["BLOCK_N"]) * bsz * h
+    segment_chunks = _segment_chunks(n_chunks, programs, x.device)
+    return triton.cdiv(n_chunks, segment_chunks), segment_chunks
+
+
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool, per_token: bool = False,
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
-    (b, n_chunks, h, p, n) (bf16 for bf16 inputs, else fp32), dt and in-chunk cumsum of dt A (b, h, l) fp32, and the output
-    before the z gate (b, l, h, p), empty unless ``save`` and z).
+    (b, n_chunks, h, p, n) (bf16 for bf16 inputs, else fp32), dt and in-chunk cumsum of dt A (b, h, l) fp32, the output
+    before the z gate (b, l, h, p), empty unless ``save`` and z, and, when the walk ran in segments, the state entering
+    each segment (b * h, segments, p, n) in the chunk states' dtype and what each chunk start keeps of it
+    (b * h, segments, chunks per segment) fp32 (both empty otherwise; the chunk states of a later segment hold only
+    what entered within it: S_c = states_c + kept_c entry_s).
 
     ``per_token``: A is (b, l, h) contiguous, each token's log-decay itself (the state decays by
     exp(A_t), not exp(dt_t A)), and dt weighs the input as given (Mamba-3's core)."""
@@ -153,37 +167,37 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n, per_token)
     p_blocks, n_blocks = triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"])
-    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device)
-    segments = triton.cdiv(n_chunks, segment_chunks)
+    segments, segment_chunks = _walk_split(x, B, chunk, per_token)
     if segments == 1:
-        seg_final, seg_carry, chunk_carry = final, final, final  # (carries unused)
+        seg_final, seg_carry, entry, kept = final, final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     else:
         seg_final = x.new_empty(bsz * h, segments, p, n, dtype=F32)
         seg_carry = x.new_empty(bsz * h, segments, dtype=F32)
-        chunk_carry = x.new_empty(bsz * h, n_chunks, dtype=F32)
+        entry = x.new_empty(bsz * h, segments, p, n, dtype=states.dtype)
+        kept = x.new_empty(bsz * h, segments, segment_chunks, dtype=F32)
     launch(kernels.ssd_fwd_state_kernel,
         (p_blocks, n_blocks, bsz * h * segments),
-        x, dt, A, dt_bias, B, h0, seg, states, seg_final, seg_carry, chunk_carry, dtp, cum, length, n_chunks,
+        x, dt, A, dt_bias, B, h0, seg, states, seg_final, seg_carry, kept, dtp, cum, length, n_chunks,
         dt_lo, dt_hi, *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec,
         SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, **cfg,
     )
     if segments > 1:
-        launch(kernels.ssd_fwd_state_fixup_kernel, (segments, p_blocks * n_blocks, bsz * h),
-            states, seg_final, seg_carry, chunk_carry, final, n_chunks, H=h, P=p, N=n, SEGMENTS=segments,
-            SEGMENT_CHUNKS=segment_chunks, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
-            num_warps=cfg["num_warps"])
+        launch(kernels.ssd_fwd_entry_kernel, (p_blocks * n_blocks, bsz * h),
+            seg_final, seg_carry, entry, final, P=p, N=n, SEGMENTS=segments, BLOCK_P=cfg["BLOCK_P"],
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
     launch(kernels.ssd_fwd_output_kernel, grid,
-        x, B, C, D, z, seg, states, dtp, cum, y, y_pre, length, n_chunks, *_rows(x), *_rows(B), *_rows(C), *_rows(z),
+        x, B, C, D, z, seg, states, entry, kept, dtp, cum, y, y_pre, length, n_chunks, segments, segment_chunks,
+        *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
-        NARROW=_narrow(x, per_token), **cfg,
+        NARROW=_narrow(x, per_token), SPLIT=segments > 1, **cfg,
     )
-    return y, final, states, dtp, cum, y_pre
+    return y, final, states, dtp, cum, y_pre, entry, kept
 
 
 ssd_fwd = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=())
@@ -195,16 +209,22 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n = B.shape[3]
     n_chunks = triton.cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
-    return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x, per_token)),
-            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
+    states_dtype = _states_dtype(x, per_token)
+    segments, segment_chunks = _walk_split(x, B, chunk, per_token)
+    split = segments > 1
+    return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=states_dtype),
+            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape),
+            x.new_empty((bsz * h, segments, p, n) if split else (0,), dtype=states_dtype),
+            x.new_empty((bsz * h, segments, segment_chunks) if split else (0,), dtype=F32))
 
 
 def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
-            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, dt_softplus: bool,
-            dt_lo: float, dt_hi: float, clamp: bool, chunk: int, per_token: bool = False) -> list[Tensor]:
+            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, entry: Tensor,
+            kept: Tensor, dt_softplus: bool, dt_lo: float, dt_hi: float, clamp: bool, chunk: int,
+            per_token: bool = False) -> list[Tensor]:
     """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty (dA per
-    token for ``per_token``)."""
+    token for ``per_token``); states, entry and kept as the forward returned them."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = states.shape[1]
@@ -245,6 +265,14 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     cfg = _launch("bwd_dc", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dC = group_grad(cfg["HEADS"])
+    if kept.numel() > 0:  # a split walk: the whole chunk states, in a new tensor (the saved ones stay as they are)
+        whole = torch.empty_like(states)
+        block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
+        launch(kernels.ssd_complete_states_kernel,
+            (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), n_chunks, bsz * h),
+            states, entry, kept, whole, n_chunks, kept.shape[1], kept.shape[2], H=h, P=p, N=n,
+            BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        states = whole
     launch(kernels.ssd_bwd_dc_kernel, (n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"]),
         x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
         *_rows(x), *_rows(B), *_rows(C), **common, **cfg,
@@ -277,16 +305,16 @@ ssd_bwd = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=()
 def _forward_and_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save,
                           per_token):
     """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
-    y, final, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi,
-                                                 clamp, chunk, save, per_token)
+    y, final, states, dtp, cum, y_pre, entry, kept = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus,
+                                                              dt_lo, dt_hi, clamp, chunk, save, per_token)
     if save:  # autograd hands the backward zeros for an unused final state, so a dfinal always comes
         _ssd_bwd(torch.empty_like(y), torch.empty_like(final), x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp,
-                 cum, y_pre, dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
+                 cum, y_pre, entry, kept, dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
 @ssd_bwd.register_fake
-def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi,
-      clamp, chunk, per_token=False):
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, entry, kept, dt_softplus, dt_lo,
+      dt_hi, clamp, chunk, per_token=False):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(0)
 
@@ -295,16 +323,16 @@ def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_
 
 def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save, per_token = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, output[2], output[3], output[4], output[5])
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, *output[2:])
     ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
-def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
-    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre, _dentry, _dkept):
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, entry, kept = ctx.saved_tensors
     if z is not None and y_pre.numel() == 0:
         raise RuntimeError("ssd: the forward ran without saving for backward (no input required grad)")
     grads = ssd_bwd(dy.contiguous(), None if dfinal is None else dfinal.contiguous(), x, dt, A, B, C, D, z, dt_bias,
-                    h0, seg, states, dtp, cum, y_pre, *ctx.options)
+                    h0, seg, states, dtp, cum, y_pre, entry, kept, *ctx.options)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if dt_bias is not None else None, dh0 if h0 is not None else None,
