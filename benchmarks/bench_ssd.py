@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.common import environment, time_ms, write_results  # noqa: E402
+from benchmarks.common import environment, graph_ms, time_ms, write_results  # noqa: E402
 from mambakit.layers.mamba2 import Mamba2  # noqa: E402
 from mambakit.layers.mixer_common import inverse_softplus_dt  # noqa: E402
 from mambakit.ops.ssd import ssd  # noqa: E402
@@ -146,26 +146,33 @@ def check(label, ours, peer, dy, names, ours_tensors, peer_tensors) -> None:
     print(f"[check] {label}: " + ", ".join(f"{k} {e:.2e}" for k, e in zip(names, errs)), flush=True)
 
 
-def time_modes(fn, dy, grads) -> dict:
-    """{"fwd": ms under no_grad, "fwd+bwd": ms of fn().backward(dy)}."""
+def time_modes(fn, dy, grads, graph: bool = False) -> dict:
+    """{"fwd": ms under no_grad, "fwd+bwd": ms of fn().backward(dy)}; with ``graph`` also
+    "fwd_graph": the forward replayed from a CUDA graph (None if it cannot be captured)."""
     with torch.no_grad():
-        fwd = time_ms(fn)
-    return {"fwd": fwd, "fwd+bwd": time_ms(lambda: fn().backward(dy), grad_to_none=grads)}
+        times = {"fwd": time_ms(fn)}
+    times["fwd+bwd"] = time_ms(lambda: fn().backward(dy), grad_to_none=grads)
+    if graph:
+        with torch.no_grad():
+            times["fwd_graph"] = graph_ms(fn)
+    return times
 
 
 def report(records, env, op, shape, ours, peer_name, peer, floors, extra=None) -> None:
     """Print one line per mode and append the records (peer None: ours only; extra: more fields)."""
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in ours:
+        if ours[mode] is None:
+            continue
         floor = floors[mode]
         line = f"{op} {shape} {mode:8s} mambakit {ours[mode]:.3f} ms"
         speedup = None
-        if peer is not None:
+        if peer is not None and peer.get(mode) is not None:
             speedup = peer[mode] / ours[mode]
             line += f"  {peer_name} {peer[mode]:.3f} ms  speedup {speedup:.2f}x"
         print(f"{line}  floor {floor:.3f} ms, ours at {floor / ours[mode]:.0%} of it", flush=True)
         records.append(dict(op=op, shape=shape, dtype="bf16", mode=mode, ours_ms=ours[mode],
-                            peer=peer_name if peer is not None else None,
-                            peer_ms=peer[mode] if peer is not None else None, speedup=speedup,
+                            peer=peer_name if speedup is not None else None,
+                            peer_ms=peer[mode] if speedup is not None else None, speedup=speedup,
                             floor_ms=floor, floor_fraction=floor / ours[mode], **(extra or {}), **env))
 
 
@@ -222,9 +229,10 @@ def bench_op(spec, peer_fn, records, env) -> None:
 
         check(f"ssd {shape} mambakit vs official", ours, official, dy,
               ["y", "dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"], tensors, tensors)
-        peer = time_modes(official, dy, tensors)
+        peer = time_modes(official, dy, tensors, graph=True)
     floors = {m: ssd_floor_ms(b, l, h, p, n, g, m) for m in ("fwd", "fwd+bwd")}
-    report(records, env, "ssd", shape, time_modes(ours, dy, tensors), "mamba_ssm-triton", peer, floors,
+    floors["fwd_graph"] = floors["fwd"]
+    report(records, env, "ssd", shape, time_modes(ours, dy, tensors, graph=True), "mamba_ssm-triton", peer, floors,
            extra={"ours_kernel_chunk": kernel_chunk(CHUNK)})
 
 
@@ -269,10 +277,12 @@ def median_over_processes(runs: list[list[dict]], env: dict) -> list[dict]:
             raise RuntimeError("bench_ssd: the worker processes timed different cases")
         ours = [r["ours_ms"] for r in same]
         record = dict(first, **env, ours_ms=statistics.median(ours), ours_ms_runs=ours, processes=len(runs))
-        if first["peer_ms"] is not None:
+        if all(r["peer_ms"] is not None for r in same):
             peer = [r["peer_ms"] for r in same]
             record.update(peer_ms=statistics.median(peer), peer_ms_runs=peer,
                           speedup=statistics.median(peer) / record["ours_ms"])
+        elif any(r["peer_ms"] is not None for r in same):  # only some processes could time the peer (a graph capture failed)
+            record.update(peer=None, peer_ms=None, speedup=None, peer_ms_runs=[r["peer_ms"] for r in same])
         record["floor_fraction"] = record["floor_ms"] / record["ours_ms"]
         merged.append(record)
     return merged
@@ -312,7 +322,7 @@ def main() -> None:
                 runs.append(json.loads(out.read_text()))
         records += median_over_processes(runs, env)
         for r in records[1:]:
-            if r["peer_ms"] is not None:
+            if r["speedup"] is not None:
                 print(f"[median of {args.processes}] {r['op']} {r['shape']} {r['mode']}: mambakit {r['ours_ms']:.3f} ms "
                       f"(runs {', '.join(f'{v:.3f}' for v in r['ours_ms_runs'])}), peer {r['peer_ms']:.3f} ms "
                       f"(runs {', '.join(f'{v:.3f}' for v in r['peer_ms_runs'])}), speedup {r['speedup']:.2f}x",

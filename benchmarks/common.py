@@ -22,6 +22,28 @@ def time_ms(fn, grad_to_none=None, warmup_ms: float = 50, rep_ms: float = 300) -
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
 
+def graph_ms(fn, warmup_ms: float = 50, rep_ms: float = 300) -> float | None:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph (CUDA events, as ``time_ms``): the
+    device time without the host's launch work, which ``time_ms`` counts wherever the host falls
+    behind the device. None (and a printed reason) when ``fn`` cannot be captured."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        print(f"[graph] capture failed: {err}", flush=True)
+        return None
+    return do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
 def event_ms(fn, repeats: int = 10) -> float:
     """Median milliseconds of ``fn`` by CUDA events, one call each, after one warm-up call (for
     calls too long for ``time_ms``'s repetition budget)."""

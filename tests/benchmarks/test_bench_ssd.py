@@ -27,6 +27,14 @@ def test_medians_over_processes_per_case():
     assert fwd["command"] == both["command"] == PARENT["command"]  # the worker's command is not the one to rerun
 
 
+def test_a_peer_timed_in_only_some_processes_gives_no_ratio():
+    runs = [[record("fwd_graph", 1.0, 4.0)], [record("fwd_graph", 3.0, None)], [record("fwd_graph", 2.0, 9.0)]]
+    (merged,) = bench_ssd.median_over_processes(runs, PARENT)
+    assert merged["ours_ms"] == 2.0
+    assert merged["peer_ms"] is None and merged["speedup"] is None and merged["peer"] is None
+    assert merged["peer_ms_runs"] == [4.0, None, 9.0]
+
+
 def test_processes_that_timed_different_cases_are_refused():
     with pytest.raises(RuntimeError, match="different cases"):
         bench_ssd.median_over_processes([[record("fwd", 1.0, 1.0)], [record("fwd+bwd", 1.0, 1.0)]], PARENT)
