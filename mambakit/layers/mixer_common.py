@@ -55,7 +55,8 @@ def write_states(states: tuple[torch.Tensor, ...], finals) -> None:
 
 def derived_parameter(module: nn.Module, name: str, compute, *sources: torch.Tensor) -> torch.Tensor:
     """``compute()`` (a tensor made from the parameters ``sources``, e.g. A = -exp(A_log)),
-    remembered on ``module`` while no source changes: same storage, dtype and in-place version.
+    remembered on ``module`` while no source changes: the same tensors, at the same storage, dtype
+    and in-place version (a replaced parameter can reuse the address of the one it replaced).
 
     Decoding runs a layer once per token; recomputing such values each time costs a few kernel
     launches per layer, a large share of a batch-1 token. With autograd on (or inside
@@ -65,8 +66,9 @@ def derived_parameter(module: nn.Module, name: str, compute, *sources: torch.Ten
         return compute()
     key = tuple((t.data_ptr(), t.dtype, t._version) for t in sources)
     memo = module.__dict__.setdefault("_derived_parameters", {})
-    if name not in memo or memo[name][0] != key:
-        memo[name] = (key, compute())
+    held = memo.get(name)  # (key, value, the sources themselves)
+    if held is None or held[0] != key or any(old is not t for old, t in zip(held[2], sources)):
+        memo[name] = (key, compute(), sources)
     return memo[name][1]
 
 

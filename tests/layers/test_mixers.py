@@ -4,13 +4,16 @@ independent token loops, prefill + decode through the cache, dtypes and input er
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba1, Mamba2, Mamba3
+from mambakit.layers.mixer_common import derived_parameter
 from tests.utils import assert_close
 
 D_MODEL = 32
@@ -417,6 +420,22 @@ def test_decoding_follows_in_place_parameter_updates(cls, kwargs):
     stepped_after, full_after = decode()
     assert_close(stepped_after, full_after, 1e-10, "after the update")
     assert not torch.allclose(stepped_after, stepped)
+
+
+def test_a_new_tensor_at_a_reused_address_is_not_taken_for_the_old():
+    """A remembered value belongs to its source tensors, not to their address: a parameter
+    replaced by a new one that the allocator put at the old one's address (same dtype, version 0)
+    must be derived anew."""
+    module = nn.Module()
+    memory = bytearray(struct.pack("2f", 1.0, 2.0))
+    first = torch.frombuffer(memory, dtype=torch.float32)
+    with torch.no_grad():
+        assert derived_parameter(module, "neg", lambda: -first, first).tolist() == [-1.0, -2.0]
+        memory[:] = struct.pack("2f", 3.0, 4.0)  # written outside torch: no version bump
+        second = torch.frombuffer(memory, dtype=torch.float32)
+        assert (second.data_ptr(), second._version) == (first.data_ptr(), first._version)
+        assert derived_parameter(module, "neg", lambda: -second, second).tolist() == [-3.0, -4.0]
+        assert derived_parameter(module, "neg", lambda: -second * 0, second).tolist() == [-3.0, -4.0]  # kept
 
 
 @pytest.mark.parametrize("cls, kwargs", CACHE_CASES)
