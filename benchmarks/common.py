@@ -22,18 +22,26 @@ def time_ms(fn, grad_to_none=None, warmup_ms: float = 50, rep_ms: float = 300) -
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
 
-def graph_ms(fn, warmup_ms: float = 50, rep_ms: float = 300) -> float | None:
+def graph_ms(fn, grads=None, warmup_ms: float = 50, rep_ms: float = 300) -> float | None:
     """Median milliseconds of ``fn`` replayed from a CUDA graph (CUDA events, as ``time_ms``): the
     device time without the host's launch work, which ``time_ms`` counts wherever the host falls
-    behind the device. None (and a printed reason) when ``fn`` cannot be captured."""
+    behind the device. ``grads``: leaf tensors whose .grad ``fn`` fills (a forward + backward);
+    they are cleared before the capture, so each replay writes them anew rather than adding.
+    None (and a printed reason) when ``fn`` cannot be captured."""
     from triton.testing import do_bench
+
+    def clear():
+        for t in grads or ():
+            t.grad = None
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
+            clear()
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    clear()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
