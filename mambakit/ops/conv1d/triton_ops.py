@@ -6,11 +6,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
-from .._backend import interpreting, sm_count
+from .._backend import cdiv, interpreting, next_power_of_2, sm_count
 from .._checks import grad_needed
 from .._compile import compile_ahead, launch
 from ..common.segments import segment_resets
@@ -77,7 +76,7 @@ def _launch(kernel, x: Tensor, pass_: str, *args, **constants):
     """Launch ``kernel`` over (time tiles, channel blocks, batch rows) with the tile of x's layout."""
     b, d, length = x.shape
     tile = _tile(x, pass_)
-    grid = (triton.cdiv(length, tile["BLOCK_L"]), triton.cdiv(d, tile["BLOCK_D"]), b)
+    grid = (cdiv(length, tile["BLOCK_L"]), cdiv(d, tile["BLOCK_D"]), b)
     launch(kernel, grid, *args, **constants, **tile)
 
 
@@ -90,7 +89,7 @@ def _tiles_per_program(n_tiles: int, other_programs: int) -> int:
         return 2
     target = BWD_PROGRAMS_PER_SM * sm_count(torch.cuda.current_device())
     tiles = 1
-    while tiles < MAX_TILES_PER_PROGRAM and triton.cdiv(n_tiles, 2 * tiles) * other_programs >= target:
+    while tiles < MAX_TILES_PER_PROGRAM and cdiv(n_tiles, 2 * tiles) * other_programs >= target:
         tiles *= 2
     return tiles
 
@@ -131,12 +130,12 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     dbias = torch.zeros(d if bias is not None else 1, device=x.device, dtype=torch.float32)
     b, _, length = x.shape
     tile = _tile(x, "bwd")
-    n_tiles, d_blocks = triton.cdiv(length, tile["BLOCK_L"]), triton.cdiv(d, tile["BLOCK_D"])
+    n_tiles, d_blocks = cdiv(length, tile["BLOCK_L"]), cdiv(d, tile["BLOCK_D"])
     tiles = _tiles_per_program(n_tiles, d_blocks * b)
     w = weight.shape[1]
-    launch(kernels.conv1d_bwd_kernel, (triton.cdiv(n_tiles, tiles), d_blocks, b),
+    launch(kernels.conv1d_bwd_kernel, (cdiv(n_tiles, tiles), d_blocks, b),
         x, weight, bias, initial_state, starts, dy, dx, dw, dbias, d, length, tiles, *_strides(x), *_strides(dy),
-        *_strides(dx), W=w, WP=triton.next_power_of_2(w), HAS_BIAS=bias is not None,
+        *_strides(dx), W=w, WP=next_power_of_2(w), HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None, HAS_SEQ=starts is not None, SILU=silu, **tile)
     d_init = x.new_empty(0)
     if initial_state is not None:
@@ -242,7 +241,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     b, d = x.shape
     y = torch.empty_like(x)
     block_d = 128
-    kernels.conv1d_update_kernel[(triton.cdiv(d, block_d), b)](
+    kernels.conv1d_update_kernel[(cdiv(d, block_d), b)](
         x.contiguous(), conv_state, weight.contiguous(), bias, y, d, W=weight.shape[1], HAS_BIAS=bias is not None,
         SILU=activation is not None, BLOCK_D=block_d)
     return y

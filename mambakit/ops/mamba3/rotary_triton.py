@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import cdiv, next_power_of_2
 from .._compile import compile_ahead, launch
 
 F32 = torch.float32
@@ -215,7 +216,7 @@ def rotate_heads_bwd_kernel(
 
 
 def _sizes(n: int, n_angles: int) -> dict:
-    return dict(NP=triton.next_power_of_2(n), AP=triton.next_power_of_2(max(n_angles, 1)))
+    return dict(NP=next_power_of_2(n), AP=next_power_of_2(max(n_angles, 1)))
 
 
 def _rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Optional[Tensor], phi: Tensor,
@@ -227,7 +228,7 @@ def _rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Option
     h, n_angles = phi.shape[1], phi.shape[2]
     K = torch.empty(rows, h, n, device=B.device, dtype=out_dtype)
     Q = torch.empty_like(K)
-    launch(rotate_heads_fwd_kernel, (triton.cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
+    launch(rotate_heads_fwd_kernel, (cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
         B, C, B_bias, C_bias, phi, K, Q, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
         HAS_BIAS=B_bias is not None, **FWD_LAUNCH)
     return K, Q
@@ -250,7 +251,7 @@ def _rotate_heads_bwd(dK: Tensor, dQ: Tensor, B: Tensor, C: Tensor, B_bias: Opti
     rows, g, n = B.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     dB, dC = torch.empty_like(B), torch.empty_like(C)
-    programs = triton.cdiv(rows, BWD_LAUNCH["BLOCK_T"])
+    programs = cdiv(rows, BWD_LAUNCH["BLOCK_T"])
     has_bias = B_bias is not None
     dB_bias, dC_bias = ((B.new_empty(programs, h, n, dtype=F32) if has_bias else B.new_empty(0, dtype=F32))
                         for _ in range(2))
@@ -385,8 +386,8 @@ PHASE_BLOCK_A = 8
 
 def _phase_launch(n_angles: int) -> tuple[int, dict]:
     """(programs along the angles, the kernels' angle and token blocks)."""
-    block_a = min(PHASE_BLOCK_A, triton.next_power_of_2(n_angles))
-    return triton.cdiv(n_angles, block_a), dict(NA=n_angles, BLOCK_A=block_a, BLOCK_L=PHASE_BLOCK_L)
+    block_a = min(PHASE_BLOCK_A, next_power_of_2(n_angles))
+    return cdiv(n_angles, block_a), dict(NA=n_angles, BLOCK_A=block_a, BLOCK_L=PHASE_BLOCK_L)
 
 
 def _rotary_phase(angles: Tensor, dt: Tensor, phi0: Tensor) -> Tensor:

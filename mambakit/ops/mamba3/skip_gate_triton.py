@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import cdiv, next_power_of_2
 from .._compile import compile_ahead, launch
 
 F32 = torch.float32
@@ -98,9 +99,9 @@ def _skip_gate(y_core: Tensor, x: Tensor, s: Tensor, z: Optional[Tensor]) -> Ten
     rows = b * l * h
     y = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
     if rows:
-        launch(skip_gate_fwd_kernel, (triton.cdiv(rows, BLOCK_R),),
+        launch(skip_gate_fwd_kernel, (cdiv(rows, BLOCK_R),),
             y_core, x, s, z, y, rows, *_token_head_strides(x), *_token_head_strides(z),
-            L=l, H=h, P=p, PP=triton.next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
+            L=l, H=h, P=p, PP=next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
     return y
 
 
@@ -123,9 +124,9 @@ def _skip_gate_bwd(dy: Tensor, y_core: Tensor, x: Tensor, s: Tensor, z: Optional
     ds = torch.empty(b, l, h, device=x.device, dtype=F32)
     dz = torch.empty(b, l, h, p, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
     if rows:
-        launch(skip_gate_bwd_kernel, (triton.cdiv(rows, BLOCK_R),),
+        launch(skip_gate_bwd_kernel, (cdiv(rows, BLOCK_R),),
             dy, y_core, x, s, z, dyc, dx, ds, dz, rows, *_token_head_strides(x), *_token_head_strides(z),
-            L=l, H=h, P=p, PP=triton.next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
+            L=l, H=h, P=p, PP=next_power_of_2(p), HAS_Z=z is not None, BLOCK_R=BLOCK_R)
     return dyc, dx, ds, dz
 
 

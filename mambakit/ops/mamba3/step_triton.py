@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import next_power_of_2
+
 
 @triton.jit
 def _pairs(offs_n, N: tl.constexpr, NA: tl.constexpr, HALVES: tl.constexpr):
@@ -146,7 +148,7 @@ def mamba3_step_kernel(
 
 def _block_p(p: int, rp: int, np_: int) -> int:
     """Channels per block: (rp, BLOCK_P, n) products of at most 8192 fp32 (64 per thread, 4 warps)."""
-    return max(1, min(triton.next_power_of_2(p), 8192 // (rp * np_)))
+    return max(1, min(next_power_of_2(p), 8192 // (rp * np_)))
 
 
 def _inner_contiguous(*tensors: Optional[Tensor]) -> bool:
@@ -164,7 +166,7 @@ def mamba3_step_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, trap:
     r, g, n = B.shape[1:]
     mix = r == 1 or mimo_o is not None
     y = torch.empty((b, h, p) if mix else (b, h, r, p), device=x.device, dtype=x.dtype)
-    rp, np_ = triton.next_power_of_2(r), max(2, triton.next_power_of_2(n))
+    rp, np_ = next_power_of_2(r), max(2, next_power_of_2(n))
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     mamba3_step_kernel[(b * h,)](
         x, dt, A, trap, angles, B, C, phi, H, K_prev, x_prev, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, y,

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from . import triton_kernels as kernels
-from .._backend import interpreting, sm_count
+from .._backend import cdiv, interpreting, next_power_of_2, sm_count
 from .._checks import grad_needed
 from .._compile import compile_ahead, launch
 
@@ -41,7 +40,7 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def _tile(group_size: int, pass_: str) -> dict:
-    block_g = triton.next_power_of_2(group_size)
+    block_g = next_power_of_2(group_size)
     block_m = max(1, TILE_ELEMENTS[pass_] // block_g)
     num_warps = block_m * block_g // (32 * ELEMENTS_PER_THREAD[pass_])
     return dict(BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, num_warps)))
@@ -66,7 +65,7 @@ def _gated_rms_norm_fwd(x: Tensor, weight: Tensor, z: Optional[Tensor], eps: flo
         return y
     zr = _as_rows(z) if z is not None else None
     tile = _tile(group_size, "fwd")
-    grid = (triton.cdiv(rows, tile["BLOCK_M"]) * (d // group_size),)
+    grid = (cdiv(rows, tile["BLOCK_M"]) * (d // group_size),)
     launch(kernels.gated_rms_norm_fwd_kernel, grid,
         xr, zr, weight, y, rows, inner, d, group_size, eps, xr.stride(0), xr.stride(1),
         *((zr.stride(0), zr.stride(1)) if zr is not None else (0, 0)),
@@ -93,7 +92,7 @@ def _gated_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tenso
         return [dx, torch.zeros_like(weight), dz]
     zr = _as_rows(z) if z is not None else None
     tile = _tile(group_size, "bwd")
-    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), max(1, _bwd_programs_target() * group_size // d))
+    programs = min(cdiv(rows, tile["BLOCK_M"]), max(1, _bwd_programs_target() * group_size // d))
     dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     launch(kernels.gated_rms_norm_bwd_kernel, (programs * (d // group_size),),
         dyr, xr, zr, weight, dx, dz, dw_partial, rows, inner, d, group_size, eps,
@@ -166,7 +165,7 @@ def _add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: O
     rows, d = xr.shape
     if rows:
         tile = _add_norm_tile(d, "fwd")
-        launch(kernels.add_norm_fwd_kernel, (triton.cdiv(rows, tile["BLOCK_M"]),),
+        launch(kernels.add_norm_fwd_kernel, (cdiv(rows, tile["BLOCK_M"]),),
             xr, rr, weight, bias, y, new_residual, rows, d, eps, HAS_RES=residual is not None,
             STORE_RES=store_residual, IS_RMS=is_rms, HAS_BIAS=bias is not None, **tile)
     return [y, new_residual]
@@ -196,7 +195,7 @@ def _add_norm_bwd(dy: Tensor, dnew_residual: Optional[Tensor], x: Tensor, residu
         zeros = torch.zeros(d, device=x.device, dtype=torch.float32)
         return [dx, dres, zeros, zeros.clone()]
     tile = _add_norm_tile(d, "bwd")
-    programs = min(triton.cdiv(rows, tile["BLOCK_M"]), _bwd_programs_target())
+    programs = min(cdiv(rows, tile["BLOCK_M"]), _bwd_programs_target())
     dw_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     residual_dtype_of = torch.empty(0, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)

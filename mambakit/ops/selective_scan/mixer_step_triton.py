@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._backend import interpreting, sm_count
+from .._backend import cdiv, interpreting, next_power_of_2, sm_count
 from .triton_kernels import LOG2E, _softplus
 
 F32 = torch.float32
@@ -117,7 +117,7 @@ def chunk_width(batch: int, dim: int, device: torch.device) -> int:
     runs both a one-step and a looped chunk."""
     if interpreting() or device.type != "cuda":
         return 2 * BLOCK_D if dim > 2 * BLOCK_D else BLOCK_D
-    narrow = triton.cdiv(dim, BLOCK_D) * batch < _NARROW_CHUNK_PROGRAMS_PER_SM * sm_count(device.index)
+    narrow = cdiv(dim, BLOCK_D) * batch < _NARROW_CHUNK_PROGRAMS_PER_SM * sm_count(device.index)
     return BLOCK_D if narrow else 4 * BLOCK_D
 
 
@@ -130,18 +130,18 @@ def mamba1_mixer_step_op(x: Tensor, z: Tensor, conv_state: Tensor, conv_weight: 
     b, d = x.shape
     n, r, n_proj = A.shape[1], dt_proj_weight.shape[1], x_proj_weight.shape[0]
     chunk = chunk_width(b, d, x.device)
-    n_chunks = triton.cdiv(d, chunk)
+    n_chunks = cdiv(d, chunk)
     xc = torch.empty(b, d, device=x.device, dtype=F32)
     partials = torch.empty(b, n_chunks, n_proj, device=x.device, dtype=F32)
     y = torch.empty(b, d, device=x.device, dtype=x.dtype)
     mixer_step_project_kernel[(n_chunks, b)](
         x, conv_state, conv_weight, conv_bias, x_proj_weight, xc, partials, d, n_proj, x.stride(0), n_chunks,
-        W=conv_weight.shape[1], HAS_CONV_BIAS=conv_bias is not None, RP=triton.next_power_of_2(n_proj),
+        W=conv_weight.shape[1], HAS_CONV_BIAS=conv_bias is not None, RP=next_power_of_2(n_proj),
         BLOCK_D=BLOCK_D, CHUNK_D=chunk, num_warps=4)
-    mixer_step_scan_kernel[(triton.cdiv(d, BLOCK_D), b)](
+    mixer_step_scan_kernel[(cdiv(d, BLOCK_D), b)](
         z, dt_proj_weight, dt_bias, A, D, ssm_state, xc, partials, y, d, r, n_proj, z.stride(0), n_chunks,
-        N=n, NP=max(2, triton.next_power_of_2(n)), RTP=max(2, triton.next_power_of_2(r)),
-        KP=max(2, triton.next_power_of_2(n_chunks)), HAS_D=D is not None, BLOCK_D=BLOCK_D, num_warps=4)
+        N=n, NP=max(2, next_power_of_2(n)), RTP=max(2, next_power_of_2(r)),
+        KP=max(2, next_power_of_2(n_chunks)), HAS_D=D is not None, BLOCK_D=BLOCK_D, num_warps=4)
     return y
 
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
-from .._backend import sm_count
+from .._backend import cdiv, next_power_of_2, sm_count
 from .._checks import grad_needed
 from .._compile import compile_ahead, launch
 from . import triton_complex as complex_kernels
@@ -80,20 +79,20 @@ def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
     # few channels go below 1024-token chunks (_FEW_PROGRAMS_PER_SM).
     sms = sm_count(torch.cuda.current_device())
     groups = 2
-    channel_blocks = triton.cdiv(batch * dim, 32)
+    channel_blocks = cdiv(batch * dim, 32)
 
     def whole_if_longer(tokens: int) -> int:
         return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
 
-    fwd_tokens = triton.next_power_of_2(max(length, 1024))
+    fwd_tokens = next_power_of_2(max(length, 1024))
     if not (save_states and channel_blocks * groups >= 6 * sms):
-        while (fwd_tokens > 1024 and triton.cdiv(length, fwd_tokens) < _MAX_CHUNKS
-               and channel_blocks * triton.cdiv(length, fwd_tokens) < _PROGRAMS_PER_SM * sms):
+        while (fwd_tokens > 1024 and cdiv(length, fwd_tokens) < _MAX_CHUNKS
+               and channel_blocks * cdiv(length, fwd_tokens) < _PROGRAMS_PER_SM * sms):
             fwd_tokens //= 2
-        while (fwd_tokens > _MIN_SHORT_CHUNK and 2 * triton.cdiv(length, fwd_tokens) <= _MAX_CHUNKS
-               and channel_blocks * triton.cdiv(length, fwd_tokens) < _FEW_PROGRAMS_PER_SM * sms):
+        while (fwd_tokens > _MIN_SHORT_CHUNK and 2 * cdiv(length, fwd_tokens) <= _MAX_CHUNKS
+               and channel_blocks * cdiv(length, fwd_tokens) < _FEW_PROGRAMS_PER_SM * sms):
             fwd_tokens //= 2
-    bwd_tokens = max(512, triton.next_power_of_2(triton.cdiv(length, _MAX_CHUNKS)))
+    bwd_tokens = max(512, next_power_of_2(cdiv(length, _MAX_CHUNKS)))
     return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
                 fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens), bwd_stages=3,
                 fwd_groups=groups)
@@ -109,7 +108,7 @@ def _layout(X: Tensor, d: int) -> tuple[bool, bool, int]:
 
 
 def _padded(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
+    return max(2, next_power_of_2(n))
 
 
 def _fp32(X: Optional[Tensor]) -> Optional[Tensor]:
@@ -179,7 +178,7 @@ def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     bsz, d, length = u.shape
     n = A.shape[1]
     p = plan(bsz, d, length, save_states)
-    n_saved = triton.cdiv(length, p.save_every)
+    n_saved = cdiv(length, p.save_every)
     y = torch.empty_like(u)
     cplx = A.is_complex()
     last = _state((bsz, d, n), cplx, u.device)
@@ -192,14 +191,14 @@ def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
                  B_VARIABLE=b_var, B_GROUPED=b_grp, N=n, NP=_padded(n), BLOCK_L=p.fwd_block_l, BLOCK_D=p.fwd_block_d,
                  HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE_STATES=save_states,
                  C_VARIABLE=c_var, C_GROUPED=c_grp, SAVE_EVERY=p.save_every)
-    d_blocks = triton.cdiv(d, p.fwd_block_d)
+    d_blocks = cdiv(d, p.fwd_block_d)
     if cplx:
         z = None if z is None else z.contiguous()  # the complex kernels read z time-contiguous
         launch(complex_kernels.selective_scan_complex_fwd_kernel, (d_blocks, bsz),
             u, delta, _fp32(A), B32, C32, D, z, delta_bias, _fp32(h0), seq_idx, y, y_pre, last, states,
             d, length, b_pg, c_pg, n_saved, **flags, num_warps=p.fwd_warps)
         return y, _as_state(last, cplx), states, y_pre
-    n_chunks = triton.cdiv(length, p.fwd_chunk)
+    n_chunks = cdiv(length, p.fwd_chunk)
     chunk_h = chunk_decay = u.new_empty(0, dtype=F32)
     if n_chunks > 1:  # the end state and decay of every chunk but the last
         chunk_h, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
@@ -223,7 +222,7 @@ selective_scan_fwd = torch.library.custom_op("mambakit::selective_scan_fwd", _se
 def _(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, save_states):
     bsz, d, length = u.shape
     n = A.shape[1]
-    states_shape = (bsz, d, triton.cdiv(length, plan(bsz, d, length).save_every), n) if save_states else (0,)
+    states_shape = (bsz, d, cdiv(length, plan(bsz, d, length).save_every), n) if save_states else (0,)
     if save_states and A.is_complex():
         states_shape += (2,)
     y_pre = torch.empty_like(u) if save_states and z is not None else u.new_empty(0)
@@ -256,8 +255,8 @@ def _selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: T
                  HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None,
                  B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,
                  N=n, NP=_padded(n), BLOCK_L=p.save_every, BLOCK_D=p.bwd_block_d)
-    d_blocks = triton.cdiv(d, p.bwd_block_d)
-    n_saved = triton.cdiv(length, p.save_every)
+    d_blocks = cdiv(d, p.bwd_block_d)
+    n_saved = cdiv(length, p.save_every)
     if cplx:
         dy, z = dy.contiguous(), None if z is None else z.contiguous()  # time-contiguous, as above
         launch(complex_kernels.selective_scan_complex_bwd_kernel, (d_blocks, bsz),
@@ -265,7 +264,7 @@ def _selective_scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: T
             du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, d, length, b_pg, c_pg, n_saved,
             **flags, num_warps=p.bwd_warps)
     else:
-        n_chunks = triton.cdiv(length, p.bwd_chunk)
+        n_chunks = cdiv(length, p.bwd_chunk)
         chunk_g = chunk_decay = u.new_empty(0, dtype=F32)
         if n_chunks > 1:  # the zero-end adjoint and decay of every chunk but the first
             chunk_g, chunk_decay = (torch.empty(bsz, n_chunks, d, n, device=u.device, dtype=F32) for _ in range(2))
@@ -348,7 +347,7 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     b_var, b_grp, b_pg = _layout(B, d)
     c_var, c_grp, c_pg = _layout(C, d)
     block_d = 32
-    kernels.selective_scan_step_kernel[(triton.cdiv(d, block_d), bsz)](
+    kernels.selective_scan_step_kernel[(cdiv(d, block_d), bsz)](
         u, delta, A, B, C, D, z, delta_bias, h0, y, last, d, b_pg, c_pg,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=h0 is not None, B_VARIABLE=b_var, C_VARIABLE=c_var, B_GROUPED=b_grp, C_GROUPED=c_grp,

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import cdiv, next_power_of_2
+
 _DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
 
@@ -81,7 +83,7 @@ def ssd_step_kernel(
 
 def _block_p(p: int, np_: int) -> int:
     """Channels per program: a state tile of at most 2048 fp32 (16 per thread with 4 warps)."""
-    return min(triton.next_power_of_2(p), max(1, 2048 // np_))
+    return min(next_power_of_2(p), max(1, 2048 // np_))
 
 
 @torch.library.custom_op("mambakit::ssd_step", mutates_args=("state",))
@@ -93,10 +95,10 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tens
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    np_ = max(2, triton.next_power_of_2(n))
+    np_ = max(2, next_power_of_2(n))
     block_p = _block_p(p, np_)
     zs = z.stride() if z is not None else (0, 0, 0)
-    ssd_step_kernel[(b * h, triton.cdiv(p, block_p))](
+    ssd_step_kernel[(b * h, cdiv(p, block_p))](
         x, dt, A, B, C, state, D, z, dt_bias, y,
         h, p, h // g, dt_lo, dt_hi,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *state.stride(), *zs,

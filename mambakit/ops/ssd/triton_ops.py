@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
-from .._backend import interpreting, sm_count
+from .._backend import cdiv, interpreting, next_power_of_2, sm_count
 from .._checks import grad_needed
 from .._compile import compile_ahead, launch
 from ..common import canonical_segments
@@ -31,7 +30,7 @@ def kernel_chunk(chunk_size: int) -> int:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _states_dtype(x: Tensor, per_token: bool = False) -> torch.dtype:
@@ -117,12 +116,12 @@ def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
     """Chunks per segment of the forward state walk (n_chunks: no split). Under the interpreter
     three segments (of one chunk and up), so that CI runs the split and its fix-up on short sequences."""
     if interpreting():
-        return max(1, triton.cdiv(n_chunks, 3))
+        return max(1, cdiv(n_chunks, 3))
     if device.type != "cuda":
         return n_chunks
     target = WALK_PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    segments = min(triton.cdiv(target, programs), max(1, n_chunks // MIN_SEGMENT_CHUNKS))
-    return triton.cdiv(n_chunks, max(1, segments))
+    segments = min(cdiv(target, programs), max(1, n_chunks // MIN_SEGMENT_CHUNKS))
+    return cdiv(n_chunks, max(1, segments))
 
 
 def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
@@ -134,10 +133,10 @@ def _walk_split(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[int,
     """(segments, chunks per segment) of the forward state walk for these inputs."""
     bsz, length, h, p = x.shape
     cfg = _launch("fwd_state", chunk, p, B.shape[3], per_token)
-    n_chunks = triton.cdiv(length, chunk)
-    programs = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(B.shape[3], cfg["BLOCK_N"]) * bsz * h
+    n_chunks = cdiv(length, chunk)
+    programs = cdiv(p, cfg["BLOCK_P"]) * cdiv(B.shape[3], cfg["BLOCK_N"]) * bsz * h
     segment_chunks = _segment_chunks(n_chunks, programs, x.device)
-    return triton.cdiv(n_chunks, segment_chunks), segment_chunks
+    return cdiv(n_chunks, segment_chunks), segment_chunks
 
 
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -157,7 +156,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
                   clamp, chunk, save, per_token)
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     states = x.new_empty(bsz, n_chunks, h, p, n, dtype=_states_dtype(x, per_token))
     final = x.new_empty(bsz, h, p, n, dtype=F32)
     dtp = x.new_empty(bsz, h, length, dtype=F32)
@@ -166,7 +165,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
     cfg = _launch("fwd_state", chunk, p, n, per_token)
-    p_blocks, n_blocks = triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"])
+    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"])
     segments, segment_chunks = _walk_split(x, B, chunk, per_token)
     if segments == 1:
         seg_final, seg_carry, entry, kept = final, final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
@@ -189,7 +188,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
-    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), triton.cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
+    grid = (n_chunks * (chunk // cfg["BLOCK_M"]), cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
     launch(kernels.ssd_fwd_output_kernel, grid,
         x, B, C, D, z, seg, states, entry, kept, dtp, cum, y, y_pre, length, n_chunks, segments, segment_chunks,
         *_rows(x), *_rows(B), *_rows(C), *_rows(z),
@@ -207,7 +206,7 @@ ssd_fwd = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=()
 def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save, per_token=False):
     bsz, length, h, p = x.shape
     n = B.shape[3]
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
     states_dtype = _states_dtype(x, per_token)
     segments, segment_chunks = _walk_split(x, B, chunk, per_token)
@@ -236,7 +235,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
     cfg = _launch("bwd_state", chunk, p, n, per_token)
-    launch(kernels.ssd_bwd_state_kernel, (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), bsz * h),
+    launch(kernels.ssd_bwd_state_kernel, (cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"]), bsz * h),
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
         *_rows(x), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
@@ -269,7 +268,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
         whole = torch.empty_like(states)
         block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
         launch(kernels.ssd_complete_states_kernel,
-            (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), n_chunks, bsz * h),
+            (cdiv(p, block_p) * cdiv(n, block_n), n_chunks, bsz * h),
             states, entry, kept, whole, n_chunks, kept.shape[1], kept.shape[2], H=h, P=p, N=n,
             BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
         states = whole
