@@ -193,6 +193,16 @@ def ssd_fwd_state_kernel(
 
 
 @triton.jit
+def _state_tile(pid_pn, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offsets within one head's (p, n) state, mask) of the pid_pn-th BLOCK_P x BLOCK_N tile
+    (p-blocks first)."""
+    p_blocks = tl.cdiv(P, BLOCK_P)
+    offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_p[:, None] * N + offs_n[None, :], (offs_p[:, None] < P) & (offs_n[None, :] < N)
+
+
+@triton.jit
 def ssd_fwd_entry_kernel(
     seg_final_ptr, seg_carry_ptr, entry_ptr, final_ptr,
     P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -201,11 +211,7 @@ def ssd_fwd_entry_kernel(
     # state), E_{k+1} = carry_k E_k + F_k with F_k the state segment k's walk ended with; stores
     # E_0 .. E_{SEGMENTS-1} (entry) and the final state E_SEGMENTS.
     pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
-    p_blocks = tl.cdiv(P, BLOCK_P)
-    offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
     bh = pid_bh.to(tl.int64)
     E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, SEGMENTS):
@@ -238,11 +244,7 @@ def ssd_complete_states_kernel(
 ):
     # Program (pn, chunk, bh): out_c = the whole state entering chunk c after a split walk.
     pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p_blocks = tl.cdiv(P, BLOCK_P)
-    offs_p = (pid_pn % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn // p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    pn_offs = offs_p[:, None] * N + offs_n[None, :]
+    pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
     bh = pid_bh.to(tl.int64)
     offs = (((bh // H) * n_chunks + c) * H + bh % H) * P * N + pn_offs
     S = _chunk_state(states_ptr, offs, entry_ptr, kept_ptr, bh, c, segments, seg_chunks, pn_offs, mask_pn, P, N, True)
