@@ -114,7 +114,8 @@ MIN_SEGMENT_CHUNKS = 4
 
 def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
     """Chunks per segment of the forward state walk (n_chunks: no split). Under the interpreter
-    three segments (of one chunk and up), so that CI runs the split and its fix-up on short sequences."""
+    three segments (of one chunk and up), so that CI runs the split, the entering states and their
+    use on short sequences."""
     if interpreting():
         return max(1, cdiv(n_chunks, 3))
     if device.type != "cuda":
@@ -129,14 +130,15 @@ def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
     return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
 
 
-def _walk_split(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[int, int]:
-    """(segments, chunks per segment) of the forward state walk for these inputs."""
+def _walk_plan(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[dict, int, int, int, int]:
+    """(launch parameters, p-blocks, n-blocks, segments, chunks per segment) of the forward state
+    walk for these inputs."""
     bsz, length, h, p = x.shape
     cfg = _launch("fwd_state", chunk, p, B.shape[3], per_token)
     n_chunks = cdiv(length, chunk)
-    programs = cdiv(p, cfg["BLOCK_P"]) * cdiv(B.shape[3], cfg["BLOCK_N"]) * bsz * h
-    segment_chunks = _segment_chunks(n_chunks, programs, x.device)
-    return cdiv(n_chunks, segment_chunks), segment_chunks
+    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(B.shape[3], cfg["BLOCK_N"])
+    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device)
+    return cfg, p_blocks, n_blocks, cdiv(n_chunks, segment_chunks), segment_chunks
 
 
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -164,9 +166,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y = x.new_empty(x.shape)
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
-    cfg = _launch("fwd_state", chunk, p, n, per_token)
-    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"])
-    segments, segment_chunks = _walk_split(x, B, chunk, per_token)
+    cfg, p_blocks, n_blocks, segments, segment_chunks = _walk_plan(x, B, chunk, per_token)
     if segments == 1:
         seg_final, seg_carry, entry, kept = final, final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     else:
@@ -209,7 +209,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n_chunks = cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
     states_dtype = _states_dtype(x, per_token)
-    segments, segment_chunks = _walk_split(x, B, chunk, per_token)
+    *_, segments, segment_chunks = _walk_plan(x, B, chunk, per_token)
     split = segments > 1
     return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=states_dtype),
             x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape),
