@@ -14,10 +14,10 @@ Forward, two kernels (three with a split walk):
   carrying the state in registers (chunk states and the state passing between chunks in one pass);
   stores S_c at each chunk start, the state it ends with, and the discretized dt and the in-chunk
   cumsum of dt A for the other kernels. With several segments (too few programs to fill the GPU)
-  the later ones start from zero, and the walk also stores what each chunk start keeps of the
-  state entering its segment (``kept``); ``ssd_fwd_entry_kernel`` then builds the state entering
-  each segment, E_s (``entry``), and the final state. The chunk states stay segment-local: the
-  output kernel adds kept_c E_s as it loads them (``_chunk_state``), which spares the forward a
+  the later ones start from zero; ``ssd_fwd_entry_kernel`` then builds the state entering each
+  segment, E_s (``entry``), the final state, and what each chunk start keeps of its segment's
+  entering state (``kept``, from the cumsums). The chunk states stay segment-local: the output
+  kernel reads kept_c C_t E_s as a second product beside C_t states_c, which spares the forward a
   pass that rewrites them; the backward completes them once (``ssd_complete_states_kernel``).
 - ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
   rows, block of p), the equation for y_t above; two heads share each C B^T block.
@@ -112,7 +112,7 @@ def _discretize(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 @triton.jit
 def ssd_fwd_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, h0_ptr, seg_ptr,
-    states_ptr, seg_final_ptr, seg_carry_ptr, kept_ptr, dtp_ptr, cum_ptr,
+    states_ptr, seg_final_ptr, dtp_ptr, cum_ptr,
     length, n_chunks, dt_lo, dt_hi, sx_b, sx_l, sdt_b, sdt_l, sB_b, sB_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_H0: tl.constexpr,
@@ -122,7 +122,9 @@ def ssd_fwd_state_kernel(
 ):
     # Walks the chunks of one segment (SEGMENT_CHUNKS chunks; all of them when SEGMENTS == 1), the
     # first from the initial state, the others from zero; what enters each later segment is added
-    # where the chunk states are read (_chunk_state).
+    # where the chunk states are read. (What a chunk start keeps of its segment's entering state
+    # is left to ssd_fwd_entry_kernel, which reads it from the cumsums: one more float carried
+    # here made the whole-n tile spill, 0.112 -> 0.128 ms at b8 l4096 in two segments.)
     pid_p, pid_n, pid_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_bh = pid_bhs // SEGMENTS
     segment = pid_bhs % SEGMENTS
@@ -144,7 +146,6 @@ def ssd_fwd_state_kernel(
             S = tl.load(h0_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
     writes_dt = (pid_p == 0) & (pid_n == 0)
     chunk_cum = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32), 0)
-    seg_carry = chunk_cum + 1.0  # what the state entering the segment keeps of itself so far
     if HAS_SEQ:
         seg_prev = tl.load(seg_ptr + bi * length + tl.maximum(seg_start - 1, 0))
     for t0 in range(seg_start, seg_end, BLOCK_T):
@@ -152,9 +153,6 @@ def ssd_fwd_state_kernel(
         if t0 % CHUNK == 0:
             tl.store(states_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs,
                      S.to(states_ptr.dtype.element_ty), mask=mask_pn)
-            if SEGMENTS > 1:
-                if writes_dt:
-                    tl.store(kept_ptr + pid_bh.to(tl.int64) * SEGMENTS * SEGMENT_CHUNKS + t0 // CHUNK, seg_carry)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         rows = bi * length + offs_t
@@ -185,11 +183,7 @@ def ssd_fwd_state_kernel(
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         xw = (xs.to(tl.float32) * weight[:, None]).to(xs.dtype)
         S = S * carry + _dot(tl.trans(xw), Bs, PREC)
-        seg_carry = seg_carry * carry
     tl.store(seg_final_ptr + pid_bhs * P * N + pn_offs, S, mask=mask_pn)
-    if SEGMENTS > 1:
-        if writes_dt:
-            tl.store(seg_carry_ptr + pid_bhs, seg_carry)
 
 
 @triton.jit
@@ -204,37 +198,44 @@ def _state_tile(pid_pn, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr,
 
 @triton.jit
 def ssd_fwd_entry_kernel(
-    seg_final_ptr, seg_carry_ptr, entry_ptr, final_ptr,
-    P: tl.constexpr, N: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    seg_final_ptr, cum_ptr, seg_ptr, entry_ptr, final_ptr, kept_ptr, length, n_chunks,
+    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENT_CHUNKS: tl.constexpr, CHUNKS_BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (pn, bh): the state entering each segment, E_0 = 0 (segment 0 walked from the initial
-    # state), E_{k+1} = carry_k E_k + F_k with F_k the state segment k's walk ended with; stores
-    # E_0 .. E_{SEGMENTS-1} (entry) and the final state E_SEGMENTS.
+    # state), E_{k+1} = carry_k E_k + F_k with F_k the state segment k's walk ended with and carry_k
+    # what a state keeps over segment k: exp of the sum of its chunks' log-decays (each chunk's is
+    # its in-chunk cumsum at its last token), 0 if a packed sequence ends within it. Stores
+    # E_0 .. E_{SEGMENTS-1} (entry), the final state E_SEGMENTS, and (p-block 0) what each chunk
+    # start keeps of its segment's entering state (kept: exp of the log-decays since the segment's
+    # start, 0 past a sequence's end).
     pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
     pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
     bh = pid_bh.to(tl.int64)
+    offs_k = tl.arange(0, CHUNKS_BLOCK)
     E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, SEGMENTS):
         tl.store(entry_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, E.to(entry_ptr.dtype.element_ty), mask=mask_pn)
+        chunks = k * SEGMENT_CHUNKS + offs_k
+        in_segment = (offs_k < SEGMENT_CHUNKS) & (chunks < n_chunks)
+        decay = tl.load(cum_ptr + bh * length + tl.minimum((chunks + 1) * CHUNK, length) - 1, mask=in_segment,
+                        other=0.0)
+        kept = tl.exp(tl.cumsum(decay, 0) - decay)
+        carry = tl.exp(tl.sum(decay, 0))
+        if HAS_SEQ:
+            seq_row = seg_ptr + (bh // H) * length
+            start = k * SEGMENT_CHUNKS * CHUNK
+            entering = tl.load(seq_row + tl.maximum(start - 1, 0))
+            at_chunk = tl.load(seq_row + tl.maximum(chunks * CHUNK - 1, 0), mask=in_segment, other=-1)
+            kept = tl.where(at_chunk == entering, kept, 0.0)
+            leaving = tl.load(seq_row + tl.minimum(start + SEGMENT_CHUNKS * CHUNK, length) - 1)
+            carry = tl.where(leaving == entering, carry, 0.0)
+        if pid_pn == 0:
+            tl.store(kept_ptr + (bh * SEGMENTS + k) * SEGMENT_CHUNKS + offs_k, kept, mask=in_segment)
         F = tl.load(seg_final_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
-        E = E * tl.load(seg_carry_ptr + bh * SEGMENTS + k) + F
+        E = E * carry + F
     tl.store(final_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
-
-
-@triton.jit
-def _chunk_state(states_ptr, state_offs, entry_ptr, kept_ptr, bh, c, segments, seg_chunks, pn_offs, mask,
-                 P: tl.constexpr, N: tl.constexpr, SPLIT: tl.constexpr):
-    """The state entering chunk c (at ``state_offs`` in the chunk states; pn_offs its (p, n)
-    offsets within one head's state) as the walk stored it; after a SPLIT walk plus what enters
-    the chunk's segment s from before it, kept_c E_s, in float32. bh = batch * H + head (int64)."""
-    S = tl.load(states_ptr + state_offs, mask=mask, other=0.0)
-    if SPLIT:
-        S = S.to(tl.float32)
-        s = c // seg_chunks
-        if s > 0:
-            E = tl.load(entry_ptr + (bh * segments + s) * P * N + pn_offs, mask=mask, other=0.0)
-            S += tl.load(kept_ptr + bh * segments * seg_chunks + c) * E.to(tl.float32)
-    return S
 
 
 @triton.jit
@@ -242,12 +243,17 @@ def ssd_complete_states_kernel(
     states_ptr, entry_ptr, kept_ptr, out_ptr, n_chunks, segments, seg_chunks,
     H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (pn, chunk, bh): out_c = the whole state entering chunk c after a split walk.
+    # Program (pn, chunk, bh): out_c = the whole state entering chunk c after a split walk,
+    # states_c + kept_c E_s (s the chunk's segment), summed in float32.
     pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
     bh = pid_bh.to(tl.int64)
     offs = (((bh // H) * n_chunks + c) * H + bh % H) * P * N + pn_offs
-    S = _chunk_state(states_ptr, offs, entry_ptr, kept_ptr, bh, c, segments, seg_chunks, pn_offs, mask_pn, P, N, True)
+    S = tl.load(states_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
+    s = c // seg_chunks
+    if s > 0:
+        E = tl.load(entry_ptr + (bh * segments + s) * P * N + pn_offs, mask=mask_pn, other=0.0)
+        S += tl.load(kept_ptr + bh * segments * seg_chunks + c) * E.to(tl.float32)
     tl.store(out_ptr + offs, S.to(out_ptr.dtype.element_ty), mask=mask_pn)
 
 
@@ -257,12 +263,20 @@ def _entering_part(Ct, states_ptr, entry_ptr, kept_ptr, cum_t, bi, hi, c, n_chun
                    PREC: tl.constexpr, NARROW: tl.constexpr, SPLIT: tl.constexpr):
     """Head hi's rows from the state entering chunk c: exp(cum_t) S C_t, (M, BLOCK_P) float32;
     cum_t (M,) is the head's in-chunk cumsum at the rows, in_seq (M,) says which rows are still in
-    the sequence that state belongs to."""
+    the sequence that state belongs to. After a SPLIT walk S = states_c + kept_c E_s, read out as
+    two products (C_t states_c + kept_c C_t E_s) rather than summed as a float32 tile first."""
     pn_offs = offs_p[None, :] * N + offs_n[:, None]
-    S = _chunk_state(states_ptr, ((bi * n_chunks + c) * H + hi) * P * N + pn_offs, entry_ptr, kept_ptr,
-                     bi * H + hi, c, segments, seg_chunks, pn_offs, mask_n[:, None] & mask_p[None, :], P, N, SPLIT)
+    mask = mask_n[:, None] & mask_p[None, :]
+    bh = bi * H + hi
+    S = tl.load(states_ptr + ((bi * n_chunks + c) * H + hi) * P * N + pn_offs, mask=mask, other=0.0)
+    out = _state_dot(Ct, S, PREC, NARROW)
+    if SPLIT:
+        s = c // seg_chunks
+        if s > 0:
+            E = tl.load(entry_ptr + (bh * segments + s) * P * N + pn_offs, mask=mask, other=0.0)
+            out += tl.load(kept_ptr + bh * segments * seg_chunks + c) * _state_dot(Ct, E, PREC, NARROW)
     decay_in = tl.where(in_seq, tl.exp(cum_t), 0.0)
-    return _state_dot(Ct, S, PREC, NARROW) * decay_in[:, None]
+    return out * decay_in[:, None]
 
 
 @triton.jit

@@ -104,11 +104,13 @@ def _launch(name: str, chunk: int, p: int, n: int, per_token: bool) -> dict:
     return cfg
 
 
-# The forward state walk is sequential over chunks; when its (p-block, n-block, batch, head) programs
-# are fewer than WALK_PROGRAMS_PER_SM per SM, the chunks are split into segments walked in parallel,
-# each at least MIN_SEGMENT_CHUNKS chunks. One per SM measured best with the whole n in one block
-# (H200, b8 l4096 and b2 l16384: more segments made the walk slower, benchmarks/NOTES.md).
-WALK_PROGRAMS_PER_SM = 1
+# The forward state walk is sequential over chunks. When its (p-block, n-block, batch, head) programs
+# leave SMs idle, the chunks are split into segments walked in parallel, each at least
+# MIN_SEGMENT_CHUNKS chunks: as many segments as keep all programs in one wave of
+# WALK_PROGRAMS_PER_SM per SM (the whole-n tile fits two at once on the H200). At b2 l16384 four
+# segments (256 programs on 132 SMs) walk in 0.126 ms against 0.147 in three (192: the SMs with
+# two programs set the pace) and 0.193 in two (benchmarks/NOTES.md).
+WALK_PROGRAMS_PER_SM = 2
 MIN_SEGMENT_CHUNKS = 4
 
 
@@ -120,8 +122,8 @@ def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
         return max(1, cdiv(n_chunks, 3))
     if device.type != "cuda":
         return n_chunks
-    target = WALK_PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    segments = min(cdiv(target, programs), max(1, n_chunks // MIN_SEGMENT_CHUNKS))
+    slots = WALK_PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    segments = min(slots // programs, n_chunks // MIN_SEGMENT_CHUNKS)
     return cdiv(n_chunks, max(1, segments))
 
 
@@ -168,15 +170,14 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     prec = _precision(x)
     cfg, p_blocks, n_blocks, segments, segment_chunks = _walk_plan(x, B, chunk, per_token)
     if segments == 1:
-        seg_final, seg_carry, entry, kept = final, final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
+        seg_final, entry, kept = final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     else:
         seg_final = x.new_empty(bsz * h, segments, p, n, dtype=F32)
-        seg_carry = x.new_empty(bsz * h, segments, dtype=F32)
         entry = x.new_empty(bsz * h, segments, p, n, dtype=states.dtype)
         kept = x.new_empty(bsz * h, segments, segment_chunks, dtype=F32)
     launch(kernels.ssd_fwd_state_kernel,
         (p_blocks, n_blocks, bsz * h * segments),
-        x, dt, A, dt_bias, B, h0, seg, states, seg_final, seg_carry, kept, dtp, cum, length, n_chunks,
+        x, dt, A, dt_bias, B, h0, seg, states, seg_final, dtp, cum, length, n_chunks,
         dt_lo, dt_hi, *_rows(x), *_rows(dt), *_rows(B),
         H=h, G=g, P=p, N=n, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
         HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec,
@@ -184,8 +185,9 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     )
     if segments > 1:
         launch(kernels.ssd_fwd_entry_kernel, (p_blocks * n_blocks, bsz * h),
-            seg_final, seg_carry, entry, final, P=p, N=n, SEGMENTS=segments, BLOCK_P=cfg["BLOCK_P"],
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+            seg_final, cum, seg, entry, final, kept, length, n_chunks, H=h, P=p, N=n, CHUNK=chunk,
+            SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, CHUNKS_BLOCK=next_power_of_2(segment_chunks),
+            HAS_SEQ=seg is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
