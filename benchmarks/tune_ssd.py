@@ -47,11 +47,8 @@ CANDIDATES = {
     "fwd_output": grid(BLOCK_M=[64, 128], BLOCK_K=[16, 32], BLOCK_P=[64], HEADS=[2], num_warps=[4, 8],
                        num_stages=[2, 3, 4]),
     "bwd_state": grid(BLOCK_T=[64, 128], BLOCK_P=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
-    # (tiles that do not spill at 4 heads, benchmarks/kernel_registers.py, and more heads per program)
-    "bwd_dx": grid(BLOCK_S=[32, 64], BLOCK_T=[32, 64], HEADS=[4], num_warps=[4, 8], num_stages=[1, 2])
-    + grid(BLOCK_S=[64], BLOCK_T=[32], HEADS=[2, 8, 16], num_warps=[4], num_stages=[1]),
-    "bwd_dc": grid(BLOCK_T=[32, 64], BLOCK_S=[32, 64], HEADS=[4], num_warps=[4, 8], num_stages=[1, 2])
-    + grid(BLOCK_T=[64], BLOCK_S=[32, 64], HEADS=[1, 8, 16], num_warps=[4], num_stages=[1]),
+    "bwd_dx": grid(BLOCK_S=[64], BLOCK_T=[32], HEADS=[2, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
+    "bwd_dc": grid(BLOCK_T=[64], BLOCK_S=[32, 64], HEADS=[1, 4, 8, 16, 32], num_warps=[4], num_stages=[1]),
     "bwd_dt": grid(num_warps=[1, 2, 4, 8]),
 }
 # Mamba-3's core: one head per program (HEADS 1), chunk 64, float32 states.
