@@ -108,8 +108,8 @@ def _launch(name: str, chunk: int, p: int, n: int, per_token: bool) -> dict:
 # leave SMs idle, the chunks are split into segments walked in parallel, each at least
 # MIN_SEGMENT_CHUNKS chunks: as many segments as keep all programs in one wave of
 # WALK_PROGRAMS_PER_SM per SM (the whole-n tile fits two at once on the H200). At b2 l16384 four
-# segments (256 programs on 132 SMs) walk in 0.126 ms against 0.147 in three (192: the SMs with
-# two programs set the pace) and 0.193 in two (benchmarks/NOTES.md).
+# segments (256 programs on 132 SMs) walk in 0.110 ms against 0.165 in two; three (192 programs,
+# the SMs with two set the pace) took 0.147 when the walk still spilled (benchmarks/NOTES.md).
 WALK_PROGRAMS_PER_SM = 2
 MIN_SEGMENT_CHUNKS = 4
 
