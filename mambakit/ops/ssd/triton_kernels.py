@@ -22,9 +22,12 @@ Forward, two kernels (three with a split walk):
 - ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
   rows, block of p), the equation for y_t above; two heads share each C B^T block.
 
-Backward, four kernels:
-- ``ssd_bwd_state_kernel``: the reverse walk, carrying dL/dS; stores the gradient of each chunk's
-  end state and of the initial state, and the gradients at the output (dy through the gate, dz, D).
+Backward, four kernels (six with a split walk):
+- ``ssd_bwd_state_kernel``: the reverse walk, carrying dL/dS, in segments as the forward's; stores
+  the gradient of each chunk's end state and of the initial state, and the gradients at the output
+  (dy through the gate, dz, D). After a split walk ``ssd_bwd_entry_kernel`` builds the gradient
+  entering each segment from its end (and dh0), and ``ssd_bwd_complete_kernel`` adds its share
+  into the chunks' gradients in place.
 - ``ssd_bwd_dx_kernel``: per (batch, group, chunk, block of source tokens s), looping over the
   group's heads: dx, dB (summed over the heads in registers), and the parts of dL/dcum at s.
 - ``ssd_bwd_dc_kernel``: per (batch, group, chunk, block of target tokens t): dC and the parts of
@@ -392,14 +395,23 @@ def ssd_fwd_output_kernel(
 @triton.jit
 def ssd_bwd_state_kernel(
     dout_ptr, x_ptr, A_ptr, C_ptr, z_ptr, ypre_ptr, seg_ptr, dtp_ptr, dlast_ptr,
-    dstates_ptr, dh0_ptr, dy_ptr, dz_ptr, dD_ptr,
+    dstates_ptr, dh0_ptr, seg_final_ptr, dy_ptr, dz_ptr, dD_ptr,
     length, n_chunks, sx_b, sx_l, sC_b, sC_l, sz_b, sz_l,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, PER_TOKEN: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    SEGMENTS: tl.constexpr, SEGMENT_CHUNKS: tl.constexpr,
 ):
-    pid_p, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Walks the chunks of one segment backwards (SEGMENT_CHUNKS chunks; all of them when
+    # SEGMENTS == 1), the last from dL/d(final state), the others from zero; with several segments
+    # it stores the gradient it ends with in seg_final (b * h, segments, p, n) instead of dh0, and
+    # ssd_bwd_entry_kernel / ssd_bwd_complete_kernel add what enters each segment from the later ones.
+    pid_p, pid_n, pid_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_bh = pid_bhs // SEGMENTS
+    segment = pid_bhs % SEGMENTS
+    seg_start = segment * SEGMENT_CHUNKS * CHUNK
+    seg_end = tl.minimum(seg_start + SEGMENT_CHUNKS * CHUNK, length)
     bi = (pid_bh // H).to(tl.int64)
     hi = pid_bh % H
     gi = hi // (H // G)
@@ -410,15 +422,15 @@ def ssd_bwd_state_kernel(
     pn_offs = offs_p[:, None] * N + offs_n[None, :]
     if not PER_TOKEN:
         A = tl.load(A_ptr + hi).to(tl.float32)
+    dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     if HAS_DLAST:
-        dS = tl.load(dlast_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        if segment == SEGMENTS - 1:
+            dS = tl.load(dlast_ptr + (bi * H + hi) * P * N + pn_offs, mask=mask_pn, other=0.0).to(tl.float32)
     writes_dy = pid_n == 0
     dD = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    n_blocks = tl.cdiv(length, BLOCK_T)
+    n_blocks = tl.cdiv(seg_end - seg_start, BLOCK_T)
     for i in range(n_blocks):
-        t0 = (n_blocks - 1 - i) * BLOCK_T
+        t0 = seg_start + (n_blocks - 1 - i) * BLOCK_T
         if ((t0 + BLOCK_T) % CHUNK == 0) | (t0 + BLOCK_T >= length):
             # dS is now the gradient of the state leaving this block's chunk.
             tl.store(dstates_ptr + ((bi * n_chunks + t0 // CHUNK) * H + hi) * P * N + pn_offs,
@@ -461,10 +473,82 @@ def ssd_bwd_state_kernel(
                      mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
         dyw = (dy * decay_in[:, None]).to(Ct.dtype)
         dS = dS * carry + _dot(tl.trans(dyw), Ct, PREC)
-    if HAS_H0:
+    if SEGMENTS > 1:
+        tl.store(seg_final_ptr + pid_bhs * P * N + pn_offs, dS, mask=mask_pn)
+    elif HAS_H0:
         tl.store(dh0_ptr + (bi * H + hi) * P * N + pn_offs, dS, mask=mask_pn)
     if HAS_D and writes_dy:
         tl.atomic_add(dD_ptr + hi * P + offs_p, dD, mask=mask_p, sem="relaxed")
+
+
+@triton.jit
+def _segment_decay(cum_ptr, seg_ptr, bh, k, length, H: tl.constexpr, CHUNK: tl.constexpr,
+                   SEGMENT_CHUNKS: tl.constexpr, CHUNKS_BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """What a state keeps over segment k (a full segment, all its chunks within the sequence) of
+    head row bh: exp of the sum of its chunks' log-decays, 0 if a packed sequence ends within it."""
+    offs_k = tl.arange(0, CHUNKS_BLOCK)
+    chunks = k * SEGMENT_CHUNKS + offs_k
+    decay = tl.load(cum_ptr + bh * length + (chunks + 1) * CHUNK - 1, mask=offs_k < SEGMENT_CHUNKS, other=0.0)
+    carry = tl.exp(tl.sum(decay, 0))
+    if HAS_SEQ:
+        seq_row = seg_ptr + (bh // H) * length
+        start = k * SEGMENT_CHUNKS * CHUNK
+        same = tl.load(seq_row + tl.maximum(start - 1, 0)) == tl.load(seq_row + start + SEGMENT_CHUNKS * CHUNK - 1)
+        carry = tl.where(same, carry, 0.0)
+    return carry
+
+
+@triton.jit
+def ssd_bwd_entry_kernel(
+    seg_final_ptr, cum_ptr, seg_ptr, entry_ptr, dh0_ptr, length,
+    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENT_CHUNKS: tl.constexpr, CHUNKS_BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (pn, bh), after a split backward walk: the gradient entering each segment but the last
+    # from its end, E_k = F_{k+1} + carry_{k+1} E_{k+1} (E_{SEGMENTS-2} = F_{SEGMENTS-1}, the last
+    # segment walked from dL/d(final state)), with F_k the gradient segment k's walk ended with and
+    # carry_k as in ssd_fwd_entry_kernel; stores E_0 .. E_{SEGMENTS-2} (entry) and
+    # dh0 = F_0 + carry_0 E_0.
+    pid_pn, pid_bh = tl.program_id(0), tl.program_id(1)
+    pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
+    bh = pid_bh.to(tl.int64)
+    E = tl.load(seg_final_ptr + (bh * SEGMENTS + SEGMENTS - 1) * P * N + pn_offs, mask=mask_pn, other=0.0)
+    for i in range(0, SEGMENTS - 1):
+        k = SEGMENTS - 2 - i
+        tl.store(entry_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, E, mask=mask_pn)
+        F = tl.load(seg_final_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
+        E = F + _segment_decay(cum_ptr, seg_ptr, bh, k, length, H, CHUNK, SEGMENT_CHUNKS, CHUNKS_BLOCK, HAS_SEQ) * E
+    if HAS_H0:
+        tl.store(dh0_ptr + bh * P * N + pn_offs, E, mask=mask_pn)
+
+
+@triton.jit
+def ssd_bwd_complete_kernel(
+    dstates_ptr, entry_ptr, cum_ptr, seg_ptr, length, n_chunks,
+    H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENT_CHUNKS: tl.constexpr, CHUNKS_BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (pn, chunk c of a segment k but the last, bh), in place: the gradient of the state
+    # leaving chunk c += kept_c E_k, kept_c = exp of the log-decays of the segment's chunks after c
+    # (0 if a packed sequence ends between c's last token and the segment's).
+    pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
+    bh = pid_bh.to(tl.int64)
+    k = c // SEGMENT_CHUNKS
+    offs_k = tl.arange(0, CHUNKS_BLOCK)
+    later = (offs_k > c % SEGMENT_CHUNKS) & (offs_k < SEGMENT_CHUNKS)
+    decay = tl.load(cum_ptr + bh * length + (k * SEGMENT_CHUNKS + offs_k + 1) * CHUNK - 1, mask=later, other=0.0)
+    kept = tl.exp(tl.sum(decay, 0))
+    if HAS_SEQ:
+        seq_row = seg_ptr + (bh // H) * length
+        same = tl.load(seq_row + (c + 1) * CHUNK - 1) == tl.load(seq_row + (k + 1) * SEGMENT_CHUNKS * CHUNK - 1)
+        kept = tl.where(same, kept, 0.0)
+    offs = (((bh // H) * n_chunks + c) * H + bh % H) * P * N + pn_offs
+    dS = tl.load(dstates_ptr + offs, mask=mask_pn, other=0.0).to(tl.float32)
+    E = tl.load(entry_ptr + (bh * SEGMENTS + k) * P * N + pn_offs, mask=mask_pn, other=0.0)
+    tl.store(dstates_ptr + offs, (dS + kept * E).to(dstates_ptr.dtype.element_ty), mask=mask_pn)
 
 
 @triton.jit

@@ -73,7 +73,7 @@ def _precision(x: Tensor) -> str:
 CONFIGS = {
     "fwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2),
     "fwd_output": dict(BLOCK_M=64, BLOCK_K=16, BLOCK_P=64, HEADS=2, num_warps=4, num_stages=3),  # HEADS: 1 or 2
-    "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "bwd_state": dict(BLOCK_T=128, BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2),
     "bwd_dx": dict(BLOCK_S=64, BLOCK_T=32, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dc": dict(BLOCK_T=64, BLOCK_S=64, HEADS=4, num_warps=4, num_stages=1),
     "bwd_dt": dict(num_warps=4),
@@ -112,17 +112,22 @@ def _launch(name: str, chunk: int, p: int, n: int, per_token: bool) -> dict:
 # the SMs with two set the pace) took 0.147 when the walk still spilled (benchmarks/NOTES.md).
 WALK_PROGRAMS_PER_SM = 2
 MIN_SEGMENT_CHUNKS = 4
+# The backward walk is split the same way. With the whole-n tile, at b2 l16384 four segments walk
+# in 0.228 ms + 0.067 to add what enters them, against 0.432 unsplit (two segments at n-blocks of
+# 64: 0.290 + 0.042; benchmarks/NOTES.md).
+BWD_WALK_PROGRAMS_PER_SM = 2
 
 
-def _segment_chunks(n_chunks: int, programs: int, device: torch.device) -> int:
-    """Chunks per segment of the forward state walk (n_chunks: no split). Under the interpreter
+def _segment_chunks(n_chunks: int, programs: int, device: torch.device, per_sm: int) -> int:
+    """Chunks per segment of a state walk of ``programs`` programs (n_chunks: no split), as many
+    segments as fit ``per_sm`` programs per SM in one wave. Under the interpreter
     three segments (of one chunk and up), so that CI runs the split, the entering states and their
     use on short sequences."""
     if interpreting():
         return max(1, cdiv(n_chunks, 3))
     if device.type != "cuda":
         return n_chunks
-    slots = WALK_PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    slots = per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     segments = min(slots // programs, n_chunks // MIN_SEGMENT_CHUNKS)
     return cdiv(n_chunks, max(1, segments))
 
@@ -139,7 +144,7 @@ def _walk_plan(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[dict,
     cfg = _launch("fwd_state", chunk, p, B.shape[3], per_token)
     n_chunks = cdiv(length, chunk)
     p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(B.shape[3], cfg["BLOCK_N"])
-    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device)
+    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device, WALK_PROGRAMS_PER_SM)
     return cfg, p_blocks, n_blocks, cdiv(n_chunks, segment_chunks), segment_chunks
 
 
@@ -237,12 +242,28 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
     cfg = _launch("bwd_state", chunk, p, n, per_token)
-    launch(kernels.ssd_bwd_state_kernel, (cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"]), bsz * h),
-        dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, dy, dz, dD, length, n_chunks,
+    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"])
+    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, dev, BWD_WALK_PROGRAMS_PER_SM)
+    segments = cdiv(n_chunks, segment_chunks)
+    seg_final = torch.empty(bsz * h, segments, p, n, device=dev, dtype=F32) if segments > 1 else dh0
+    launch(kernels.ssd_bwd_state_kernel, (p_blocks, n_blocks, bsz * h * segments),
+        dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, seg_final, dy, dz, dD, length, n_chunks,
         *_rows(x), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dfinal is not None,
-        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec, **cfg,
+        HAS_H0=h0 is not None, HAS_SEQ=seg is not None, PER_TOKEN=per_token, CHUNK=chunk, PREC=prec,
+        SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, **cfg,
     )
+    if segments > 1:  # add what enters each segment from the later ones
+        entering = torch.empty_like(seg_final)
+        split = dict(H=h, P=p, N=n, CHUNK=chunk, SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks,
+                     CHUNKS_BLOCK=next_power_of_2(segment_chunks), HAS_SEQ=seg is not None)
+        launch(kernels.ssd_bwd_entry_kernel, (p_blocks * n_blocks, bsz * h),
+            seg_final, cum, seg, entering, dh0, length, HAS_H0=h0 is not None,
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], **split)
+        block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
+        launch(kernels.ssd_bwd_complete_kernel,
+            (cdiv(p, block_p) * cdiv(n, block_n), (segments - 1) * segment_chunks, bsz * h),
+            dstates, entering, cum, seg, length, n_chunks, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4, **split)
     dx = x.new_empty(x.shape)
     ddt_direct = torch.empty(bsz, h, length, device=dev, dtype=F32)
     dcum_src, dcum_dst = torch.empty_like(ddt_direct), torch.empty_like(ddt_direct)
