@@ -33,7 +33,8 @@ from mambakit.ops.ssd import triton_ops  # noqa: E402
 KERNELS = {  # CONFIGS key -> Triton kernel name
     "fwd_state": "ssd_fwd_state_kernel", "fwd_entry": "ssd_fwd_entry_kernel", "fwd_output": "ssd_fwd_output_kernel",
     "bwd_state": "ssd_bwd_state_kernel", "bwd_dx": "ssd_bwd_dx_kernel", "bwd_dc": "ssd_bwd_dc_kernel",
-    "bwd_dt": "ssd_bwd_dt_kernel", "bwd_complete": "ssd_complete_states_kernel", "bwd_entry": "ssd_bwd_entry_kernel", "bwd_fixup": "ssd_bwd_complete_kernel",
+    "bwd_dt": "ssd_bwd_dt_kernel", "fwd_complete": "ssd_complete_states_kernel", "bwd_entry": "ssd_bwd_entry_kernel",
+    "bwd_fixup": "ssd_bwd_complete_kernel",
 }
 
 

@@ -16,9 +16,10 @@ Forward, two kernels (three with a split walk):
   cumsum of dt A for the other kernels. With several segments (too few programs to fill the GPU)
   the later ones start from zero; ``ssd_fwd_entry_kernel`` then builds the state entering each
   segment, E_s (``entry``), the final state, and what each chunk start keeps of its segment's
-  entering state (``kept``, from the cumsums). The chunk states stay segment-local: the output
-  kernel reads kept_c C_t E_s as a second product beside C_t states_c, which spares the forward a
-  pass that rewrites them; the backward completes them once (``ssd_complete_states_kernel``).
+  entering state (``kept``, from the cumsums). Without a backward to follow, the chunk states stay
+  segment-local: the output kernel reads kept_c C_t E_s as a second product beside C_t states_c,
+  which spares the forward a pass that rewrites them. With one, ``ssd_complete_states_kernel``
+  completes the later segments' states in place first (the backward reads whole states).
 - ``ssd_fwd_output_kernel``: one program per (batch, one or two heads of a group, chunk, block of
   rows, block of p), the equation for y_t above; two heads share each C B^T block.
 
@@ -31,8 +32,7 @@ Backward, four kernels (six with a split walk):
 - ``ssd_bwd_dx_kernel``: per (batch, group, chunk, block of source tokens s), looping over the
   group's heads: dx, dB (summed over the heads in registers), and the parts of dL/dcum at s.
 - ``ssd_bwd_dc_kernel``: per (batch, group, chunk, block of target tokens t): dC and the parts of
-  dL/dcum at t. After a split forward walk, ``ssd_complete_states_kernel`` first writes the whole
-  chunk states (S_c = states_c + kept_c E_s) into a new tensor for it.
+  dL/dcum at t, from the whole chunk states the forward saved.
 - ``ssd_bwd_dt_kernel``: per (batch, head, chunk): dL/da from dL/dcum (a reverse cumsum), then
   through dt = clamp(softplus(dt + dt_bias)) to the raw dt, dA and d dt_bias.
 
@@ -243,12 +243,12 @@ def ssd_fwd_entry_kernel(
 
 @triton.jit
 def ssd_complete_states_kernel(
-    states_ptr, entry_ptr, kept_ptr, out_ptr, n_chunks, segments, seg_chunks,
+    states_ptr, entry_ptr, kept_ptr, out_ptr, n_chunks, segments, seg_chunks, first_chunk,
     H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (pn, chunk, bh): out_c = the whole state entering chunk c after a split walk,
-    # states_c + kept_c E_s (s the chunk's segment), summed in float32.
-    pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Program (pn, chunk - first_chunk, bh): out_c = the whole state entering chunk c after a split
+    # walk, states_c + kept_c E_s (s the chunk's segment), summed in float32 (out may be states).
+    pid_pn, c, pid_bh = tl.program_id(0), tl.program_id(1) + first_chunk, tl.program_id(2)
     pn_offs, mask_pn = _state_tile(pid_pn, P, N, BLOCK_P, BLOCK_N)
     bh = pid_bh.to(tl.int64)
     offs = (((bh // H) * n_chunks + c) * H + bh % H) * P * N + pn_offs

@@ -151,13 +151,12 @@ def _walk_plan(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[dict,
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], h0: Optional[Tensor], seg: Optional[Tensor], dt_softplus: bool,
             dt_lo: float, dt_hi: float, clamp: bool, chunk: int, save: bool, per_token: bool = False,
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, chunk-start states
     (b, n_chunks, h, p, n) (bf16 for bf16 inputs, else fp32), dt and in-chunk cumsum of dt A (b, h, l) fp32, the output
-    before the z gate (b, l, h, p), empty unless ``save`` and z, and, when the walk ran in segments, the state entering
-    each segment (b * h, segments, p, n) in the chunk states' dtype and what each chunk start keeps of it
-    (b * h, segments, chunks per segment) fp32 (both empty otherwise; the chunk states of a later segment hold only
-    what entered within it: S_c = states_c + kept_c entry_s).
+    before the z gate (b, l, h, p), empty unless ``save`` and z). Without ``save``, after a walk in segments, the
+    chunk states of a later segment hold only what entered within it (the output kernel adds the rest); with it they
+    are whole, as the backward reads them.
 
     ``per_token``: A is (b, l, h) contiguous, each token's log-decay itself (the state decays by
     exp(A_t), not exp(dt_t A)), and dt weighs the input as given (Mamba-3's core)."""
@@ -193,6 +192,13 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
             seg_final, cum, seg, entry, final, kept, length, n_chunks, H=h, P=p, N=n, CHUNK=chunk,
             SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, CHUNKS_BLOCK=next_power_of_2(segment_chunks),
             HAS_SEQ=seg is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+        if save:  # the backward reads whole states: complete the later segments' in place now
+            block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
+            launch(kernels.ssd_complete_states_kernel,
+                (cdiv(p, block_p) * cdiv(n, block_n), n_chunks - segment_chunks, bsz * h),
+                states, entry, kept, states, n_chunks, segments, segment_chunks, segment_chunks, H=h, P=p, N=n,
+                BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+            segments, entry, kept = 1, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
@@ -203,7 +209,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
         NARROW=_narrow(x, per_token), SPLIT=segments > 1, **cfg,
     )
-    return y, final, states, dtp, cum, y_pre, entry, kept
+    return y, final, states, dtp, cum, y_pre
 
 
 ssd_fwd = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=())
@@ -216,21 +222,17 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, 
     n_chunks = cdiv(length, chunk)
     y_pre_shape = x.shape if save and z is not None else (0,)
     states_dtype = _states_dtype(x, per_token)
-    *_, segments, segment_chunks = _walk_plan(x, B, chunk, per_token)
-    split = segments > 1
     return (x.new_empty(x.shape), x.new_empty(bsz, h, p, n, dtype=F32), x.new_empty(bsz, n_chunks, h, p, n, dtype=states_dtype),
-            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape),
-            x.new_empty((bsz * h, segments, p, n) if split else (0,), dtype=states_dtype),
-            x.new_empty((bsz * h, segments, segment_chunks) if split else (0,), dtype=F32))
+            x.new_empty(bsz, h, length, dtype=F32), x.new_empty(bsz, h, length, dtype=F32), x.new_empty(y_pre_shape))
 
 
 def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], h0: Optional[Tensor],
-            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor, entry: Tensor,
-            kept: Tensor, dt_softplus: bool, dt_lo: float, dt_hi: float, clamp: bool, chunk: int,
+            seg: Optional[Tensor], states: Tensor, dtp: Tensor, cum: Tensor, y_pre: Tensor,
+            dt_softplus: bool, dt_lo: float, dt_hi: float, clamp: bool, chunk: int,
             per_token: bool = False) -> list[Tensor]:
     """-> [dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0], absent inputs' gradients empty (dA per
-    token for ``per_token``); states, entry and kept as the forward returned them."""
+    token for ``per_token``); states (whole) as the forward saved them."""
     bsz, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     n_chunks = states.shape[1]
@@ -287,14 +289,6 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     cfg = _launch("bwd_dc", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(cfg, h // g)
     dC = group_grad(cfg["HEADS"])
-    if kept.numel() > 0:  # a split walk: the whole chunk states, in a new tensor (the saved ones stay as they are)
-        whole = torch.empty_like(states)
-        block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
-        launch(kernels.ssd_complete_states_kernel,
-            (cdiv(p, block_p) * cdiv(n, block_n), n_chunks, bsz * h),
-            states, entry, kept, whole, n_chunks, kept.shape[1], kept.shape[2], H=h, P=p, N=n,
-            BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
-        states = whole
     launch(kernels.ssd_bwd_dc_kernel, (n_chunks * (chunk // cfg["BLOCK_T"]), bsz * h // cfg["HEADS"]),
         x, B, C, seg, dtp, cum, dy, states, dstates, dC, dcum_dst, chunk_const, length, n_chunks,
         *_rows(x), *_rows(B), *_rows(C), **common, **cfg,
@@ -327,16 +321,16 @@ ssd_bwd = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=()
 def _forward_and_backward(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi, clamp, chunk, save,
                           per_token):
     """Every launch of a forward and, when it saves for one, of its backward (for compile_ahead)."""
-    y, final, states, dtp, cum, y_pre, entry, kept = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus,
-                                                              dt_lo, dt_hi, clamp, chunk, save, per_token)
+    y, final, states, dtp, cum, y_pre = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seg, dt_softplus, dt_lo, dt_hi,
+                                                 clamp, chunk, save, per_token)
     if save:  # autograd hands the backward zeros for an unused final state, so a dfinal always comes
         _ssd_bwd(torch.empty_like(y), torch.empty_like(final), x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp,
-                 cum, y_pre, entry, kept, dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
+                 cum, y_pre, dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
 @ssd_bwd.register_fake
-def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, entry, kept, dt_softplus, dt_lo,
-      dt_hi, clamp, chunk, per_token=False):
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, dt_softplus, dt_lo, dt_hi, clamp,
+      chunk, per_token=False):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(0)
 
@@ -349,12 +343,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (dt_softplus, dt_lo, dt_hi, clamp, chunk, per_token)
 
 
-def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre, _dentry, _dkept):
-    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre, entry, kept = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, _dstates, _ddtp, _dcum, _dy_pre):
+    x, dt, A, B, C, D, z, dt_bias, h0, seg, states, dtp, cum, y_pre = ctx.saved_tensors
     if z is not None and y_pre.numel() == 0:
         raise RuntimeError("ssd: the forward ran without saving for backward (no input required grad)")
     grads = ssd_bwd(dy.contiguous(), None if dfinal is None else dfinal.contiguous(), x, dt, A, B, C, D, z, dt_bias,
-                    h0, seg, states, dtp, cum, y_pre, entry, kept, *ctx.options)
+                    h0, seg, states, dtp, cum, y_pre, *ctx.options)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = grads
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if dt_bias is not None else None, dh0 if h0 is not None else None,
