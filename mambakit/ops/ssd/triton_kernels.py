@@ -8,7 +8,7 @@ across a packed-sequence boundary):
     y_t     = exp(cum_t) S_c C_t + sum_{s<=t} (C_t . B_s) M[t, s] x_s          (+ D x_t, * silu(z_t))
     S_{c+1} = exp(cum_last) S_c + sum_s exp(cum_last - cum_s) dt_s x_s B_s^T
 
-Forward, two kernels (three with a split walk):
+Forward, two kernels (three with a split walk, four when it saves for a backward):
 - ``ssd_fwd_state_kernel``: one program per (batch, head, block of p, block of n, segment) walks
   its segment of chunks (the whole sequence when there is one) in blocks of BLOCK_T tokens,
   carrying the state in registers (chunk states and the state passing between chunks in one pass);
