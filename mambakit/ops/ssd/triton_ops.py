@@ -137,15 +137,21 @@ def _heads_per_program(cfg: dict, heads_per_group: int) -> int:
     return max(k for k in range(1, min(cfg["HEADS"], heads_per_group) + 1) if heads_per_group % k == 0)
 
 
-def _walk_plan(x: Tensor, B: Tensor, chunk: int, per_token: bool) -> tuple[dict, int, int, int, int]:
-    """(launch parameters, p-blocks, n-blocks, segments, chunks per segment) of the forward state
-    walk for these inputs."""
+def _walk_plan(name: str, per_sm: int, x: Tensor, n: int, chunk: int, per_token: bool
+               ) -> tuple[dict, int, int, int, int]:
+    """(launch parameters, p-blocks, n-blocks, segments, chunks per segment) of state walk ``name``
+    ("fwd_state" or "bwd_state", split at ``per_sm`` programs per SM) for x (b, l, h, p), state size n."""
     bsz, length, h, p = x.shape
-    cfg = _launch("fwd_state", chunk, p, B.shape[3], per_token)
+    cfg = _launch(name, chunk, p, n, per_token)
     n_chunks = cdiv(length, chunk)
-    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(B.shape[3], cfg["BLOCK_N"])
-    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device, WALK_PROGRAMS_PER_SM)
+    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"])
+    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, x.device, per_sm)
     return cfg, p_blocks, n_blocks, cdiv(n_chunks, segment_chunks), segment_chunks
+
+
+def _state_pass_tile(p: int, n: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N) of the elementwise passes over chunk states (completing them)."""
+    return min(64, _pow2(p)), min(64, _pow2(n))
 
 
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -172,7 +178,9 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y = x.new_empty(x.shape)
     y_pre = x.new_empty(x.shape) if save and z is not None else x.new_empty(0)
     prec = _precision(x)
-    cfg, p_blocks, n_blocks, segments, segment_chunks = _walk_plan(x, B, chunk, per_token)
+    cfg, p_blocks, n_blocks, segments, segment_chunks = _walk_plan("fwd_state", WALK_PROGRAMS_PER_SM, x, n, chunk,
+                                                                   per_token)
+    fold = segments > 1 and not save  # the output kernel adds what entered each later segment
     if segments == 1:
         seg_final, entry, kept = final, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     else:
@@ -193,12 +201,11 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
             SEGMENTS=segments, SEGMENT_CHUNKS=segment_chunks, CHUNKS_BLOCK=next_power_of_2(segment_chunks),
             HAS_SEQ=seg is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
         if save:  # the backward reads whole states: complete the later segments' in place now
-            block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
+            block_p, block_n = _state_pass_tile(p, n)
             launch(kernels.ssd_complete_states_kernel,
                 (cdiv(p, block_p) * cdiv(n, block_n), n_chunks - segment_chunks, bsz * h),
                 states, entry, kept, states, n_chunks, segments, segment_chunks, segment_chunks, H=h, P=p, N=n,
                 BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
-            segments, entry, kept = 1, x.new_empty(0, dtype=states.dtype), x.new_empty(0, dtype=F32)
     cfg = _launch("fwd_output", chunk, p, n, per_token)
     cfg["HEADS"] = _heads_per_program(dict(cfg, HEADS=min(cfg["HEADS"], 2)), h // g)  # the kernel takes 1 or 2
     grid = (n_chunks * (chunk // cfg["BLOCK_M"]), cdiv(p, cfg["BLOCK_P"]), bsz * h // cfg["HEADS"])
@@ -207,7 +214,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         *_rows(x), *_rows(B), *_rows(C), *_rows(z),
         H=h, G=g, P=p, N=n, NP=_pow2(n), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, SAVE_PRE=y_pre.numel() > 0, HAS_SEQ=seg is not None, CHUNK=chunk, PREC=prec,
-        NARROW=_narrow(x, per_token), SPLIT=segments > 1, **cfg,
+        NARROW=_narrow(x, per_token), SPLIT=fold, **cfg,
     )
     return y, final, states, dtp, cum, y_pre
 
@@ -243,10 +250,8 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
     dy = x.new_empty(x.shape) if z is not None else dout  # dL/d(SSD output before D and the gate)
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dD = torch.zeros(h, p, device=dev, dtype=F32)
-    cfg = _launch("bwd_state", chunk, p, n, per_token)
-    p_blocks, n_blocks = cdiv(p, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"])
-    segment_chunks = _segment_chunks(n_chunks, p_blocks * n_blocks * bsz * h, dev, BWD_WALK_PROGRAMS_PER_SM)
-    segments = cdiv(n_chunks, segment_chunks)
+    cfg, p_blocks, n_blocks, segments, segment_chunks = _walk_plan("bwd_state", BWD_WALK_PROGRAMS_PER_SM, x, n, chunk,
+                                                                   per_token)
     seg_final = torch.empty(bsz * h, segments, p, n, device=dev, dtype=F32) if segments > 1 else dh0
     launch(kernels.ssd_bwd_state_kernel, (p_blocks, n_blocks, bsz * h * segments),
         dout, x, A, C, z, y_pre, seg, dtp, dfinal, dstates, dh0, seg_final, dy, dz, dD, length, n_chunks,
@@ -262,7 +267,7 @@ def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: T
         launch(kernels.ssd_bwd_entry_kernel, (p_blocks * n_blocks, bsz * h),
             seg_final, cum, seg, entering, dh0, length, HAS_H0=h0 is not None,
             BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], **split)
-        block_p, block_n = min(64, _pow2(p)), min(64, _pow2(n))
+        block_p, block_n = _state_pass_tile(p, n)
         launch(kernels.ssd_bwd_complete_kernel,
             (cdiv(p, block_p) * cdiv(n, block_n), (segments - 1) * segment_chunks, bsz * h),
             dstates, entering, cum, seg, length, n_chunks, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4, **split)
