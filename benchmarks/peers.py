@@ -1,6 +1,7 @@
 """Set up the peers a benchmark compares against, in the same process, on the GPU machine.
 
-The official ``mamba-ssm`` comes as its PyPI source archive (carried in ``.whl/``). Its Triton
+The official ``mamba-ssm`` comes as its PyPI source archive (carried in ``.whl/``; fetch it on a
+machine with network by ``python -m benchmarks.peers``, which checks its SHA-256). Its Triton
 parts need no build; its Mamba-1 CUDA extension is compiled here for the local GPU only (the
 archive's own setup builds a dozen architectures). Nothing of the peer is imported at run time of
 the library: only benchmarks and optional tests use this module.
@@ -9,14 +10,47 @@ the library: only benchmarks and optional tests use this module.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import re
 import sys
 import tarfile
 import time
 import types
+import urllib.request
 from pathlib import Path
 
 ARCHIVE_GLOB = ".whl/mamba_ssm-*.tar.gz"
+OFFICIAL_VERSION = "2.3.2.post1"
+OFFICIAL_SHA256 = "104cc47e9101e5401a675fa2b784f2952b9b037f3b1dd83b5ac544394e95d028"
+PYPI_SIMPLE = "https://pypi.org/simple/mamba-ssm/"
+
+
+def fetch_official_archive(root: str | os.PathLike = ".") -> Path:
+    """Download the pinned official source archive into ``root/.whl`` (written atomically).
+
+    ``pip download`` of the sdist runs its setup script, which needs CUDA; the archive is taken
+    straight from PyPI's simple index instead and checked against its pinned SHA-256.
+    """
+    name = f"mamba_ssm-{OFFICIAL_VERSION}.tar.gz"
+    target = Path(root) / ".whl" / name
+    if target.exists():
+        return target
+    with urllib.request.urlopen(PYPI_SIMPLE, timeout=60) as response:
+        index = response.read().decode()
+    links = [link for link in re.findall(r'href="([^"]+)"', index) if f"/{name}#" in link]
+    if not links:
+        raise RuntimeError(f"{name} is not listed at {PYPI_SIMPLE}")
+    with urllib.request.urlopen(links[0].split("#")[0], timeout=120) as response:
+        data = response.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != OFFICIAL_SHA256:
+        raise RuntimeError(f"{name}: SHA-256 {digest}, expected {OFFICIAL_SHA256}")
+    target.parent.mkdir(exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
 
 
 def official_source(root: str | os.PathLike = ".", dest: str = "/tmp/mamba_ssm_src") -> Path | None:
@@ -113,3 +147,7 @@ def mambapy_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+if __name__ == "__main__":
+    print(fetch_official_archive())
