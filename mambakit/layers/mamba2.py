@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._backend import resolve_backend
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
+from ..ops.norm.linear import fused_kernel_unsupported, gated_rms_norm_linear
 from ..ops.ssd import ssd, ssd_step
 from .mixer_common import (
     at_least_fp32,
@@ -22,7 +24,7 @@ from .mixer_common import (
     write_states,
 )
 from .norm import RMSNormGated
-from .projection import project
+from .projection import _has_hooks, project
 
 
 class Mamba2(nn.Module):
@@ -193,11 +195,32 @@ class Mamba2(nn.Module):
             dt_softplus=True,
             dt_limit=self.dt_limit,
         ).reshape(b, self.d_ssm)
+        if self._fuses_output(y, z):
+            return self._fused_output(y, z)[:, None], conv_state, ssm_state
         if self.rmsnorm:
             y = self.norm(y, z)
         if d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return project(self.out_proj, y)[:, None], conv_state, ssm_state
+
+    def _fuses_output(self, y, z) -> bool:
+        """Whether a decode token's gated norm and out_proj run as one kernel
+        (:func:`gated_rms_norm_linear`): Triton backend, norm after the gate, no MLP half, plain
+        modules without hooks, one dtype, no autocast, and inputs the kernel takes (no autograd, a
+        few rows)."""
+        if not (self.rmsnorm and not self.norm.norm_before_gate and self.d_inner == self.d_ssm
+                and type(self.norm) is RMSNormGated and type(self.out_proj) is nn.Linear
+                and not _has_hooks(self.norm) and not _has_hooks(self.out_proj)
+                and resolve_backend(None, y.device) == "triton" and not torch.is_autocast_enabled(y.device.type)
+                and y.dtype == z.dtype == self.out_proj.weight.dtype):
+            return False
+        weight, bias = self.out_proj.weight, self.out_proj.bias
+        return fused_kernel_unsupported(y, z, self.norm.weight, weight, bias, self.norm.group_size or self.d_ssm) is None
+
+    def _fused_output(self, y, z):
+        """y, z (b, d_ssm) -> out_proj(norm(y, z)) (b, d_model), one kernel."""
+        return gated_rms_norm_linear(y, z, self.norm.weight, self.out_proj.weight, self.out_proj.bias,
+                                     eps=self.norm.eps, group_size=self.norm.group_size)
 
     def _mix(self, hidden_states, states=None, resume=False, seq_idx=None):
         return project(self.out_proj, self.mix_projected(project(self.in_proj, hidden_states), states, resume, seq_idx))
