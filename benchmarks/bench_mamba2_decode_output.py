@@ -2,10 +2,11 @@
 (``gated_rms_norm_linear``) against the two ops (``gated_rms_norm`` + ``F.linear``, cuBLAS), per
 batch size: the op alone and the whole model's generation.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_mamba2_decode_output.py [--batch 1 4 16 32 64]
+    PYTHONUNBUFFERED=1 python benchmarks/bench_mamba2_decode_output.py [--batch 1 2 3 4 8 16 64]
 
 Op: 24 calls (one a layer) replayed from one CUDA graph, microseconds a call, at the 130M-class
-shape (d_ssm 1536 -> d_model 768) and a 1.3B-class one (4096 -> 2048), bf16. Model: a 130M-class
+shape (d_ssm 1536 -> d_model 768) and 1.3B / 2.7B-class ones (4096 -> 2048, 5120 -> 2560), bf16,
+each taking the kernel only within its limit (MAX_FUSED_ROW_VALUES; the two ops above it). Model: a 130M-class
 Mamba-2 LM (d_model 768, 24 layers, random weights, bf16), greedy, 16-token prompt + 128 new
 tokens, timed end to end after one warm-up call (median of 3), as ``e2e_gpu.py``; two copies of
 the model, so that each captures its own graphs. Writes
@@ -33,7 +34,7 @@ from mambakit.ops.norm import gated_rms_norm, gated_rms_norm_linear  # noqa: E40
 
 VOCAB = 50280
 LAYERS = 24
-OP_SHAPES = {"130m": (1536, 768), "1.3b": (4096, 2048)}  # (d_ssm, d_model)
+OP_SHAPES = {"130m": (1536, 768), "1.3b": (4096, 2048), "2.7b": (5120, 2560)}  # (d_ssm, d_model)
 
 
 def op_microseconds(batch: int, d: int, n_out: int) -> dict:
@@ -57,7 +58,7 @@ def op_microseconds(batch: int, d: int, n_out: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16, 32, 64])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 3, 4, 8, 16, 64])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -91,11 +92,13 @@ def main(argv=None) -> None:
                   command="python benchmarks/bench_mamba2_decode_output.py --batch " + " ".join(map(str, args.batch)))
     atomic_write(out / "mamba2_decode_output.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     lines = [f"Mamba-2 decode, gated RMSNorm + out_proj fused vs the two ops, {record['gpu']}, bf16, CUDA graphs",
-             "", "| batch | op 130m fused / unfused us | op 1.3b fused / unfused us | model fused tok/s | "
-             "model unfused tok/s | model fused / unfused |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['batch']} | {r['op_130m_fused_us']:.2f} / {r['op_130m_unfused_us']:.2f} | "
-              f"{r['op_1.3b_fused_us']:.2f} / {r['op_1.3b_unfused_us']:.2f} | {r['fused_tokens_per_s']:,.0f} | "
-              f"{r['unfused_tokens_per_s']:,.0f} | {r['speedup']:.2f}x |" for r in rows]
+             "", "| batch | " + " | ".join(f"op {s} fused / unfused us" for s in OP_SHAPES)
+             + " | model fused tok/s | model unfused tok/s | model fused / unfused |",
+             "| ---: " * (len(OP_SHAPES) + 4) + "|"]
+    lines += [f"| {r['batch']} | " + " | ".join(f"{r[f'op_{s}_fused_us']:.2f} / {r[f'op_{s}_unfused_us']:.2f}"
+                                                for s in OP_SHAPES)
+              + f" | {r['fused_tokens_per_s']:,.0f} | {r['unfused_tokens_per_s']:,.0f} | {r['speedup']:.2f}x |"
+              for r in rows]
     text = "\n".join(lines + ["", f"Command: `{record['command']}`"]) + "\n"
     atomic_write(out / "mamba2_decode_output.md", lambda tmp: Path(tmp).write_text(text))
 

@@ -6,7 +6,7 @@ import torch
 
 from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba2
-from mambakit.ops.norm.linear import MAX_FUSED_ROWS
+from mambakit.ops.norm.linear import MAX_FUSED_ROW_VALUES
 from tests.utils import assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
@@ -57,8 +57,8 @@ def test_fused_output_is_not_taken_where_it_does_not_apply(monkeypatch):
     assert not layer._fuses_output(y, z)  # grad mode on, parameters require grad
     with torch.no_grad():
         assert layer._fuses_output(y, z)
-        assert not layer._fuses_output(torch.empty(MAX_FUSED_ROWS + 1, 32, device=DEVICE),
-                                       torch.empty(MAX_FUSED_ROWS + 1, 32, device=DEVICE))  # large batch
+        many = MAX_FUSED_ROW_VALUES // 32 + 1  # a large batch
+        assert not layer._fuses_output(torch.empty(many, 32, device=DEVICE), torch.empty(many, 32, device=DEVICE))
         assert not _layer(norm_before_gate=True)._fuses_output(y, z)
         assert not _layer(d_ssm=16)._fuses_output(y[:, :16], z[:, :16])  # an MLP half beside the SSM
         assert not _layer(rmsnorm=False)._fuses_output(y, z)

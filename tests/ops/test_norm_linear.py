@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops.norm import gated_rms_norm_linear, gated_rms_norm_linear_reference
-from mambakit.ops.norm.linear import MAX_FUSED_GROUP_SIZE, MAX_FUSED_ROWS
+from mambakit.ops.norm.linear import MAX_FUSED_GROUP_SIZE, MAX_FUSED_ROW_VALUES
 from tests.utils import assert_close
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
@@ -95,12 +95,13 @@ BAD = {
                    "bias:"),
     "group_not_dividing": (lambda: gated_rms_norm_linear(X, Z, NW, WEIGHT, group_size=3), ValueError, "group_size:"),
     "too_many_rows_on_triton": (lambda: gated_rms_norm_linear(
-        torch.randn(MAX_FUSED_ROWS + 1, 8, device=DEVICE), torch.randn(MAX_FUSED_ROWS + 1, 8, device=DEVICE), NW,
-        WEIGHT, backend="triton"), ValueError, "backend:"),
-    "group_too_wide_on_triton": (lambda: gated_rms_norm_linear(
-        torch.randn(1, 2 * MAX_FUSED_GROUP_SIZE, device=DEVICE), torch.randn(1, 2 * MAX_FUSED_GROUP_SIZE, device=DEVICE),
-        torch.ones(2 * MAX_FUSED_GROUP_SIZE, device=DEVICE), torch.randn(2, 2 * MAX_FUSED_GROUP_SIZE, device=DEVICE),
-        backend="triton"), ValueError, "backend:"),
+        torch.randn(MAX_FUSED_ROW_VALUES // 8 + 1, 8, device=DEVICE),
+        torch.randn(MAX_FUSED_ROW_VALUES // 8 + 1, 8, device=DEVICE), NW, WEIGHT, backend="triton"),
+        ValueError, "backend:"),
+    "group_too_wide_on_triton": (lambda: gated_rms_norm_linear(  # one row, within the value limit
+        torch.randn(1, MAX_FUSED_ROW_VALUES, device=DEVICE), torch.randn(1, MAX_FUSED_ROW_VALUES, device=DEVICE),
+        torch.ones(MAX_FUSED_ROW_VALUES, device=DEVICE), torch.randn(2, MAX_FUSED_ROW_VALUES, device=DEVICE),
+        backend="triton"), ValueError, "backend: the fused Triton norm + projection does not take groups"),
     "grad_on_triton": (lambda: gated_rms_norm_linear(X, Z, NW, WEIGHT.clone().requires_grad_(), backend="triton"),
                        ValueError, "backend:"),
 }
@@ -117,11 +118,10 @@ def test_bad_inputs(case):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 5, 64])
-@pytest.mark.parametrize("d,n_out,group_size", [(1536, 768, None), (1536, 768, 192), (4096, 2048, None),
-                                                 (5120, 2560, 1280)])
-def test_real_sizes_on_gpu(d, n_out, group_size, rows, dtype):
-    # Mamba-2 130m (d_ssm 1536 with 1 or 8 groups), 1.3b (4096), 2.7b with 4 groups.
-    x, z, nw, w, b = inputs(rows, d, n_out, dtype, seed=d + rows, bias=rows == 5)
-    out = gated_rms_norm_linear(x, z, nw, w, b, group_size=group_size)
+@pytest.mark.parametrize("rows,d,n_out,group_size", [(1, 1536, 768, None), (7, 1536, 768, 192), (1, 4096, 2048, None),
+                                                     (3, 4096, 2048, None), (2, 5120, 2560, 1280), (1, 8192, 4096, None)])
+def test_real_sizes_on_gpu(rows, d, n_out, group_size, dtype):
+    # Mamba-2 130m (d_ssm 1536 with 1 or 8 groups), 1.3b (4096), 2.7b with 4 groups, a wide group.
+    x, z, nw, w, b = inputs(rows, d, n_out, dtype, seed=d + rows, bias=rows == 7)
+    out = gated_rms_norm_linear(x, z, nw, w, b, group_size=group_size, backend="triton")
     assert_close(out, float64_expected(x, z, nw, w, b, 1e-5, group_size), TOL[dtype], "out")

@@ -3,9 +3,8 @@
 
 At batch 1 a decode token of a 130M-class Mamba-2 spends most of its time in launch latency: the
 norm and the matrix-vector product after it are two kernels of a few microseconds each, a layer.
-The fused kernel reads each weight tile once, for every row of its program, and computes the
-rows' norms itself (the rows are a few thousand values, read from L2), so the normed activations
-never go to memory. The normed values round to the activation dtype before the product, as the
+In the fused kernel each program computes its row's norm itself (a few thousand values, read
+from L2) before its weight tile's product, so the normed activations never go to memory. The normed values round to the activation dtype before the product, as the
 two separate ops do.
 """
 
@@ -19,10 +18,14 @@ from .._checks import expect_same_device, expect_shape, expect_tensor
 from .api import gated_rms_norm
 from .reference import gated_rms_norm_reference, validate_gated_rms_norm
 
-# Widest group the kernel holds in registers (one row's group at a time), and most rows it takes:
-# above either the dispatcher runs the two ops (for many rows their matrix product is a GEMM).
-MAX_FUSED_GROUP_SIZE = 4096
-MAX_FUSED_ROWS = 64
+# Widest group the kernel takes (a program holds one group of one row), and most values
+# (rows x d) a call may have: every program recomputes its row's norm, so the fused kernel pays
+# only for a few rows. On an H200 it took 3.6 / 4.2 / 4.8 / 7.5 us against the two ops' 9.7-10.1
+# at 1 / 2 / 4 / 8 rows of d 1536, 7.4 / 10.9 against 12.9-13.1 at 1 / 2 rows of d 4096, and
+# lost from 16 rows of d 1536 and 4 rows of d 4096 (benchmarks/NOTES.md, "Mamba-2 decode: the
+# output norm and out_proj in one kernel"); above the limit the dispatcher runs the two ops.
+MAX_FUSED_GROUP_SIZE = 8192
+MAX_FUSED_ROW_VALUES = 12288
 
 
 def validate_gated_rms_norm_linear(x, z, norm_weight, weight, bias, eps, group_size) -> int:
@@ -69,8 +72,8 @@ def gated_rms_norm_linear_reference(x, z, norm_weight, weight, bias=None, eps: f
 def fused_kernel_unsupported(x, z, norm_weight, weight, bias, group_size) -> str | None:
     """Why the fused kernel cannot take these (validated) inputs, or None when it can."""
     unsupported = step_kernel_unsupported(x, z, norm_weight, weight, bias)
-    if unsupported is None and x.shape[0] > MAX_FUSED_ROWS:
-        unsupported = f"more than {MAX_FUSED_ROWS} rows (got {x.shape[0]})"
+    if unsupported is None and x.numel() > MAX_FUSED_ROW_VALUES:
+        unsupported = f"more than {MAX_FUSED_ROW_VALUES} values in x (rows x d, got {tuple(x.shape)})"
     if unsupported is None and group_size > MAX_FUSED_GROUP_SIZE:
         unsupported = f"groups wider than {MAX_FUSED_GROUP_SIZE} channels (got {group_size})"
     return unsupported
@@ -83,7 +86,7 @@ def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps: float = 1e-
     stride are read in place).
 
     backend: ``None`` (auto), ``"reference"`` or ``"triton"``. On auto, CUDA inputs without
-    autograd, up to MAX_FUSED_ROWS rows and groups up to MAX_FUSED_GROUP_SIZE take the fused
+    autograd, up to MAX_FUSED_ROW_VALUES values (rows x d) and groups up to MAX_FUSED_GROUP_SIZE take the fused
     kernel; anything else runs :func:`gated_rms_norm` then ``F.linear`` (gradients flow there).
     ``backend="triton"`` with inputs the kernel cannot take raises ValueError.
     """
