@@ -20,12 +20,13 @@ from .reference import gated_rms_norm_reference, validate_gated_rms_norm
 
 # Widest group the kernel takes (a program holds one group of one row), and most values
 # (rows x d) a call may have: every program recomputes its row's norm, so the fused kernel pays
-# only for a few rows. On an H200 it took 3.6 / 4.2 / 4.8 / 7.5 us against the two ops' 9.7-10.1
-# at 1 / 2 / 4 / 8 rows of d 1536, 7.4 / 10.9 against 12.9-13.1 at 1 / 2 rows of d 4096, and
-# lost from 16 rows of d 1536 and 4 rows of d 4096 (benchmarks/NOTES.md, "Mamba-2 decode: the
-# output norm and out_proj in one kernel"); above the limit the dispatcher runs the two ops.
-MAX_FUSED_GROUP_SIZE = 8192
-MAX_FUSED_ROW_VALUES = 12288
+# only for a few rows. On an H200 (24 calls in a CUDA graph) it took 3.7 / 4.2 / 4.9 us against
+# the two ops' 9.8-10.4 at 1 / 2 / 4 rows of d 1536 and 7.8 / 11.5 against 13.0 / 13.4 at 1 / 2
+# rows of d 4096, but 15.2 against 13.3 at 3 rows of d 4096, and 16.5 against 15.5 for one row
+# with a group of 5120 (padded to 8192); benchmarks/NOTES.md, "Mamba-2 decode: the output norm
+# and out_proj in one kernel". Past either limit the dispatcher runs the two ops.
+MAX_FUSED_GROUP_SIZE = 4096
+MAX_FUSED_ROW_VALUES = 8192
 
 
 def validate_gated_rms_norm_linear(x, z, norm_weight, weight, bias, eps, group_size) -> int:
