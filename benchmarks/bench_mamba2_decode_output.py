@@ -99,7 +99,8 @@ def main(argv=None) -> None:
                                                 for s in OP_SHAPES)
               + f" | {r['fused_tokens_per_s']:,.0f} | {r['unfused_tokens_per_s']:,.0f} | {r['speedup']:.2f}x |"
               for r in rows]
-    text = "\n".join(lines + ["", f"Command: `{record['command']}`"]) + "\n"
+    text = "\n".join(lines + ["", f"Versions: {record['versions']}; date: {record['date']}",
+                              f"Command: `{record['command']}`"]) + "\n"
     atomic_write(out / "mamba2_decode_output.md", lambda tmp: Path(tmp).write_text(text))
 
 
