@@ -44,18 +44,35 @@ def assert_compiles_like_eager(layer, x: torch.Tensor, tol: float = 1e-4) -> Non
     assert_all_close(output_and_grads(compiled, x), output_and_grads(layer, x), tol, "compiled vs eager")
 
 
-def assert_decode_matches_forward(layer, x: torch.Tensor, prefill: int, tol: float) -> None:
-    """A cached prefill of x[:, :prefill] followed by one-token forwards gives the full forward."""
+def prefill_then_steps(layer, x: torch.Tensor, prefill: int):
+    """A cached prefill of x[:, :prefill], then one-token forwards: (the outputs (b, l, d), copies
+    of the first layer's cached states)."""
     from mambakit.cache import InferenceCache
 
+    cache = InferenceCache(max_batch_size=x.shape[0], max_seqlen=x.shape[1])
+    outs = [layer(x[:, :prefill], inference_params=cache)]
+    for t in range(prefill, x.shape[1]):
+        cache.seqlen_offset = t
+        outs.append(layer(x[:, t : t + 1], inference_params=cache))
+    return torch.cat(outs, dim=1), [s.clone() for s in cache.states[0]]
+
+
+def assert_decode_matches_forward(layer, x: torch.Tensor, prefill: int, tol: float) -> None:
+    """A cached prefill of x[:, :prefill] followed by one-token forwards gives the full forward."""
     with torch.no_grad():
         full = layer(x)
-        cache = InferenceCache(max_batch_size=x.shape[0], max_seqlen=x.shape[1])
-        outs = [layer(x[:, :prefill], inference_params=cache)]
-        for t in range(prefill, x.shape[1]):
-            cache.seqlen_offset = t
-            outs.append(layer(x[:, t : t + 1], inference_params=cache))
-    assert_close(torch.cat(outs, dim=1), full, tol, "prefill + one-token steps")
+        stepped, _ = prefill_then_steps(layer, x, prefill)
+    assert_close(stepped, full, tol, "prefill + one-token steps")
+
+
+def assert_raises_starting(call, error: type, start: str) -> None:
+    """``call()`` raises ``error`` whose message starts with ``start``."""
+    try:
+        call()
+    except error as err:
+        assert str(err).startswith(start), str(err)
+    else:
+        raise AssertionError(f"expected {error.__name__} starting {start!r}, nothing raised")
 
 
 class OpRecorder(TorchDispatchMode):

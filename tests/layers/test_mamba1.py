@@ -10,7 +10,7 @@ from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba1
 from mambakit.layers.mamba1 import FUSED_STEP_MAX_BATCH
 from mambakit.layers.binary import binarize_projections
-from tests.utils import assert_close
+from tests.utils import assert_close, prefill_then_steps
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,15 +121,6 @@ def test_channel_major_path_is_not_taken_where_it_does_not_apply(monkeypatch):
     assert not _layer()._runs_channel_major(x, resume=False)
 
 
-def _prefill_then_steps(layer, x, prefill):
-    cache = InferenceCache(x.shape[0], x.shape[1])
-    outs = [layer(x[:, :prefill], inference_params=cache)]
-    for t in range(prefill, x.shape[1]):
-        cache.seqlen_offset = t
-        outs.append(layer(x[:, t:t + 1], inference_params=cache))
-    return torch.cat(outs, dim=1), [s.clone() for s in cache.states[0]]
-
-
 @pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"),
                                     pytest.param(dict(conv_bias=False, dt_rank=3, d_conv=2), id="no-conv-bias")])
 def test_decode_steps_fused_match_the_unfused_ops(kwargs, monkeypatch):
@@ -144,10 +135,10 @@ def _assert_steps_match_the_unfused_ops(layer, x, step: str, gate: str, monkeypa
     original = getattr(Mamba1, step)
     monkeypatch.setattr(Mamba1, step, lambda self, *a: calls.append(1) or original(self, *a))
     with torch.no_grad():
-        got, got_states = _prefill_then_steps(layer, x, prefill=7)
+        got, got_states = prefill_then_steps(layer, x, prefill=7)
         assert len(calls) == x.shape[1] - 7, f"every one-token call takes {step}"
         monkeypatch.setattr(Mamba1, gate, lambda self, *args: False)
-        expected, expected_states = _prefill_then_steps(layer, x, prefill=7)
+        expected, expected_states = prefill_then_steps(layer, x, prefill=7)
     assert_close(got, expected, 1e-5, "outputs")
     for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
         assert_close(a, e, 1e-5, name)

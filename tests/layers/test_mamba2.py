@@ -4,10 +4,9 @@ as one kernel, against the two ops, and where that kernel is not taken."""
 import pytest
 import torch
 
-from mambakit.cache import InferenceCache
 from mambakit.layers import Mamba2
 from mambakit.ops.norm.linear import MAX_FUSED_ROW_VALUES
-from tests.utils import assert_close
+from tests.utils import assert_close, prefill_then_steps
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,15 +23,6 @@ def _layer(**kwargs):
     return Mamba2(16, **dict(options, **kwargs)).to(DEVICE)
 
 
-def _prefill_then_steps(layer, x, prefill):
-    cache = InferenceCache(x.shape[0], x.shape[1])
-    outs = [layer(x[:, :prefill], inference_params=cache)]
-    for t in range(prefill, x.shape[1]):
-        cache.seqlen_offset = t
-        outs.append(layer(x[:, t:t + 1], inference_params=cache))
-    return torch.cat(outs, dim=1), [s.clone() for s in cache.states[0]]
-
-
 @pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"), pytest.param(dict(ngroups=2), id="two-groups"),
                                     pytest.param(dict(bias=True), id="bias")])
 def test_decode_outputs_fused_match_the_unfused_ops(kwargs, monkeypatch):
@@ -42,10 +32,10 @@ def test_decode_outputs_fused_match_the_unfused_ops(kwargs, monkeypatch):
     original = Mamba2._fused_output
     monkeypatch.setattr(Mamba2, "_fused_output", lambda self, *a: calls.append(1) or original(self, *a))
     with torch.no_grad():
-        got, got_states = _prefill_then_steps(layer, x, prefill=5)
+        got, got_states = prefill_then_steps(layer, x, prefill=5)
         assert len(calls) == 6, "every one-token call fuses its norm and out_proj"
         monkeypatch.setattr(Mamba2, "_fuses_output", lambda self, y, z: False)
-        expected, expected_states = _prefill_then_steps(layer, x, prefill=5)
+        expected, expected_states = prefill_then_steps(layer, x, prefill=5)
     assert_close(got, expected, 1e-5, "outputs")
     for name, a, e in zip(["conv_state", "ssm_state"], got_states, expected_states):
         assert_close(a, e, 1e-6, name)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops.norm import add_norm, gated_rms_norm, layer_norm, rms_norm
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_raises_starting
 
 D = 12
 
@@ -271,6 +271,4 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_inputs(case):
     call, error, start = BAD[case]
-    with pytest.raises(error) as info:
-        call()
-    assert str(info.value).startswith(start), str(info.value)
+    assert_raises_starting(call, error, start)

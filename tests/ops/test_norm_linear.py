@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mambakit.ops.norm import gated_rms_norm_linear, gated_rms_norm_linear_reference
 from mambakit.ops.norm.linear import MAX_FUSED_GROUP_SIZE, MAX_FUSED_ROW_VALUES
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_raises_starting
 
 pytest.importorskip("triton")  # a test dependency: installed by `make test`
 CUDA = torch.cuda.is_available()
@@ -110,9 +110,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_inputs(case):
     call, error, start = BAD[case]
-    with pytest.raises(error) as info:
-        call()
-    assert str(info.value).startswith(start), str(info.value)
+    assert_raises_starting(call, error, start)
 
 
 @gpu
