@@ -4,8 +4,8 @@
 At batch 1 a decode token of a 130M-class Mamba-2 spends most of its time in launch latency: the
 norm and the matrix-vector product after it are two kernels of a few microseconds each, a layer.
 In the fused kernel each program computes its row's norm itself (a few thousand values, read
-from L2) before its weight tile's product, so the normed activations never go to memory. The normed values round to the activation dtype before the product, as the
-two separate ops do.
+from L2) before its weight tile's product, so the normed activations never go to memory. The
+normed values round to the activation dtype before the product, as the two separate ops do.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps: float = 1e-
     stride are read in place).
 
     backend: ``None`` (auto), ``"reference"`` or ``"triton"``. On auto, CUDA inputs without
-    autograd, up to MAX_FUSED_ROW_VALUES values (rows x d) and groups up to MAX_FUSED_GROUP_SIZE take the fused
-    kernel; anything else runs :func:`gated_rms_norm` then ``F.linear`` (gradients flow there).
+    autograd, up to MAX_FUSED_ROW_VALUES values (rows x d) and groups up to MAX_FUSED_GROUP_SIZE
+    take the fused kernel; anything else runs :func:`gated_rms_norm` then ``F.linear`` (gradients flow there).
     ``backend="triton"`` with inputs the kernel cannot take raises ValueError.
     """
     group_size = validate_gated_rms_norm_linear(x, z, norm_weight, weight, bias, eps, group_size)

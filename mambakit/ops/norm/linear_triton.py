@@ -21,8 +21,8 @@ from .._backend import cdiv, interpreting, next_power_of_2, sm_count
 
 # Weight-tile values per program (BLOCK_N x BLOCK_G), held in registers as float32. One row per
 # program: on an H200, 2, 4 or 8 rows a program (their loads unrolled) and tiles of 4096 or 8192
-# values were no faster at any batch (benchmarks/NOTES.md, "Mamba-2 decode: the output norm and
-# out_proj in one kernel").
+# values were at best 0.3 us faster (8192-value tiles at 2 rows of d 1536) and mostly slower, up
+# to 2x (benchmarks/NOTES.md, "Mamba-2 decode: the output norm and out_proj in one kernel").
 TILE_ELEMENTS = 16384
 
 
