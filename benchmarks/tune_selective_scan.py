@@ -122,6 +122,9 @@ def main() -> None:
                     text = f"bwd {spec}: {ms:.3f} ms"
                 results.append((ms, text))
                 records.append({"shape": list(shape), "bc": args.bc, "kind": kind, "plan": spec, "ms": ms})
+                if kind == "fwd":
+                    records.append({"shape": list(shape), "bc": args.bc, "kind": "fwd_saving_states", "plan": spec,
+                                    "ms": ms_save})
                 print("  " + text, flush=True)
             if results:
                 print(f"  fastest {kind}: " + min(results)[1], flush=True)

@@ -202,6 +202,30 @@ def test_backend_choice_errors():
         selective_scan(**double_kw, backend="triton")
 
 
+
+ALL = 1 << 30  # a chunk covering the whole sequence
+
+
+@pytest.mark.parametrize("shape,save_states,fwd_chunk,bwd_chunk", [
+    ((8, 2048, 4096), False, 1024, 512),  # the benchmark shapes (H100 sweeps)
+    ((8, 2048, 4096), True, ALL, 512),
+    ((1, 2048, 65536), False, 1024, 512),
+    ((8, 1536, 2048), False, 512, 512),  # 130M- and 370M-class training steps (H200 sweep)
+    ((8, 1536, 2048), True, ALL, 512),
+    ((8, 2048, 2048), False, 512, ALL),
+    ((8, 2048, 2048), True, ALL, ALL),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_gpu_plan_picks_the_sweeps_fastest_chunks(monkeypatch, shape, save_states, fwd_chunk, bwd_chunk):
+    """The GPU launch plan (132 SMs) chooses, at each swept shape, the chunking that was fastest
+    there (benchmarks/results/tune_selective_scan*.json, benchmarks/NOTES.md)."""
+    from mambakit.ops.selective_scan import triton_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_ops, "sm_count", lambda device_index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    chosen = triton_ops.plan(*shape, save_states=save_states)
+    assert (chosen.fwd_chunk, chosen.bwd_chunk) == (fwd_chunk, bwd_chunk)
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])

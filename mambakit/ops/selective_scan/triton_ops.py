@@ -68,14 +68,18 @@ def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CI on CPU: small blocks, several programs
         return Plan(fwd_block_l=8, fwd_block_d=4, fwd_warps=1, save_every=16, bwd_block_d=4, bwd_warps=1,
                     fwd_chunk=32, bwd_chunk=32, fwd_groups=2)
-    # From the H100 sweeps (benchmarks/results/tune_selective_scan*.json). Forward: 32 channels of
+    # From the sweeps (benchmarks/results/tune_selective_scan*.json). Forward: 32 channels of
     # 8-token tiles (the scan stays in each thread), the state entries split over 2 warps. The
-    # sequence is split into the longest power-of-two chunks, of at least 1024 tokens, that still
-    # give every SM _PROGRAMS_PER_SM programs, at most _MAX_CHUNKS (each program combines the end
-    # states of the chunks before it); but a forward that saves states is not split when the
-    # channel blocks alone give 6 warps per SM (b8 d2048 l4096: 1.37 ms unsplit, 1.66 split).
-    # Backward: 8 channels of 32-token tiles, its entry loop's loads prefetched 2 entries ahead
-    # (3 stages), 512-token chunks (its programs do ~5x the work per token). Short sequences with
+    # sequence is split into the longest power-of-two chunks, of at least 1024 tokens (512 for
+    # sequences of 1025-2048: b8 l2048 on an H200, d1536 / d2048, 0.58 / 0.60 ms against 0.64 /
+    # 0.67), that still give every SM _PROGRAMS_PER_SM programs, at most _MAX_CHUNKS (each program
+    # combines the end states of the chunks before it); but a forward that saves states is not
+    # split when the channel blocks alone give 5 warps per SM (b8 d2048 l4096: 1.37 ms unsplit,
+    # 1.66 split; b8 d1536 l2048 on an H200: 0.61 against 0.67). Backward: 8 channels of 32-token
+    # tiles, its entry loop's loads prefetched 2 entries ahead (3 stages), 512-token chunks (its
+    # programs do ~5x the work per token), unsplit for sequences of up to 2048 tokens when the
+    # channel blocks alone give 15 programs per SM (H200, b8 d2048 l2048: 2.07 ms against 2.41;
+    # b8 d1536, 12 per SM: 1.86 against 1.79; longer sequences not measured). Short sequences with
     # few channels go below 1024-token chunks (_FEW_PROGRAMS_PER_SM).
     sms = sm_count(torch.cuda.current_device())
     groups = 2
@@ -85,14 +89,17 @@ def plan(batch: int, dim: int, length: int, save_states: bool = False) -> Plan:
         return tokens if tokens < length else 1 << 30  # one chunk: one compiled variant for all lengths
 
     fwd_tokens = next_power_of_2(max(length, 1024))
-    if not (save_states and channel_blocks * groups >= 6 * sms):
-        while (fwd_tokens > 1024 and cdiv(length, fwd_tokens) < _MAX_CHUNKS
+    min_chunk = 512 if 1024 < length <= 2048 else 1024
+    if not (save_states and channel_blocks * groups >= 5 * sms):
+        while (fwd_tokens > min_chunk and cdiv(length, fwd_tokens) < _MAX_CHUNKS
                and channel_blocks * cdiv(length, fwd_tokens) < _PROGRAMS_PER_SM * sms):
             fwd_tokens //= 2
         while (fwd_tokens > _MIN_SHORT_CHUNK and 2 * cdiv(length, fwd_tokens) <= _MAX_CHUNKS
                and channel_blocks * cdiv(length, fwd_tokens) < _FEW_PROGRAMS_PER_SM * sms):
             fwd_tokens //= 2
     bwd_tokens = max(512, next_power_of_2(cdiv(length, _MAX_CHUNKS)))
+    if length <= 2048 and cdiv(batch * dim, 8) >= 15 * sms:
+        bwd_tokens = length
     return Plan(fwd_block_l=8, fwd_block_d=32, fwd_warps=1, save_every=32, bwd_block_d=8, bwd_warps=1,
                 fwd_chunk=whole_if_longer(fwd_tokens), bwd_chunk=whole_if_longer(bwd_tokens), bwd_stages=3,
                 fwd_groups=groups)
