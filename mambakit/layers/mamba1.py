@@ -28,7 +28,7 @@ from .mixer_common import (
     write_states,
 )
 from .norm import RMSNorm
-from .projection import project
+from .projection import has_forward_hooks, project
 
 # Batch rows up to which a decode token takes the fused mixer step. Each of its programs reads
 # its own copy of the x_proj and dt_proj weight tiles, which costs more than the unfused ops'
@@ -175,11 +175,13 @@ class Mamba1(nn.Module):
 
     def _runs_channel_major(self, hidden_states, resume) -> bool:
         """Whether this call takes :meth:`_mix_channel_major`: on the Triton backend, for more
-        than one new token, with plain ``nn.Linear`` projections and no inner norms."""
+        than one new token, with plain ``nn.Linear`` projections without forward hooks (it
+        multiplies their weights directly) and no inner norms."""
         return (resolve_backend(None, hidden_states.device) == "triton"
                 and not (resume and hidden_states.shape[1] == 1)
                 and not self.inner_norms
-                and type(self.in_proj) is nn.Linear and type(self.out_proj) is nn.Linear)
+                and type(self.in_proj) is nn.Linear and type(self.out_proj) is nn.Linear
+                and not any(map(has_forward_hooks, (self.in_proj, self.x_proj, self.out_proj))))
 
     def _mix_channel_major(self, hidden_states, states, resume):
         """The mixer with its activations stored channel-major, memory (channels, b l), as the
@@ -237,11 +239,13 @@ class Mamba1(nn.Module):
     def _steps_fused(self, projected) -> bool:
         """Whether a decode token takes :func:`mamba1_mixer_step` (two kernels): on the Triton
         backend, up to FUSED_STEP_MAX_BATCH rows, without autograd, with plain ``nn.Linear``
-        x_proj and dt_proj and no inner norms."""
+        x_proj (without forward hooks: the kernel reads its weight) and dt_proj and no inner
+        norms."""
         return (projected.shape[0] <= FUSED_STEP_MAX_BATCH
                 and resolve_backend(None, projected.device) == "triton"
                 and not self.inner_norms
                 and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
+                and not has_forward_hooks(self.x_proj)
                 and not grad_needed(projected, *self.parameters()))
 
     def _fused_step(self, projected, states):

@@ -24,7 +24,7 @@ from .mixer_common import (
     write_states,
 )
 from .norm import RMSNormGated
-from .projection import _has_hooks, project
+from .projection import has_forward_hooks, project
 
 
 class Mamba2(nn.Module):
@@ -210,7 +210,7 @@ class Mamba2(nn.Module):
         few rows)."""
         if not (self.rmsnorm and not self.norm.norm_before_gate and self.d_inner == self.d_ssm
                 and type(self.norm) is RMSNormGated and type(self.out_proj) is nn.Linear
-                and not _has_hooks(self.norm) and not _has_hooks(self.out_proj)
+                and not has_forward_hooks(self.norm) and not has_forward_hooks(self.out_proj)
                 and resolve_backend(None, y.device) == "triton" and not torch.is_autocast_enabled(y.device.type)
                 and y.dtype == z.dtype == self.out_proj.weight.dtype):
             return False

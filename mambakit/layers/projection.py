@@ -36,7 +36,7 @@ def _reorder(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
     """Forward hooks on ``module`` or on every module (which ``project`` must not bypass)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
                 or module_globals._global_forward_pre_hooks)
@@ -51,7 +51,7 @@ def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
     a change the object/storage/version check sees."""
     return (_ONEDNN and torch.backends.mkldnn.enabled and os.environ.get("MAMBAKIT_CPU_ONEDNN", "1") != "0"
             and not (dist.is_available() and dist.is_initialized())
-            and type(linear) is nn.Linear and not _has_hooks(linear)
+            and type(linear) is nn.Linear and not has_forward_hooks(linear)
             and x.device.type == "cpu" and x.dtype == torch.float32
             and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())

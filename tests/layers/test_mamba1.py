@@ -121,6 +121,21 @@ def test_channel_major_path_is_not_taken_where_it_does_not_apply(monkeypatch):
     assert not _layer()._runs_channel_major(x, resume=False)
 
 
+@pytest.mark.parametrize("projection", ["in_proj", "x_proj", "out_proj"])
+def test_forward_hooks_on_a_projection_fire_in_training_and_in_decoding(projection):
+    """The channel-major path and the fused step multiply weights directly; with a hook on a
+    projection they step aside, so the hook sees every call."""
+    layer = _layer()
+    seen = []
+    getattr(layer, projection).register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    layer(x).sum().backward()
+    assert len(seen) == 1, "one call for the whole sequence"
+    with torch.no_grad():
+        prefill_then_steps(layer, x, prefill=7)
+    assert len(seen) == 1 + 1 + 2, "the prompt, then one call per decode token"
+
+
 @pytest.mark.parametrize("kwargs", [pytest.param({}, id="default"),
                                     pytest.param(dict(conv_bias=False, dt_rank=3, d_conv=2), id="no-conv-bias")])
 def test_decode_steps_fused_match_the_unfused_ops(kwargs, monkeypatch):
