@@ -246,7 +246,7 @@ class Mamba1(nn.Module):
                 and not self.inner_norms
                 and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
                 and not has_forward_hooks(self.x_proj)
-                and not grad_needed(projected, *self.parameters()))
+                and not (torch.is_grad_enabled() and grad_needed(projected, *self.parameters())))
 
     def _fused_step(self, projected, states):
         """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner),
@@ -258,11 +258,12 @@ class Mamba1(nn.Module):
                                  self.dt_proj.weight, dt_bias, A, D, ssm_state)
 
     def _steps_on_cpu(self, projected, states) -> bool:
-        """Whether a decode token takes :meth:`_cpu_step`: float32 activations and states on the
-        reference backend, without autograd and inner norms."""
+        """Whether a decode token takes :meth:`_cpu_step`: float32 activations, states and conv
+        weights on the reference backend, without autograd and inner norms."""
         return (resolve_backend(None, projected.device) == "reference"
-                and projected.dtype == torch.float32 and states[1].dtype == torch.float32
-                and not self.inner_norms and not grad_needed(projected, *self.parameters()))
+                and projected.dtype == states[0].dtype == states[1].dtype == self.conv1d.weight.dtype == torch.float32
+                and not self.inner_norms
+                and not (torch.is_grad_enabled() and grad_needed(projected, *self.parameters())))
 
     def _cpu_step(self, projected, states):
         """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner), as
@@ -270,8 +271,14 @@ class Mamba1(nn.Module):
         general machinery: ~30 small ops a layer were most of a CPU token outside the products."""
         conv_state, ssm_state = states
         x, z = projected.split(self.d_inner, dim=-1)
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
-                                 activation=self.activation)
+        # causal_conv1d_update's arithmetic, without its checks and casts (all float32 here).
+        window = torch.cat([conv_state, x[..., None]], dim=-1)  # (b, d_inner, d_conv)
+        conv_state.copy_(window[..., 1:])
+        x = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x += self.conv1d.bias
+        if self.activation is not None:
+            x = F.silu(x, inplace=True)
         dt, B, C = project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A, D, dt_bias = self._scan_parameters()
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, dt_bias))  # (b, d_inner)

@@ -24,6 +24,12 @@ from torch.nn.modules import module as module_globals
 
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+# Smallest weight (elements) that goes through oneDNN: a call costs ~25 us more than F.linear's
+# there, which only the faster weight reads repay. One row, 24 distinct weights (out of cache), 2
+# cores of the AMD EPYC machine: 1536 x 80 (Mamba-1's x_proj) 36 against 14 us, 48 x 1536
+# (dt_proj) 28 against 11, 768 x 256 a tie (48-51 against 53-57), 768 x 384 61 against 89-95,
+# 768 x 3072 410 against 727.
+MIN_ONEDNN_WEIGHT_ELEMENTS = 1 << 18
 
 
 # module -> (weak reference to the weight tensor, its storage, its in-place version, the weight
@@ -44,7 +50,8 @@ def has_forward_hooks(module: nn.Module) -> bool:
 
 def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
     """Whether :func:`project` takes oneDNN: a plain ``nn.Linear`` without forward hooks (its own
-    or global ones), float32 CPU input and weight, no autograd and no ``torch.compile`` tracing,
+    or global ones) of at least MIN_ONEDNN_WEIGHT_ELEMENTS weights, float32 CPU input and weight,
+    no autograd and no ``torch.compile`` tracing,
     oneDNN enabled (``torch.backends.mkldnn.enabled``) and not switched off by
     ``MAMBAKIT_CPU_ONEDNN=0``, and no process group: under FSDP (gloo, CPU) the reordered copy
     went stale, an evaluation loss 0.4% off, since the weights FSDP gathers are refilled without
@@ -54,6 +61,7 @@ def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
             and type(linear) is nn.Linear and not has_forward_hooks(linear)
             and x.device.type == "cpu" and x.dtype == torch.float32
             and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+            and linear.weight.numel() >= MIN_ONEDNN_WEIGHT_ELEMENTS
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 

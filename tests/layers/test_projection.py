@@ -15,6 +15,12 @@ from mambakit.layers.projection import onednn_applies, project
 needs_onednn = pytest.mark.skipif(not projection._ONEDNN, reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def any_weight_size(monkeypatch):
+    """The small layers of these tests take oneDNN too (test_small_weights_keep_f_linear excepted)."""
+    monkeypatch.setattr(projection, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)
+
+
 def packed(linear):
     return linear in projection._REORDERED
 
@@ -66,6 +72,15 @@ def test_a_replaced_weight_is_reordered_again():
         project(linear, x)
         linear.weight = nn.Parameter(torch.randn(48, 32))  # a new tensor, version 0 like the old one
         assert_matches_f_linear(project(linear, x), linear, x)
+
+
+@needs_onednn
+def test_small_weights_keep_f_linear(monkeypatch):
+    monkeypatch.undo()  # the library's threshold
+    x = torch.randn(1, 1536)
+    with torch.no_grad():
+        assert not onednn_applies(nn.Linear(1536, 80), x)  # Mamba-1 130M's x_proj
+        assert onednn_applies(nn.Linear(1536, 768), x)  # its out_proj
 
 
 def test_not_under_a_process_group(monkeypatch):
