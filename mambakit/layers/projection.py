@@ -51,11 +51,10 @@ def has_forward_hooks(module: nn.Module) -> bool:
 def onednn_applies(linear: nn.Module, x: Tensor) -> bool:
     """Whether :func:`project` takes oneDNN: a plain ``nn.Linear`` without forward hooks (its own
     or global ones) of at least MIN_ONEDNN_WEIGHT_ELEMENTS weights, float32 CPU input and weight,
-    no autograd and no ``torch.compile`` tracing,
-    oneDNN enabled (``torch.backends.mkldnn.enabled``) and not switched off by
-    ``MAMBAKIT_CPU_ONEDNN=0``, and no process group: under FSDP (gloo, CPU) the reordered copy
-    went stale, an evaluation loss 0.4% off, since the weights FSDP gathers are refilled without
-    a change the object/storage/version check sees."""
+    no autograd and no ``torch.compile`` tracing, oneDNN enabled (``torch.backends.mkldnn.enabled``)
+    and not switched off by ``MAMBAKIT_CPU_ONEDNN=0``, and no process group: under FSDP (gloo,
+    CPU) the reordered copy went stale, an evaluation loss 0.4% off, since the weights FSDP
+    gathers are refilled without a change the object/storage/version check sees."""
     return (_ONEDNN and torch.backends.mkldnn.enabled and os.environ.get("MAMBAKIT_CPU_ONEDNN", "1") != "0"
             and not (dist.is_available() and dist.is_initialized())
             and type(linear) is nn.Linear and not has_forward_hooks(linear)
