@@ -16,6 +16,7 @@ from ..ops._backend import resolve_backend
 from ..ops._checks import grad_needed
 from ..ops.common.decay import decay_exp_
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
+from ..ops.conv1d.reference import causal_conv1d_update_unchecked
 from ..ops.selective_scan import selective_scan
 from ..ops.selective_scan.mixer_step import mamba1_mixer_step
 from .mixer_common import (
@@ -246,7 +247,7 @@ class Mamba1(nn.Module):
                 and not self.inner_norms
                 and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
                 and not has_forward_hooks(self.x_proj)
-                and not (torch.is_grad_enabled() and grad_needed(projected, *self.parameters())))
+                and not self._records_autograd(projected))
 
     def _fused_step(self, projected, states):
         """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner),
@@ -258,12 +259,16 @@ class Mamba1(nn.Module):
                                  self.dt_proj.weight, dt_bias, A, D, ssm_state)
 
     def _steps_on_cpu(self, projected, states) -> bool:
-        """Whether a decode token takes :meth:`_cpu_step`: float32 activations, states and conv
-        weights on the reference backend, without autograd and inner norms."""
+        """Whether a decode token takes :meth:`_cpu_step`: float32 activations and states on the
+        reference backend, without autograd and inner norms."""
         return (resolve_backend(None, projected.device) == "reference"
-                and projected.dtype == states[0].dtype == states[1].dtype == self.conv1d.weight.dtype == torch.float32
-                and not self.inner_norms
-                and not (torch.is_grad_enabled() and grad_needed(projected, *self.parameters())))
+                and projected.dtype == torch.float32 and states[1].dtype == torch.float32
+                and not self.inner_norms and not self._records_autograd(projected))
+
+    def _records_autograd(self, projected) -> bool:
+        """Whether autograd would record this token's ops (the parameters are only walked with
+        grad mode on)."""
+        return torch.is_grad_enabled() and grad_needed(projected, *self.parameters())
 
     def _cpu_step(self, projected, states):
         """in_proj's output for one token (b, 2 d_inner) -> the gated scan output (b, d_inner), as
@@ -271,14 +276,9 @@ class Mamba1(nn.Module):
         general machinery: ~30 small ops a layer were most of a CPU token outside the products."""
         conv_state, ssm_state = states
         x, z = projected.split(self.d_inner, dim=-1)
-        # causal_conv1d_update's arithmetic, without its checks and casts (all float32 here).
-        window = torch.cat([conv_state, x[..., None]], dim=-1)  # (b, d_inner, d_conv)
-        conv_state.copy_(window[..., 1:])
-        x = (window * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            x += self.conv1d.bias
-        if self.activation is not None:
-            x = F.silu(x, inplace=True)
+        # The cache and the layer's own weights have the shapes the checks would confirm.
+        x = causal_conv1d_update_unchecked(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                           self.activation)
         dt, B, C = project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A, D, dt_bias = self._scan_parameters()
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, dt_bias))  # (b, d_inner)

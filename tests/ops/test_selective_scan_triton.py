@@ -202,7 +202,6 @@ def test_backend_choice_errors():
         selective_scan(**double_kw, backend="triton")
 
 
-
 ALL = 1 << 30  # a chunk covering the whole sequence
 
 
@@ -225,6 +224,7 @@ def test_gpu_plan_picks_the_sweeps_fastest_chunks(monkeypatch, shape, save_state
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     chosen = triton_ops.plan(*shape, save_states=save_states)
     assert (chosen.fwd_chunk, chosen.bwd_chunk) == (fwd_chunk, bwd_chunk)
+
 
 @gpu
 @pytest.mark.gpu

@@ -232,6 +232,12 @@ def causal_conv1d_update_reference(
         ValueError: wrong shapes, devices or option values.
     """
     validate_update(x, conv_state, weight, bias, activation)
+    return causal_conv1d_update_unchecked(x, conv_state, weight, bias, activation)
+
+
+def causal_conv1d_update_unchecked(x, conv_state, weight, bias=None, activation=None) -> torch.Tensor:
+    """The arithmetic of :func:`causal_conv1d_update_reference` on inputs the caller has
+    validated (:func:`validate_update`): for per-token decode loops that check once."""
     cdtype = compute_dtype(x, conv_state, weight, bias)
     window = torch.cat([conv_state.to(cdtype), x.to(cdtype)[..., None]], dim=-1)  # (b, d, w)
     y = (window * weight.to(cdtype)).sum(dim=-1)  # (b, d)
