@@ -17,9 +17,9 @@ def mamba3(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=Non
     backend: ``None`` (auto: Triton for CUDA tensors, the reference otherwise; ``MAMBAKIT_BACKEND``
     overrides the auto choice), ``"reference"`` or ``"triton"``. The Triton path covers SISO and
     MIMO with float16/bfloat16/float32 inputs: the phase and rotation run in their own kernels, the
-    trapezoid weights and the same-step rank products are elementwise PyTorch, the state-space
-    core runs the SSD kernels with a per-token decay (over l r rank-tokens for MIMO), and
-    ``algorithm`` is ignored. On auto, float64 inputs run the reference.
+    trapezoid weights and the same-step scores are elementwise PyTorch, the state-space core runs
+    the SSD kernels with a per-token decay (over l r rank-tokens for MIMO), the skip, gate and
+    rank mixing one epilogue kernel, and ``algorithm`` is ignored. On auto, float64 inputs run the reference.
     """
     validate(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, initial_state, chunk_size,
              algorithm, rope_layout, seq_idx)

@@ -22,8 +22,8 @@ where the id changes, which also drops the previous-token term there (it lives i
 and restart the phase. Autograd differentiates everything around the kernels;
 the per-head rotated keys and queries come from one kernel per rank (:mod:`.rotary_triton`)
 that reads B and C once per group and turns both by one cos/sin per angle. The same-step scores
-K . Q come from the unrotated rows, and for SISO the skip and the gate are one more kernel
-(:mod:`.skip_gate_triton`).
+K . Q come from the unrotated rows, and the skip, the gate (and for MIMO the same-step correction
+and the rank mixing) are one more kernel (:mod:`.skip_gate_triton`, :mod:`.mimo_epilogue_triton`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
 from .reference import Mamba3State, rope_layout_for, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
+from .mimo_epilogue_triton import mimo_epilogue
 from .skip_gate_triton import skip_gate
 
 F32 = torch.float32
@@ -122,16 +123,13 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
             skip = skip + D.to(F32)
         y = skip_gate(y_core.view(b, l, h, p), x, skip, z, grad)
     else:
-        # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]).
+        # Same-step correction (module docstring): M[k, j] = (K_j . Q_k) (gamma [j > k] - c_next [j <= k]),
+        # plus D on the diagonal; the rest of the epilogue is one kernel each way.
         later = torch.ones(r, r, device=x.device, dtype=torch.bool).triu(1)
-        own = torch.where(later, gamma[..., None, None], -c_next[..., None, None])
-        y = y_core.view(b, l, r, h, p).to(F32) + torch.einsum("blhkj,bljhp->blkhp", scores * own, v.to(F32))
+        M = scores * torch.where(later, gamma[..., None, None], -c_next[..., None, None])
         if D is not None:
-            y = y + D.to(F32)[:, None] * v.to(F32)
-        if z is not None:
-            y = y * F.silu(z.to(F32)[:, :, None] * mimo_z.transpose(0, 1).to(F32))
-        y = y.transpose(2, 3) if mimo_o is None else (y * mimo_o.transpose(0, 1).to(F32)).sum(dim=2)
-        y = y.to(x.dtype)
+            M = M + D.to(F32)[:, None, None] * torch.eye(r, device=x.device, dtype=F32)
+        y = mimo_epilogue(y_core, x, M, mimo_x, z, mimo_z, mimo_o, grad)
     if not return_final_state:
         return y
     return y, Mamba3State(phi=phi[:, -1], H=H_final, K_prev=K[:, -1].to(F32), x_prev=x[:, -1].to(F32))
