@@ -65,3 +65,11 @@ def test_half_precision(dtype, tol):
 def test_many_tokens_per_backward_program():
     """More tokens than the backward's programs: each program walks several token blocks."""
     check(3, 700, 1, 4, 2, torch.float32, 1e-5, True, True, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("r", [2, 4, 8])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_real_sizes_on_gpu(r, dtype, tol):
+    check(4, 1000, 32, 64, r, dtype, tol, True, True, seed=3)
