@@ -4,10 +4,12 @@
 and head, one program per batch, head and block of angles walking the sequence (reverse cumulative
 sum for the backward).
 
-``rotate_heads``: per head, keys K = Rot(phi)(B + B_bias) and queries Q = Rot(phi)(C + C_bias).
+``rotate_heads``: per head and MIMO rank, keys K = Rot(phi)(B + B_bias) and queries
+Q = Rot(phi)(C + C_bias).
 
-B holds one row per group of heads (b, l, g, n); the phase phi differs per head (b, l, h, a), so
-the rotated keys are per head (b, l, h, n). Each program turns keys and queries by one cos/sin
+B holds one row per rank and group of heads (b, l, r, g, n); the phase phi differs per head
+(b, l, h, a) and is shared by the ranks, so the rotated keys are per head (b, l, r, h, n), one
+launch per rank writing its slice in place of a concatenation. Each program turns keys and queries by one cos/sin
 per angle, working on the rotated pairs as two (tokens, angles) tiles, the first and second
 entries of every pair. Forward: one program per block of tokens and head. Backward: one program
 per block of tokens and group, which sums its heads' gradients back into the group's rows
@@ -109,17 +111,18 @@ def _rotate_pairs(v_row, bias_ptr, out_row, hi, cos, sin, mask_t, N: tl.constexp
 
 @triton.jit
 def rotate_heads_fwd_kernel(
-    b_ptr, c_ptr, b_bias_ptr, c_bias_ptr, phi_ptr, k_ptr, q_ptr, rows,
+    b_ptr, c_ptr, b_bias_ptr, c_bias_ptr, phi_ptr, k_ptr, q_ptr, rows, in_row, out_row,
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
     HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One block of tokens of one head: its keys and queries turned by one cos/sin per angle."""
+    """One block of tokens of one head: its keys and queries turned by one cos/sin per angle. Rows
+    of B, C start every in_row elements, those of K, Q every out_row (one rank of several)."""
     pid_t, hi = tl.program_id(0), tl.program_id(1)
     gi = hi // (H // G)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     mask_t = offs_t < rows
-    group_at = ((offs_t * G + gi) * N)[:, None]
-    head_at = ((offs_t * H + hi) * N)[:, None]
+    group_at = (offs_t * in_row + gi * N)[:, None]
+    head_at = (offs_t * out_row + hi * N)[:, None]
     phi_row = phi_ptr + ((offs_t * H + hi) * NA)[:, None]
     if not HALVES and N == NP:
         cos, sin = _cos_sin(phi_row, mask_t, N // 2, NA)
@@ -161,13 +164,15 @@ def _store_rows(row, d_first, d_second, d_rest, first, second, offs_n, mask_j, m
 @triton.jit
 def rotate_heads_bwd_kernel(
     dk_ptr, dq_ptr, b_ptr, c_ptr, b_bias_ptr, c_bias_ptr, phi_ptr, db_ptr, dc_ptr, db_bias_ptr, dc_bias_ptr,
-    dphi_ptr, rows,
+    dphi_ptr, rows, in_row, out_row,
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NA: tl.constexpr, NP: tl.constexpr, AP: tl.constexpr,
-    HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+    HALVES: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_DPHI: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One block of tokens of one group, its heads in turn: the keys' and queries' gradients turned
     back and summed over the heads into the group's rows (no atomics); d(phi) of both, per token,
-    head and angle; the bias gradients as this program's per-head sums ((programs, h, n) each)."""
+    head and angle (added to what dphi holds with ADD_DPHI: the ranks after the first); the bias
+    gradients as this program's per-head sums ((programs, h, n) each). Row strides as the forward's,
+    for B, C, dB, dC (in_row) and dK, dQ (out_row)."""
     pid_t, gi = tl.program_id(0), tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     mask_t = offs_t < rows
@@ -178,7 +183,7 @@ def rotate_heads_bwd_kernel(
     offs_n = tl.arange(0, NP)
     rest = _unpaired(offs_n, N, NA, HALVES)
     mask_rest = mask_t[:, None] & rest[None, :]
-    group_at = ((offs_t * G + gi) * N)[:, None]
+    group_at = (offs_t * in_row + gi * N)[:, None]
     fb0 = tl.load(b_ptr + group_at + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
     sb0 = tl.load(b_ptr + group_at + second[None, :], mask=mask_j, other=0.0).to(tl.float32)
     fc0 = tl.load(c_ptr + group_at + first[None, :], mask=mask_j, other=0.0).to(tl.float32)
@@ -194,14 +199,17 @@ def rotate_heads_bwd_kernel(
         phi_at = ((offs_t * H + hi) * NA)[:, None] + offs_j[None, :]
         phi = tl.load(phi_ptr + phi_at, mask=mask_j, other=0.0)
         cos, sin = tl.cos(phi), tl.sin(phi)
-        head_at = ((offs_t * H + hi) * N)[:, None]
+        head_at = (offs_t * out_row + hi * N)[:, None]
         fb, sb = _with_bias(fb0, sb0, b_bias_ptr, hi, first, second, mask_a, N, HAS_BIAS)
         dbf, dbs, dbr, dphi_b = _head_grads(dk_ptr + head_at, fb, sb, cos, sin, first, second, mask_j, offs_n,
                                             mask_rest)
         fc, sc = _with_bias(fc0, sc0, c_bias_ptr, hi, first, second, mask_a, N, HAS_BIAS)
         dcf, dcs, dcr, dphi_c = _head_grads(dq_ptr + head_at, fc, sc, cos, sin, first, second, mask_j, offs_n,
                                             mask_rest)
-        tl.store(dphi_ptr + phi_at, dphi_b + dphi_c, mask=mask_j)
+        dphi = dphi_b + dphi_c
+        if ADD_DPHI:
+            dphi += tl.load(dphi_ptr + phi_at, mask=mask_j, other=0.0)
+        tl.store(dphi_ptr + phi_at, dphi, mask=mask_j)
         db_first += dbf
         db_second += dbs
         db_rest += dbr
@@ -219,18 +227,25 @@ def _sizes(n: int, n_angles: int) -> dict:
     return dict(NP=next_power_of_2(n), AP=next_power_of_2(max(n_angles, 1)))
 
 
+def _rank_bias(bias: Optional[Tensor], k: int) -> Optional[Tensor]:
+    """Rank k's (h, n) float32 rows of a (h, r, n) bias, contiguous (a small copy)."""
+    return None if bias is None else bias[:, k].contiguous()
+
+
 def _rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Optional[Tensor], phi: Tensor,
                   halves: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """B, C (rows, g, n), biases (h, n) float32 (both or neither), phi (rows, h, a) float32, all
-    contiguous -> K, Q (rows, h, n) in ``out_dtype``: head j rotates group j // (h // g)'s rows
-    plus its bias."""
-    rows, g, n = B.shape
+    """B, C (rows, r, g, n), biases (h, r, n) float32 (both or neither), phi (rows, h, a) float32,
+    all contiguous -> K, Q (rows, r, h, n) in ``out_dtype``: head j rotates group j // (h // g)'s
+    rows of each rank plus the rank's bias."""
+    rows, r, g, n = B.shape
     h, n_angles = phi.shape[1], phi.shape[2]
-    K = torch.empty(rows, h, n, device=B.device, dtype=out_dtype)
+    K = torch.empty(rows, r, h, n, device=B.device, dtype=out_dtype)
     Q = torch.empty_like(K)
-    launch(rotate_heads_fwd_kernel, (cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
-        B, C, B_bias, C_bias, phi, K, Q, rows, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
-        HAS_BIAS=B_bias is not None, **FWD_LAUNCH)
+    for k in range(r):
+        launch(rotate_heads_fwd_kernel, (cdiv(rows, FWD_LAUNCH["BLOCK_T"]), h),
+            B[:, k], C[:, k], _rank_bias(B_bias, k), _rank_bias(C_bias, k), phi, K[:, k], Q[:, k], rows, r * g * n,
+            r * h * n, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
+            HAS_BIAS=B_bias is not None, **FWD_LAUNCH)
     return K, Q
 
 
@@ -239,28 +254,32 @@ rotate_heads_op = torch.library.custom_op("mambakit::rotate_heads", _rotate_head
 
 @rotate_heads_op.register_fake
 def _(B, C, B_bias, C_bias, phi, halves, out_dtype):
-    K = B.new_empty(B.shape[0], phi.shape[1], B.shape[2], dtype=out_dtype)
+    rows, r, g, n = B.shape
+    K = B.new_empty(rows, r, phi.shape[1], n, dtype=out_dtype)
     return K, torch.empty_like(K)
 
 
 def _rotate_heads_bwd(dK: Tensor, dQ: Tensor, B: Tensor, C: Tensor, B_bias: Optional[Tensor],
                       C_bias: Optional[Tensor], phi: Tensor, halves: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (dB like B, dC like C, dB_bias and dC_bias (h, n) float32 (empty without biases), dphi
-    like phi)."""
-    rows, g, n = B.shape
+    """dK, dQ (rows, r, h, n) contiguous -> (dB like B, dC like C, dB_bias and dC_bias (h, r, n)
+    float32 (empty without biases), dphi like phi, summed over the ranks)."""
+    rows, r, g, n = B.shape
     h, n_angles = phi.shape[1], phi.shape[2]
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     programs = cdiv(rows, BWD_LAUNCH["BLOCK_T"])
     has_bias = B_bias is not None
-    dB_bias, dC_bias = ((B.new_empty(programs, h, n, dtype=F32) if has_bias else B.new_empty(0, dtype=F32))
+    dB_bias, dC_bias = ((B.new_empty(r, programs, h, n, dtype=F32) if has_bias else B.new_empty(0, dtype=F32))
                         for _ in range(2))
     dphi = torch.empty_like(phi)
-    launch(rotate_heads_bwd_kernel, (programs, g),
-        dK, dQ, B, C, B_bias, C_bias, phi, dB, dC, dB_bias, dC_bias, dphi, rows, H=h, G=g, N=n, NA=n_angles,
-        **_sizes(n, n_angles), HALVES=halves, HAS_BIAS=has_bias, **BWD_LAUNCH)
+    for k in range(r):
+        launch(rotate_heads_bwd_kernel, (programs, g),
+            dK[:, k], dQ[:, k], B[:, k], C[:, k], _rank_bias(B_bias, k), _rank_bias(C_bias, k), phi, dB[:, k],
+            dC[:, k], dB_bias[k] if has_bias else dB_bias, dC_bias[k] if has_bias else dC_bias, dphi, rows,
+            r * g * n, r * h * n, H=h, G=g, N=n, NA=n_angles, **_sizes(n, n_angles), HALVES=halves,
+            HAS_BIAS=has_bias, ADD_DPHI=k > 0, **BWD_LAUNCH)
     if has_bias:
-        dB_bias, dC_bias = dB_bias.sum(0), dC_bias.sum(0)
+        dB_bias, dC_bias = (t.sum(1).transpose(0, 1).contiguous() for t in (dB_bias, dC_bias))
     return dB, dC, dB_bias, dC_bias, dphi
 
 
@@ -269,8 +288,8 @@ rotate_heads_bwd = torch.library.custom_op("mambakit::rotate_heads_bwd", _rotate
 
 @rotate_heads_bwd.register_fake
 def _(dK, dQ, B, C, B_bias, C_bias, phi, halves):
-    h, n = phi.shape[1], B.shape[2]
-    biases = [B.new_empty(h, n, dtype=F32) if B_bias is not None else B.new_empty(0, dtype=F32) for _ in range(2)]
+    h, r, n = phi.shape[1], B.shape[1], B.shape[3]
+    biases = [B.new_empty(h, r, n, dtype=F32) if B_bias is not None else B.new_empty(0, dtype=F32) for _ in range(2)]
     return torch.empty_like(B), torch.empty_like(C), *biases, torch.empty_like(phi)
 
 
@@ -301,7 +320,8 @@ def _rotate_forward_and_backward(B, C, B_bias, C_bias, phi, halves, out_dtype, b
 def rotate_heads(B: Tensor, C: Tensor, B_bias: Optional[Tensor], C_bias: Optional[Tensor], phi: Tensor,
                  halves: bool, out_dtype: torch.dtype, backward: bool) -> tuple[Tensor, Tensor]:
     """The ``rotate_heads`` op (see the op): keys K = Rot(phi)(B + B_bias) and queries
-    Q = Rot(phi)(C + C_bias) in one pass, one cos/sin per angle for both. A bias given alone is
+    Q = Rot(phi)(C + C_bias) in one pass, one cos/sin per angle for both; B, C (rows, r, g, n),
+    biases (h, r, n), phi (rows, h, a) -> K, Q (rows, r, h, n). A bias given alone is
     paired with zeros (the kernels take both or neither). Kernels compiled ahead on a first call,
     those of the backward too if ``backward`` (a gradient will follow)."""
     if (B_bias is None) != (C_bias is None):

@@ -20,7 +20,7 @@ is an r x r product per token and head, elementwise here (for r = 1 it is the SI
 x_prev; G after the last token equals H. Packed sequences (``seq_idx``) reset the kernels' state
 where the id changes, which also drops the previous-token term there (it lives in the carried G),
 and restart the phase. Autograd differentiates everything around the kernels;
-the per-head rotated keys and queries come from one kernel per rank (:mod:`.rotary_triton`)
+the per-head rotated keys and queries come from one kernel launch per rank (:mod:`.rotary_triton`)
 that reads B and C once per group and turns both by one cos/sin per angle. The same-step scores
 K . Q come from the unrotated rows, and the skip, the gate (and for MIMO the same-step correction
 and the rank mixing) are one more kernel (:mod:`.skip_gate_triton`, :mod:`.mimo_epilogue_triton`).
@@ -88,14 +88,10 @@ def mamba3_triton(x, dt, A, B, C, trap, angles, D=None, z=None, B_bias=None, C_b
         phi = rotary_phase(angles.to(F32), dtf, phi0, segment).contiguous()
     phi_rows = phi.reshape(b * l, h, n_angles)
 
-    keys, queries = [], []  # per rank (b, l, 1, h, n) in x's dtype, both from one kernel
-    for k in range(r):
-        biases = [None if bias is None else bias[:, k].to(F32).contiguous() for bias in (B_bias, C_bias)]
-        rows_B, rows_C = (v[:, :, k].reshape(b * l, g, n).contiguous() for v in (B, C))
-        K_k, Q_k = rotate_heads(rows_B, rows_C, *biases, phi_rows, layout == "halves", x.dtype, grad)
-        keys.append(K_k.view(b, l, 1, h, n))
-        queries.append(Q_k.view(b, l, 1, h, n))
-    K, Q = (t[0] if r == 1 else torch.cat(t, dim=2) for t in (keys, queries))
+    biases = [None if bias is None else bias.to(F32).contiguous() for bias in (B_bias, C_bias)]  # (h, r, n)
+    rows_B, rows_C = (v.reshape(b * l, r, g, n).contiguous() for v in (B, C))
+    K, Q = (t.view(b, l, r, h, n) for t in rotate_heads(rows_B, rows_C, *biases, phi_rows, layout == "halves",
+                                                        x.dtype, grad))  # per head, in x's dtype
     log_decay, gamma, c = trapezoid_weights(dtf, A.to(F32), trap.to(F32))
     c_next = torch.cat([c[:, 1:], c.new_zeros(b, 1, h)], dim=1)
     if r == 1:
