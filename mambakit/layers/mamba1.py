@@ -287,11 +287,12 @@ class Mamba1(nn.Module):
         return y * F.silu(z)
 
     def _scan_parameters(self):
-        """(A = -exp(A_log), D, dt_proj's bias), at least float32, each remembered while its
-        parameter is unchanged (:func:`derived_parameter`)."""
-        return (derived_parameter(self, "A", lambda: -torch.exp(at_least_fp32(self.A_log)), self.A_log),
-                derived_parameter(self, "D", lambda: at_least_fp32(self.D), self.D),
-                derived_parameter(self, "dt_bias", lambda: at_least_fp32(self.dt_proj.bias), self.dt_proj.bias))
+        """(A = -exp(A_log), D, dt_proj's bias), at least float32, remembered while the three
+        parameters are unchanged (:func:`derived_parameter`; one check for all three: a decode token
+        asks for them in every layer)."""
+        return derived_parameter(self, "scan", lambda: (-torch.exp(at_least_fp32(self.A_log)), at_least_fp32(self.D),
+                                                        at_least_fp32(self.dt_proj.bias)),
+                                 self.A_log, self.D, self.dt_proj.bias)
 
     def _conv(self, x, states, resume):
         """Causal conv + SiLU of x (b, d_inner, l) -> (its output, the conv's final state or None

@@ -53,10 +53,11 @@ def write_states(states: tuple[torch.Tensor, ...], finals) -> None:
         stored.copy_(final)
 
 
-def derived_parameter(module: nn.Module, name: str, compute, *sources: torch.Tensor) -> torch.Tensor:
-    """``compute()`` (a tensor made from the parameters ``sources``, e.g. A = -exp(A_log)),
-    remembered on ``module`` while no source changes: the same tensors, at the same storage, dtype
-    and in-place version (a replaced parameter can reuse the address of the one it replaced).
+def derived_parameter(module: nn.Module, name: str, compute, *sources: torch.Tensor):
+    """``compute()`` (a tensor or a tuple of tensors made from the parameters ``sources``, e.g.
+    A = -exp(A_log)), remembered on ``module`` while no source changes: the same tensors, at the
+    same storage, dtype and in-place version (a replaced parameter can reuse the address of the
+    one it replaced).
 
     Decoding runs a layer once per token; recomputing such values each time costs a few kernel
     launches per layer, a large share of a batch-1 token. With autograd on (or inside
