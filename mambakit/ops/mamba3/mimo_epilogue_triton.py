@@ -28,7 +28,7 @@ from .._compile import compile_ahead, launch
 
 F32 = torch.float32
 BLOCK_ROWS = 32  # token-rank rows of a program's tiles: BLOCK_T tokens x r ranks
-TOKEN_SPLITS = 1024  # backward programs over all heads (each head's tokens in equal strides)
+TOKEN_SPLITS = 4096  # backward programs over all heads (each head's tokens in equal strides)
 
 
 @triton.jit
