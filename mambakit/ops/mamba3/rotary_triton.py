@@ -9,9 +9,9 @@ Q = Rot(phi)(C + C_bias).
 
 B holds one row per rank and group of heads (b, l, r, g, n); the phase phi differs per head
 (b, l, h, a) and is shared by the ranks, so the rotated keys are per head (b, l, r, h, n), one
-launch per rank writing its slice in place of a concatenation. Each program turns keys and queries by one cos/sin
-per angle, working on the rotated pairs as two (tokens, angles) tiles, the first and second
-entries of every pair. Forward: one program per block of tokens and head. Backward: one program
+launch per rank writing its slice in place of a concatenation. Each program turns keys and
+queries by one cos/sin per angle, working on the rotated pairs as two (tokens, angles) tiles, the
+first and second entries of every pair. Forward: one program per block of tokens and head. Backward: one program
 per block of tokens and group, which sums its heads' gradients back into the group's rows
 without atomics and writes the phase gradient per token, head and angle; the bias gradient comes
 as per-program sums, added up after.
