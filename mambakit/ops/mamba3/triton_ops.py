@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from .._checks import grad_needed
 from ..common import canonical_segments
 from ..ssd.triton_ops import kernel_chunk, ssd_fwd
+from .mimo_epilogue_triton import mimo_epilogue
 from .reference import Mamba3State, rope_layout_for, rotary_phase, trapezoid_weights
 from .rotary_triton import rotary_phase_triton, rotate_heads
-from .mimo_epilogue_triton import mimo_epilogue
 from .skip_gate_triton import skip_gate
 
 F32 = torch.float32
