@@ -67,6 +67,7 @@ def test_many_tokens_per_backward_program(monkeypatch):
     """Few backward programs: each walks several token blocks, the last one partly past the end."""
     monkeypatch.setattr(mimo_epilogue_triton, "TOKEN_SPLITS", 6)
     assert mimo_epilogue_triton._splits(3 * 233, 2, 16) == (3, 240)
+    assert mimo_epilogue_triton._splits(0, 2, 16) == (0, 16)
     check(3, 233, 2, 4, 2, torch.float32, 1e-5, True, True, seed=2)
 
 

@@ -212,7 +212,7 @@ def _(y_core, x, M, mimo_x, z, mimo_z, mimo_o):
 def _splits(T: int, h: int, block_t: int) -> tuple[int, int]:
     """(programs per head, tokens per program, a multiple of block_t) of the backward."""
     splits = max(1, min(cdiv(T, block_t), TOKEN_SPLITS // h))
-    per_program = cdiv(cdiv(T, splits), block_t) * block_t
+    per_program = max(1, cdiv(cdiv(T, splits), block_t)) * block_t
     return cdiv(T, per_program), per_program
 
 
