@@ -237,11 +237,9 @@ def _mimo_epilogue_bwd(dy: Tensor, y_core: Tensor, x: Tensor, M: Tensor, mimo_x:
         launch(mimo_epilogue_bwd_kernel, (splits, h),
             dy, y_core, x, M, mimo_x, z, mimo_z, mimo_o, dyc, dx, dM, dz, *partial, T, per_program,
             *_token_strides(x), *_token_strides(z), HAS_Z=z is not None, HAS_O=mimo_o is not None, **meta)
-    dsx, dsz, dso = (t.sum(0) if t.numel() else t for t in partial)
-    if not T:
-        dsx = torch.zeros_like(mimo_x)
-        dsz = torch.zeros_like(mimo_z) if z is not None else dsz
-        dso = torch.zeros_like(mimo_o) if mimo_o is not None else dso
+    # Summed over the programs (none for an empty sequence: zeros); an absent input's stays empty.
+    dsx, dsz, dso = (t.sum(0) if present else t
+                     for t, present in zip(partial, (True, z is not None, mimo_o is not None)))
     return dyc, dx, dM, dsx, dz, dsz, dso
 
 
